@@ -1,0 +1,49 @@
+//! Every limit of the system, named in one place.
+//!
+//! Each constant is checked where input arrives (a frame off the wire, a
+//! record handed to a segment, a connection accepted). Exceeding one is an
+//! error with the limit's name in it, never a silent truncation or an
+//! unbounded queue.
+
+/// Largest frame payload accepted on the wire. Larger length fields close the
+/// connection before any payload byte is buffered.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Largest page size a volume may be configured with.
+pub const PAGE_BYTES_MAX: usize = 64 * 1024;
+
+/// Largest body of one redo record (the operation's bytes).
+pub const RECORD_BODY_BYTES_MAX: usize = PAGE_BYTES_MAX + 64;
+
+/// Most records in one append request frame.
+pub const RECORDS_PER_APPEND_MAX: usize = 8192;
+
+/// Largest group-commit batch a segment writes with one write + one
+/// fdatasync.
+pub const LOG_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// Most bytes a segment queues behind its in-flight disk write before it
+/// refuses appends (queue depth for the disk).
+pub const SEGMENT_QUEUED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most frames queued for sending on one connection. A full queue means the
+/// peer is slow: the writer skips that segment and retransmits later, so one
+/// slow node never stalls the others.
+pub const CONNECTION_SEND_QUEUE_FRAMES_MAX: usize = 4096;
+
+/// Most client connections a storage node serves at once.
+pub const NODE_CONNECTIONS_MAX: usize = 1024;
+
+/// Most segments one storage node hosts.
+pub const NODE_SEGMENTS_MAX: usize = 4096;
+
+/// Most bytes of encoded records the volume writer keeps for retransmission
+/// to segments that have not acknowledged them yet. Past it the oldest are
+/// dropped and a lagging segment must be repaired from its peers.
+pub const WRITER_RETAINED_BYTES_MAX: usize = 512 * 1024 * 1024;
+
+/// Largest error message carried in an error response.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Aurora's LSN allocation limit: no LSN is allocated above VDL + this.
+pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;

@@ -1,0 +1,465 @@
+//! The storage protocol: messages between the volume writer (or a reader) and
+//! a storage node. Each travels in one [`crate::frame`]; the frame's kind byte
+//! is the [`MessageKind`]. `docs/wire-format.md` draws every payload.
+//!
+//! Appends are not acknowledged one by one: a segment answers with an
+//! [`AppendAck`] carrying its SCL, which covers every record at or below it.
+//! The writer needs nothing more to advance PGCL, VCL and VDL.
+
+use crate::codec::{CodecError, Reader, read_length_prefixed};
+use crate::frame::{Frame, FrameBuilder, encode_frame};
+use crate::ids::{Epoch, Lsn, PageId, PgId};
+use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, PAGE_BYTES_MAX, RECORDS_PER_APPEND_MAX};
+use crate::redo::{RecordError, RedoRecord};
+use bytes::{BufMut, Bytes};
+use thiserror::Error;
+
+/// The frame kind byte of each message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageKind {
+    Append = 1,
+    AppendAck = 2,
+    ReadPage = 3,
+    PageImage = 4,
+    StatusRequest = 5,
+    Status = 6,
+    Error = 7,
+}
+
+/// Bytes of the fixed part of an append payload, before the records.
+pub const APPEND_HEADER_BYTES: usize = 40;
+
+/// Records for one segment (protection group), plus the writer's view of the
+/// log that the segment uses for background work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendRequest {
+    pub pg: PgId,
+    pub epoch: Epoch,
+    /// The writer's VDL when it sent this: the segment may coalesce up to it,
+    /// since nothing at or below VDL is ever truncated by recovery.
+    pub volume_durable_lsn: Lsn,
+    /// PGMRPL: the lowest read point of any reader; versions below it may be
+    /// garbage-collected.
+    pub min_read_point: Lsn,
+    pub records: Vec<RedoRecord>,
+}
+
+/// A segment's durable progress, sent after every group commit that made
+/// something new durable, and in answer to a duplicate append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendAck {
+    pub pg: PgId,
+    pub epoch: Epoch,
+    /// Segment complete LSN: no hole in the segment chain at or below it.
+    pub segment_complete_lsn: Lsn,
+    /// Highest durable LSN held, complete or not. Above SCL means a hole.
+    pub highest_durable_lsn: Lsn,
+}
+
+/// Asks for one page as of `read_point`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPageRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub page: PageId,
+    pub read_point: Lsn,
+}
+
+/// A materialized page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageImage {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub page: PageId,
+    pub read_point: Lsn,
+    /// LSN of the newest record applied to this image (0: never written).
+    pub page_lsn: Lsn,
+    pub image: Bytes,
+}
+
+/// Asks a node for a segment's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+}
+
+/// A segment's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentStatus {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub segment_complete_lsn: Lsn,
+    pub highest_durable_lsn: Lsn,
+    pub min_read_point: Lsn,
+    /// A corrupt record was found in the middle of the log: the segment keeps
+    /// serving what is below the hole but needs repair from its peers.
+    pub needs_repair: bool,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request carries an epoch older than the segment's.
+    StaleEpoch = 1,
+    /// The request carries an epoch newer than the segment knows.
+    UnknownEpoch = 2,
+    /// This node hosts no segment of that PG.
+    UnknownSegment = 3,
+    /// The read point is above the segment's SCL.
+    ReadPointAboveComplete = 4,
+    /// The read point is below the minimum read point (versions were collected).
+    ReadPointBelowMinimum = 5,
+    /// A record or request broke a limit or a rule.
+    InvalidRequest = 6,
+    /// The segment's disk queue is full.
+    Busy = 7,
+    /// The segment could not write to its disk.
+    DiskFailure = 8,
+}
+
+impl ErrorCode {
+    fn from_u16(code: u16) -> Result<ErrorCode, CodecError> {
+        Ok(match code {
+            1 => ErrorCode::StaleEpoch,
+            2 => ErrorCode::UnknownEpoch,
+            3 => ErrorCode::UnknownSegment,
+            4 => ErrorCode::ReadPointAboveComplete,
+            5 => ErrorCode::ReadPointBelowMinimum,
+            6 => ErrorCode::InvalidRequest,
+            7 => ErrorCode::Busy,
+            8 => ErrorCode::DiskFailure,
+            other => return Err(CodecError::Invalid { field: "error code", detail: other.to_string() }),
+        })
+    }
+}
+
+/// A refusal. `request_id` is 0 when the refused message was an append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Every message of the storage protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Append(AppendRequest),
+    AppendAck(AppendAck),
+    ReadPage(ReadPageRequest),
+    PageImage(PageImage),
+    StatusRequest(StatusRequest),
+    Status(SegmentStatus),
+    Error(ErrorResponse),
+}
+
+/// Why a frame's payload is not a valid message.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("bad record in append: {0}")]
+    Record(#[from] RecordError),
+    #[error("append carries {count} records, more than RECORDS_PER_APPEND_MAX ({RECORDS_PER_APPEND_MAX})")]
+    TooManyRecords { count: usize },
+}
+
+/// Encodes an append frame from records that are already encoded (the
+/// writer's hot path: one encoding, shared by the six segments' frames).
+pub fn encode_append_frame<'a>(
+    pg: PgId,
+    epoch: Epoch,
+    volume_durable_lsn: Lsn,
+    min_read_point: Lsn,
+    encoded_records: impl Iterator<Item = &'a [u8]> + Clone,
+) -> Bytes {
+    let count = encoded_records.clone().count();
+    let bytes: usize = encoded_records.clone().map(<[u8]>::len).sum();
+    assert!(count <= RECORDS_PER_APPEND_MAX, "append exceeds RECORDS_PER_APPEND_MAX");
+    assert!(APPEND_HEADER_BYTES + bytes <= FRAME_PAYLOAD_BYTES_MAX, "append exceeds FRAME_PAYLOAD_BYTES_MAX");
+    let mut builder = FrameBuilder::new(MessageKind::Append as u8, APPEND_HEADER_BYTES + bytes);
+    let payload = builder.payload();
+    payload.put_u32_le(pg.0);
+    payload.put_u32_le(count as u32);
+    payload.put_u64_le(epoch.0);
+    payload.put_u64_le(volume_durable_lsn.0);
+    payload.put_u64_le(min_read_point.0);
+    payload.put_u64_le(0);
+    for record in encoded_records {
+        payload.put_slice(record);
+    }
+    builder.finish()
+}
+
+impl Message {
+    /// Encodes this message as a complete frame.
+    pub fn encode(&self) -> Bytes {
+        let mut payload = Vec::new();
+        let kind = match self {
+            Message::Append(append) => {
+                return encode_append_frame(
+                    append.pg,
+                    append.epoch,
+                    append.volume_durable_lsn,
+                    append.min_read_point,
+                    append.records.iter().map(|record| &record.encoded[..]),
+                );
+            }
+            Message::AppendAck(ack) => {
+                payload.put_u32_le(ack.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(ack.epoch.0);
+                payload.put_u64_le(ack.segment_complete_lsn.0);
+                payload.put_u64_le(ack.highest_durable_lsn.0);
+                MessageKind::AppendAck
+            }
+            Message::ReadPage(read) => {
+                payload.put_u64_le(read.request_id);
+                payload.put_u32_le(read.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(read.epoch.0);
+                payload.put_u64_le(read.page.0);
+                payload.put_u64_le(read.read_point.0);
+                MessageKind::ReadPage
+            }
+            Message::PageImage(image) => {
+                payload.put_u64_le(image.request_id);
+                payload.put_u32_le(image.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(image.page.0);
+                payload.put_u64_le(image.read_point.0);
+                payload.put_u64_le(image.page_lsn.0);
+                payload.put_u32_le(image.image.len() as u32);
+                payload.put_slice(&image.image);
+                MessageKind::PageImage
+            }
+            Message::StatusRequest(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(0);
+                MessageKind::StatusRequest
+            }
+            Message::Status(status) => {
+                payload.put_u64_le(status.request_id);
+                payload.put_u32_le(status.pg.0);
+                payload.put_u32_le(u32::from(status.needs_repair));
+                payload.put_u64_le(status.epoch.0);
+                payload.put_u64_le(status.segment_complete_lsn.0);
+                payload.put_u64_le(status.highest_durable_lsn.0);
+                payload.put_u64_le(status.min_read_point.0);
+                MessageKind::Status
+            }
+            Message::Error(error) => {
+                let mut message = error.message.as_bytes();
+                if message.len() > ERROR_MESSAGE_BYTES_MAX {
+                    let mut end = ERROR_MESSAGE_BYTES_MAX;
+                    while !error.message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    message = &message[..end];
+                }
+                payload.put_u64_le(error.request_id);
+                payload.put_u32_le(error.pg.0);
+                payload.put_u16_le(error.code as u16);
+                payload.put_u16_le(message.len() as u16);
+                payload.put_slice(message);
+                MessageKind::Error
+            }
+        };
+        encode_frame(kind as u8, &payload)
+    }
+
+    /// Decodes a frame's payload. Never panics on any input.
+    pub fn decode(frame: &Frame) -> Result<Message, MessageError> {
+        let payload = &frame.payload;
+        let mut reader = Reader::new(payload);
+        let message = match frame.kind {
+            kind if kind == MessageKind::Append as u8 => {
+                let pg = PgId(reader.u32()?);
+                let count = reader.u32()? as usize;
+                if count > RECORDS_PER_APPEND_MAX {
+                    return Err(MessageError::TooManyRecords { count });
+                }
+                let epoch = Epoch(reader.u64()?);
+                let volume_durable_lsn = Lsn(reader.u64()?);
+                let min_read_point = Lsn(reader.u64()?);
+                let _reserved = reader.u64()?;
+                let mut records = Vec::with_capacity(count);
+                let mut offset = reader.offset();
+                for _ in 0..count {
+                    let (record, next) = RedoRecord::decode(payload, offset)?;
+                    records.push(record);
+                    offset = next;
+                }
+                if offset != payload.len() {
+                    return Err(CodecError::Trailing { trailing: payload.len() - offset }.into());
+                }
+                return Ok(Message::Append(AppendRequest { pg, epoch, volume_durable_lsn, min_read_point, records }));
+            }
+            kind if kind == MessageKind::AppendAck as u8 => {
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                Message::AppendAck(AppendAck {
+                    pg,
+                    epoch: Epoch(reader.u64()?),
+                    segment_complete_lsn: Lsn(reader.u64()?),
+                    highest_durable_lsn: Lsn(reader.u64()?),
+                })
+            }
+            kind if kind == MessageKind::ReadPage as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                Message::ReadPage(ReadPageRequest {
+                    request_id,
+                    pg,
+                    epoch: Epoch(reader.u64()?),
+                    page: PageId(reader.u64()?),
+                    read_point: Lsn(reader.u64()?),
+                })
+            }
+            kind if kind == MessageKind::PageImage as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                let page = PageId(reader.u64()?);
+                let read_point = Lsn(reader.u64()?);
+                let page_lsn = Lsn(reader.u64()?);
+                let image = read_length_prefixed(&mut reader, payload, PAGE_BYTES_MAX, "page image")?;
+                Message::PageImage(PageImage { request_id, pg, page, read_point, page_lsn, image })
+            }
+            kind if kind == MessageKind::StatusRequest as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                Message::StatusRequest(StatusRequest { request_id, pg })
+            }
+            kind if kind == MessageKind::Status as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let needs_repair = match reader.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(CodecError::Invalid { field: "needs_repair", detail: other.to_string() }.into());
+                    }
+                };
+                Message::Status(SegmentStatus {
+                    request_id,
+                    pg,
+                    epoch: Epoch(reader.u64()?),
+                    segment_complete_lsn: Lsn(reader.u64()?),
+                    highest_durable_lsn: Lsn(reader.u64()?),
+                    min_read_point: Lsn(reader.u64()?),
+                    needs_repair,
+                })
+            }
+            kind if kind == MessageKind::Error as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let code = ErrorCode::from_u16(reader.u16()?)?;
+                let length = reader.u16()? as usize;
+                if length > ERROR_MESSAGE_BYTES_MAX {
+                    return Err(
+                        CodecError::Invalid { field: "error message", detail: format!("{length} bytes") }.into()
+                    );
+                }
+                let message = String::from_utf8_lossy(reader.take(length)?).into_owned();
+                Message::Error(ErrorResponse { request_id, pg, code, message })
+            }
+            other => return Err(MessageError::UnknownKind(other)),
+        };
+        reader.finish()?;
+        Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::decode_frame;
+    use crate::redo::{PageOp, RecordFields};
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    fn round_trip(message: Message) {
+        let mut buffer = BytesMut::from(&message.encode()[..]);
+        let frame = decode_frame(&mut buffer).unwrap().unwrap();
+        assert_eq!(Message::decode(&frame).unwrap(), message);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let record = RecordFields {
+            lsn: Lsn(3),
+            prev_volume_lsn: Lsn(2),
+            prev_segment_lsn: Lsn(1),
+            prev_page_lsn: Lsn::ZERO,
+            page: PageId(4),
+            pg: PgId(1),
+            consistency_point: false,
+            op: PageOp::Write { offset: 0, data: Bytes::from_static(b"xyz") },
+        }
+        .seal();
+        round_trip(Message::Append(AppendRequest {
+            pg: PgId(1),
+            epoch: Epoch(2),
+            volume_durable_lsn: Lsn(1),
+            min_read_point: Lsn(1),
+            records: vec![record],
+        }));
+        round_trip(Message::AppendAck(AppendAck {
+            pg: PgId(1),
+            epoch: Epoch(2),
+            segment_complete_lsn: Lsn(3),
+            highest_durable_lsn: Lsn(9),
+        }));
+        round_trip(Message::ReadPage(ReadPageRequest {
+            request_id: 8,
+            pg: PgId(1),
+            epoch: Epoch(1),
+            page: PageId(4),
+            read_point: Lsn(3),
+        }));
+        round_trip(Message::PageImage(PageImage {
+            request_id: 8,
+            pg: PgId(1),
+            page: PageId(4),
+            read_point: Lsn(3),
+            page_lsn: Lsn(3),
+            image: Bytes::from_static(&[1, 2, 3, 4]),
+        }));
+        round_trip(Message::StatusRequest(StatusRequest { request_id: 1, pg: PgId(0) }));
+        round_trip(Message::Status(SegmentStatus {
+            request_id: 1,
+            pg: PgId(0),
+            epoch: Epoch(1),
+            segment_complete_lsn: Lsn(10),
+            highest_durable_lsn: Lsn(12),
+            min_read_point: Lsn(4),
+            needs_repair: true,
+        }));
+        round_trip(Message::Error(ErrorResponse {
+            request_id: 0,
+            pg: PgId(2),
+            code: ErrorCode::StaleEpoch,
+            message: "epoch 1 < 2".into(),
+        }));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(kind in 0u8..10, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let frame = Frame { kind, payload: Bytes::from(payload) };
+            let _ = Message::decode(&frame);
+        }
+    }
+}
