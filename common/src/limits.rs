@@ -47,3 +47,6 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 
 /// Aurora's LSN allocation limit: no LSN is allocated above VDL + this.
 pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;
+
+/// Slack reserved in every log write for entry headers and padding.
+pub const ENTRY_OVERHEAD_GUARD: usize = 256;

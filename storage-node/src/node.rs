@@ -1,0 +1,388 @@
+//! The storage node driver: accepts connections, routes messages to segment
+//! cores, carries out their actions on the disk and the wire.
+//!
+//! Everything protocol-shaped is in [`crate::segment::SegmentCore`]; this
+//! file only moves bytes. Each connection is one task that decodes frames and
+//! calls into the segment under its lock; disk completions arrive on disk
+//! threads and run the same action loop; acknowledgements are queued on the
+//! connection's bounded send queue (a full queue drops the ack, which is safe
+//! because the next ack carries a newer SCL).
+//!
+//! A malformed, oversized or wrong-version frame, or a payload that is not a
+//! valid message, closes only the connection it came on, with a logged reason.
+
+use crate::disk::{DiskBackend, LogDisk, MemoryVolumeStore, StdFileDisk, UringDisk, UringRing};
+use crate::log_format::scan_log;
+use crate::segment::{Action, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
+use common::ids::{Epoch, NodeId, PgId};
+use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
+use common::message::{ErrorCode, ErrorResponse, Message, PageImage, SegmentStatus};
+use common::transport::{Connection, FrameSender, Transport};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+use tracing::{debug, error, info, warn};
+
+/// How often idle segments get a chance to coalesce and clean.
+const BACKGROUND_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Why a node could not start.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("storage node I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("segment {pg} could not be opened: {reason}")]
+    Segment { pg: PgId, reason: String },
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+}
+
+/// What a node hosts and where.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node: NodeId,
+    /// Where to listen ("127.0.0.1:0" for any free port).
+    pub listen_address: String,
+    /// One subdirectory per segment lives here (unused by the memory backend).
+    pub data_directory: PathBuf,
+    pub disk: DiskBackend,
+    /// Durable images for the memory backend, shared across restarts.
+    pub memory_store: MemoryVolumeStore,
+    pub segments: Vec<SegmentConfig>,
+}
+
+/// One segment core with its disk.
+#[derive(Debug)]
+struct SegmentDriver {
+    core: Mutex<SegmentCore>,
+    disk: Arc<dyn LogDisk>,
+    replies: Arc<Replies>,
+}
+
+/// The send queues of open connections, by connection id.
+#[derive(Debug, Default)]
+struct Replies {
+    senders: Mutex<HashMap<ReplyTo, FrameSender>>,
+}
+
+impl Replies {
+    fn send(&self, to: ReplyTo, message: &Message) {
+        let sender = self.senders.lock().get(&to).cloned();
+        if let Some(sender) = sender
+            && let Err(error) = sender.try_send(message.encode())
+        {
+            debug!(connection = to, %error, "reply dropped");
+        }
+    }
+}
+
+impl SegmentDriver {
+    /// Carries out actions until none are left. Writes that complete
+    /// synchronously (memory disk) feed their follow-ups back into the loop
+    /// instead of recursing.
+    fn run(self: &Arc<Self>, actions: Vec<Action>) {
+        let mut pending = actions;
+        while !pending.is_empty() {
+            let mut follow_ups = Vec::new();
+            for action in pending {
+                match action {
+                    Action::Write(write) => {
+                        let id = write.id;
+                        let driver = self.clone();
+                        let done = Box::new(move |result| {
+                            let actions = driver.completed(id, result);
+                            driver.run(actions);
+                        });
+                        if let Some(result) = self.disk.write_durable(write, done) {
+                            follow_ups.extend(self.completed(id, result));
+                        }
+                    }
+                    Action::Ack { to, ack } => self.replies.send(to, &Message::AppendAck(ack)),
+                    Action::Refuse { to, error } => self.replies.send(to, &Message::Error(error)),
+                    Action::DeleteFile(file) => {
+                        if let Err(error) = self.disk.delete_file(file) {
+                            warn!(%error, file, "could not delete a cleaned log file");
+                        }
+                    }
+                }
+            }
+            pending = follow_ups;
+        }
+    }
+
+    fn completed(&self, id: u64, result: io::Result<()>) -> Vec<Action> {
+        let mut core = self.core.lock();
+        match result {
+            Ok(()) => core.write_done(id),
+            Err(error) => {
+                error!(pg = %core.config().pg, %error, "log write failed; the segment stops taking writes");
+                core.write_failed(id, error.to_string())
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NodeShared {
+    node: NodeId,
+    segments: BTreeMap<PgId, Arc<SegmentDriver>>,
+    replies: Arc<Replies>,
+    next_connection: AtomicU64,
+    connection_slots: Arc<Semaphore>,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+/// A running storage node. [`StorageNode::stop`] (or drop) ends it like a
+/// crash: tasks are aborted, nothing more is acknowledged, and whatever
+/// reached fdatasync is what a restart finds.
+#[derive(Debug)]
+pub struct StorageNode {
+    shared: Arc<NodeShared>,
+    local_address: String,
+    /// What each segment found in its log when the node started.
+    pub recovery: BTreeMap<PgId, RecoveryReport>,
+}
+
+fn open_disk(
+    config: &NodeConfig,
+    segment: &SegmentConfig,
+    ring: &Option<Arc<UringRing>>,
+) -> io::Result<Arc<dyn LogDisk>> {
+    let name = format!("pg-{:06}", segment.pg.0);
+    let directory = config.data_directory.join(&name);
+    Ok(match config.disk {
+        DiskBackend::Std => Arc::new(StdFileDisk::open(&directory, segment.log_file_bytes)?),
+        DiskBackend::IoUring => Arc::new(UringDisk::open(
+            &directory,
+            segment.log_file_bytes,
+            ring.clone().expect("ring started for io_uring"),
+        )?),
+        DiskBackend::Memory => Arc::new(config.memory_store.disk(&format!("{}/{name}", config.node))),
+    })
+}
+
+/// Opens (or creates) one segment from its disk.
+fn open_segment(
+    segment: SegmentConfig,
+    disk: Arc<dyn LogDisk>,
+    replies: Arc<Replies>,
+) -> Result<(Arc<SegmentDriver>, RecoveryReport, Vec<Action>), NodeError> {
+    let pg = segment.pg;
+    let files = disk.read_all()?;
+    let (core, report, actions) = if files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0)) {
+        let (core, actions) =
+            SegmentCore::create(segment, Epoch::INITIAL).map_err(|reason| NodeError::Segment { pg, reason })?;
+        (core, RecoveryReport::default(), actions)
+    } else {
+        let scan = scan_log(&files);
+        let end = scan.end;
+        let (core, report) = SegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
+        if report.truncated_tail_bytes > 0 {
+            warn!(%pg, bytes = report.truncated_tail_bytes, file = end.file, offset = end.offset, "torn log tail truncated");
+            disk.zero(end, report.truncated_tail_bytes)?;
+        }
+        if report.mid_log_corruptions > 0 {
+            error!(%pg, corruptions = report.mid_log_corruptions, scl = %report.segment_complete_lsn,
+                "corrupt records in the middle of the log: segment needs repair");
+        }
+        (core, report, Vec::new())
+    };
+    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), report, actions))
+}
+
+impl StorageNode {
+    /// Opens every segment (recovering from its log), then starts serving.
+    pub async fn start(config: NodeConfig, transport: Arc<dyn Transport>) -> Result<StorageNode, NodeError> {
+        if config.segments.len() > NODE_SEGMENTS_MAX {
+            return Err(NodeError::Config(format!(
+                "{} segments; NODE_SEGMENTS_MAX is {NODE_SEGMENTS_MAX}",
+                config.segments.len()
+            )));
+        }
+        let ring = match config.disk {
+            DiskBackend::IoUring => Some(UringRing::start()?),
+            _ => None,
+        };
+        let replies = Arc::new(Replies::default());
+        let mut segments = BTreeMap::new();
+        let mut recovery = BTreeMap::new();
+        let mut first_actions = Vec::new();
+        for segment in &config.segments {
+            let disk = open_disk(&config, segment, &ring)?;
+            let (driver, report, actions) = open_segment(segment.clone(), disk, replies.clone())?;
+            if segments.insert(segment.pg, driver.clone()).is_some() {
+                return Err(NodeError::Config(format!("{} listed twice", segment.pg)));
+            }
+            recovery.insert(segment.pg, report);
+            first_actions.push((driver, actions));
+        }
+        for (driver, actions) in first_actions {
+            driver.run(actions);
+        }
+        let mut listener = transport.bind(config.listen_address.clone()).await?;
+        let local_address = listener.local_address().to_string();
+        let shared = Arc::new(NodeShared {
+            node: config.node,
+            segments,
+            replies,
+            next_connection: AtomicU64::new(1),
+            connection_slots: Arc::new(Semaphore::new(NODE_CONNECTIONS_MAX)),
+            tasks: Mutex::new(Vec::new()),
+        });
+        info!(node = %config.node, address = %local_address, segments = shared.segments.len(), "storage node serving");
+
+        let accept_shared = shared.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok(connection) = listener.accept().await {
+                let Ok(permit) = accept_shared.connection_slots.clone().try_acquire_owned() else {
+                    warn!(peer = %connection.peer, "refusing connection: NODE_CONNECTIONS_MAX ({NODE_CONNECTIONS_MAX}) reached");
+                    continue;
+                };
+                let connection_shared = accept_shared.clone();
+                let task = tokio::spawn(async move {
+                    serve_connection(&connection_shared, connection).await;
+                    drop(permit);
+                });
+                let mut tasks = accept_shared.tasks.lock();
+                tasks.retain(|handle| !handle.is_finished());
+                tasks.push(task.abort_handle());
+            }
+        });
+        let background_shared = shared.clone();
+        let background = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(BACKGROUND_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                for driver in background_shared.segments.values() {
+                    let actions = driver.core.lock().background();
+                    driver.run(actions);
+                }
+            }
+        });
+        shared.tasks.lock().extend([accept.abort_handle(), background.abort_handle()]);
+        Ok(StorageNode { shared, local_address, recovery })
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.shared.node
+    }
+
+    /// The address clients connect to.
+    pub fn local_address(&self) -> &str {
+        &self.local_address
+    }
+
+    /// A segment's state, read directly (for tools and tests).
+    pub fn segment_status(&self, pg: PgId) -> Option<SegmentStatus> {
+        self.shared.segments.get(&pg).map(|driver| driver.core.lock().status(0))
+    }
+
+    /// Stops the node as a crash would: no goodbye, no flush, no more acks.
+    pub fn stop(&self) {
+        for task in self.shared.tasks.lock().drain(..) {
+            task.abort();
+        }
+        self.shared.replies.senders.lock().clear();
+    }
+}
+
+impl Drop for StorageNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve_connection(shared: &NodeShared, mut connection: Connection) {
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    shared.replies.senders.lock().insert(id, connection.sender.clone());
+    debug!(connection = id, peer = %connection.peer, "connection opened");
+    while let Some(frame) = connection.receiver.recv().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                warn!(peer = %connection.peer, %error, "closing connection: bad frame");
+                break;
+            }
+        };
+        let message = match Message::decode(&frame) {
+            Ok(message) => message,
+            Err(error) => {
+                warn!(peer = %connection.peer, %error, "closing connection: bad message");
+                break;
+            }
+        };
+        if let Err(reason) = handle(shared, id, &connection.sender, message) {
+            warn!(peer = %connection.peer, reason, "closing connection: protocol violation");
+            break;
+        }
+    }
+    shared.replies.senders.lock().remove(&id);
+    debug!(connection = id, peer = %connection.peer, "connection closed");
+}
+
+fn unknown_segment(request_id: u64, pg: PgId) -> Message {
+    Message::Error(ErrorResponse {
+        request_id,
+        pg,
+        code: ErrorCode::UnknownSegment,
+        message: format!("this node hosts no segment of {pg}"),
+    })
+}
+
+fn reply(sender: &FrameSender, message: &Message) {
+    if let Err(error) = sender.try_send(message.encode()) {
+        debug!(%error, "reply dropped");
+    }
+}
+
+/// Handles one message; `Err` closes the connection.
+fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, message: Message) -> Result<(), String> {
+    match message {
+        Message::Append(request) => match shared.segments.get(&request.pg) {
+            Some(driver) => {
+                let actions = driver.core.lock().append(request, connection);
+                driver.run(actions);
+            }
+            None => reply(sender, &unknown_segment(0, request.pg)),
+        },
+        Message::ReadPage(request) => {
+            let response = match shared.segments.get(&request.pg) {
+                None => unknown_segment(request.request_id, request.pg),
+                Some(driver) => match driver.core.lock().read_page(request.page, request.read_point, request.epoch) {
+                    Ok((page_lsn, image)) => Message::PageImage(PageImage {
+                        request_id: request.request_id,
+                        pg: request.pg,
+                        page: request.page,
+                        read_point: request.read_point,
+                        page_lsn,
+                        image,
+                    }),
+                    Err(refusal) => Message::Error(ErrorResponse {
+                        request_id: request.request_id,
+                        pg: request.pg,
+                        code: refusal.code,
+                        message: refusal.message,
+                    }),
+                },
+            };
+            reply(sender, &response);
+        }
+        Message::StatusRequest(request) => {
+            let response = match shared.segments.get(&request.pg) {
+                Some(driver) => Message::Status(driver.core.lock().status(request.request_id)),
+                None => unknown_segment(request.request_id, request.pg),
+            };
+            reply(sender, &response);
+        }
+        other => return Err(format!("a client sent {other:?}, which only servers send")),
+    }
+    Ok(())
+}

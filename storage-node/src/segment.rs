@@ -1,0 +1,796 @@
+//! The segment: one replica of one protection group, as a pure state machine.
+//!
+//! [`SegmentCore`] does no I/O and reads no clock. The driver feeds it
+//! appends, disk completions and read requests, and carries out the
+//! [`Action`]s it returns: write these bytes at this log position and
+//! fdatasync, acknowledge this connection, delete that log file.
+//!
+//! ## Foreground path (A17 §3.3, steps 1–2)
+//! An append is validated (epoch, PG, page range, record CRCs, limits),
+//! duplicates are dropped, and the records join the queue. While one log write
+//! is in flight, everything that arrives is queued; when it completes, the
+//! whole queue goes out as the next write with one fdatasync: group commit.
+//! Only after that fdatasync are the records *durable*: they join the segment
+//! chain, SCL advances, and every connection whose records were in the write
+//! is acknowledged with the new SCL.
+//!
+//! ## Background path
+//! - *Coalesce*: a page whose chain grew long is materialized at the highest
+//!   of its LSNs at or below `min(SCL, writer's VDL)` (never above VDL: recovery
+//!   may truncate above it) and the new page version is logged, piggybacked on
+//!   the next write.
+//! - *Garbage-collect*: once PGMRPL (the lowest read point) passes a durable
+//!   version, older versions of that page and the records it subsumes go.
+//! - *Clean*: when the log spans more files than `log_files_target`, the
+//!   oldest file's remaining live items are moved forward (its records'
+//!   pages are coalesced, its live versions are re-logged); once empty, a
+//!   checkpoint is logged and the file is deleted.
+//!
+//! ## Invariants (asserted or checked)
+//! - SCL only moves forward, and every record of the PG at or below SCL is
+//!   durable here or subsumed by a durable version.
+//! - A read is served only for `min_read_point <= read_point <= SCL`; the
+//!   page chain it applies must link up exactly (each record's page backlink
+//!   is the previous record applied), or the read fails instead of serving a
+//!   wrong page.
+//! - Nothing is acknowledged before the fdatasync that made it durable.
+
+use crate::log_format::{
+    CHECKPOINT_ENTRY_BYTES, Checkpoint, ENTRY_HEADER_BYTES, Entry, LogPosition, PageVersion, ScanResult,
+    encode_checkpoint_entry, encode_redo_entry, encode_versions_entry, redo_entry_bytes, version_item_bytes,
+};
+use bytes::{Bytes, BytesMut};
+use common::ids::{Epoch, Lsn, PageId, PgId};
+use common::limits::{ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, SEGMENT_QUEUED_BYTES_MAX};
+use common::message::{AppendAck, AppendRequest, ErrorCode, ErrorResponse, SegmentStatus};
+use common::redo::RedoRecord;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound::{Excluded, Included};
+
+/// Who waits for an acknowledgement (the driver's connection id).
+pub type ReplyTo = u64;
+
+/// How a segment is shaped and tuned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentConfig {
+    pub pg: PgId,
+    pub page_bytes: usize,
+    /// Pages per protection group: page `p` belongs to PG `p / pages_per_pg`.
+    pub pages_per_pg: u64,
+    /// Size of each preallocated log file.
+    pub log_file_bytes: u64,
+    /// Log files kept before the cleaner frees the oldest.
+    pub log_files_target: u64,
+    /// A page is coalesced once this many records wait above its newest version.
+    pub coalesce_chain_records: usize,
+    /// Most page-version bytes logged with one write (keeps redo latency low).
+    pub coalesce_bytes_per_write: usize,
+}
+
+impl SegmentConfig {
+    pub fn new(pg: PgId, page_bytes: usize, pages_per_pg: u64) -> Self {
+        SegmentConfig {
+            pg,
+            page_bytes,
+            pages_per_pg,
+            log_file_bytes: 64 * 1024 * 1024,
+            log_files_target: 8,
+            coalesce_chain_records: 32,
+            coalesce_bytes_per_write: 256 * 1024,
+        }
+    }
+
+    /// Largest single log write this segment produces.
+    fn write_bytes_max(&self) -> usize {
+        LOG_BATCH_BYTES_MAX.min(self.log_file_bytes as usize / 2)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.page_bytes == 0 || self.page_bytes > PAGE_BYTES_MAX {
+            return Err(format!("page_bytes {} outside 1..=PAGE_BYTES_MAX", self.page_bytes));
+        }
+        let smallest_file = 4 * (self.page_bytes + ENTRY_OVERHEAD_GUARD) as u64;
+        if self.log_file_bytes < smallest_file || !self.log_file_bytes.is_multiple_of(8) {
+            return Err(format!(
+                "log_file_bytes {} must be a multiple of 8 and at least {smallest_file}",
+                self.log_file_bytes
+            ));
+        }
+        if self.pages_per_pg == 0 || self.log_files_target < 2 || self.coalesce_chain_records == 0 {
+            return Err("pages_per_pg, coalesce_chain_records must be positive and log_files_target >= 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write `bytes` at `position` (creating the file if new), fdatasync, then
+    /// call [`SegmentCore::write_done`] with `id`.
+    Write(LogWrite),
+    /// Send an append acknowledgement.
+    Ack { to: ReplyTo, ack: AppendAck },
+    /// Send a refusal.
+    Refuse { to: ReplyTo, error: ErrorResponse },
+    /// Delete a log file that holds nothing live.
+    DeleteFile(u64),
+}
+
+/// One write of the log: whole entries, written with one write and one fdatasync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogWrite {
+    pub id: u64,
+    pub position: LogPosition,
+    pub bytes: Bytes,
+}
+
+/// What the segment found when it rebuilt itself from its log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub records: usize,
+    pub page_versions: usize,
+    pub segment_complete_lsn: Lsn,
+    pub highest_durable_lsn: Lsn,
+    /// Bytes of a torn or corrupt tail that were cut off (the driver zeroes them).
+    pub truncated_tail_bytes: u64,
+    /// Corrupt entries in the middle of the log (the segment needs repair).
+    pub mid_log_corruptions: usize,
+}
+
+/// Why a page could not be served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadRefusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A durable record and the log file that holds it.
+#[derive(Debug)]
+struct StoredRecord {
+    record: RedoRecord,
+    file: u64,
+}
+
+/// A durable page version and the log file that holds it.
+#[derive(Debug, Clone)]
+struct StoredVersion {
+    image: Bytes,
+    file: u64,
+}
+
+/// Everything the segment knows about one page.
+#[derive(Debug, Default)]
+struct PageChain {
+    versions: BTreeMap<Lsn, StoredVersion>,
+    /// Durable records of this page (above SCL too).
+    records: BTreeSet<Lsn>,
+}
+
+impl PageChain {
+    fn newest_version_lsn(&self) -> Lsn {
+        self.versions.keys().next_back().copied().unwrap_or(Lsn::ZERO)
+    }
+
+    fn records_above_newest_version(&self) -> usize {
+        self.records.range((Excluded(self.newest_version_lsn()), Included(Lsn(u64::MAX)))).count()
+    }
+}
+
+/// The log write in flight.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    file: u64,
+    redo: Vec<RedoRecord>,
+    versions: Vec<PageVersion>,
+    waiters: BTreeSet<ReplyTo>,
+    /// Files to delete once this write (which carries a checkpoint) is durable.
+    delete_after: Vec<u64>,
+}
+
+/// One segment replica of a protection group.
+#[derive(Debug)]
+pub struct SegmentCore {
+    config: SegmentConfig,
+    epoch: Epoch,
+    segment_complete_lsn: Lsn,
+    highest_durable_lsn: Lsn,
+    /// The writer's VDL as last reported: coalescing never goes above it.
+    coalesce_bound: Lsn,
+    min_read_point: Lsn,
+    needs_repair: bool,
+    failed: Option<String>,
+
+    records: BTreeMap<Lsn, StoredRecord>,
+    /// Durable records above SCL, keyed by their segment backlink.
+    parked_by_prev: HashMap<Lsn, Lsn>,
+    pages: HashMap<PageId, PageChain>,
+
+    queued: Vec<RedoRecord>,
+    queued_bytes: usize,
+    queued_waiters: BTreeSet<ReplyTo>,
+    /// LSNs queued or in flight, so duplicates are not logged twice.
+    pending_lsns: HashSet<Lsn>,
+    in_flight: Option<InFlight>,
+    next_write_id: u64,
+
+    coalesce_queue: BTreeSet<PageId>,
+    pending_versions: Vec<PageVersion>,
+    /// Durable versions waiting for PGMRPL to reach them before they GC older state.
+    gc_waiting: BTreeMap<Lsn, Vec<PageId>>,
+
+    position: LogPosition,
+    next_sequence: u64,
+    /// Live items (records and versions) per log file.
+    file_live: BTreeMap<u64, usize>,
+    file_records: BTreeMap<u64, Vec<Lsn>>,
+    file_versions: BTreeMap<u64, Vec<(PageId, Lsn)>>,
+    cleaning: Option<u64>,
+    checkpoint_due: Vec<u64>,
+}
+
+impl SegmentCore {
+    fn empty(config: SegmentConfig, epoch: Epoch) -> Result<SegmentCore, String> {
+        config.validate()?;
+        Ok(SegmentCore {
+            config,
+            epoch,
+            segment_complete_lsn: Lsn::ZERO,
+            highest_durable_lsn: Lsn::ZERO,
+            coalesce_bound: Lsn::ZERO,
+            min_read_point: Lsn::ZERO,
+            needs_repair: false,
+            failed: None,
+            records: BTreeMap::new(),
+            parked_by_prev: HashMap::new(),
+            pages: HashMap::new(),
+            queued: Vec::new(),
+            queued_bytes: 0,
+            queued_waiters: BTreeSet::new(),
+            pending_lsns: HashSet::new(),
+            in_flight: None,
+            next_write_id: 1,
+            coalesce_queue: BTreeSet::new(),
+            pending_versions: Vec::new(),
+            gc_waiting: BTreeMap::new(),
+            position: LogPosition { file: 1, offset: 0 },
+            next_sequence: 1,
+            file_live: BTreeMap::new(),
+            file_records: BTreeMap::new(),
+            file_versions: BTreeMap::new(),
+            cleaning: None,
+            checkpoint_due: Vec::new(),
+        })
+    }
+
+    /// A brand-new segment. The returned write logs its first checkpoint.
+    pub fn create(config: SegmentConfig, epoch: Epoch) -> Result<(SegmentCore, Vec<Action>), String> {
+        let mut core = SegmentCore::empty(config, epoch)?;
+        core.checkpoint_due.push(0);
+        let actions = core.start_write();
+        Ok((core, actions))
+    }
+
+    /// Rebuilds a segment from what [`crate::log_format::scan_log`] read back.
+    pub fn recover(config: SegmentConfig, scan: ScanResult) -> Result<(SegmentCore, RecoveryReport), String> {
+        let mut core = SegmentCore::empty(config, Epoch::INITIAL)?;
+        let mut base = Lsn::ZERO;
+        let mut saw_checkpoint = false;
+        for (position, entry) in scan.entries {
+            match entry {
+                Entry::Checkpoint(checkpoint) => {
+                    if checkpoint.pg != core.config.pg || checkpoint.page_bytes as usize != core.config.page_bytes {
+                        return Err(format!(
+                            "log belongs to {} with {}-byte pages, expected {} with {}-byte pages",
+                            checkpoint.pg, checkpoint.page_bytes, core.config.pg, core.config.page_bytes
+                        ));
+                    }
+                    saw_checkpoint = true;
+                    core.epoch = core.epoch.max(checkpoint.epoch);
+                    base = base.max(checkpoint.segment_complete_lsn);
+                    core.min_read_point = core.min_read_point.max(checkpoint.min_read_point);
+                }
+                Entry::Redo(records) => {
+                    for record in records {
+                        if record.pg != core.config.pg || core.records.contains_key(&record.lsn) {
+                            continue;
+                        }
+                        core.insert_durable_record(record, position.file);
+                    }
+                }
+                Entry::PageVersions(versions) => {
+                    for version in versions {
+                        core.insert_durable_version(version, position.file);
+                    }
+                }
+            }
+        }
+        if !saw_checkpoint && !core.records.is_empty() {
+            return Err("log holds records but no checkpoint: not a segment log".into());
+        }
+        core.segment_complete_lsn = base;
+        for (lsn, stored) in core.records.range((Excluded(base), Included(Lsn(u64::MAX)))) {
+            core.parked_by_prev.insert(stored.record.prev_segment_lsn, *lsn);
+        }
+        core.advance_segment_complete_lsn();
+        core.highest_durable_lsn = core.records.keys().next_back().copied().unwrap_or(Lsn::ZERO).max(base);
+        core.coalesce_bound = core.min_read_point;
+        core.needs_repair = !scan.corruptions.is_empty();
+        core.position = scan.end;
+        core.next_sequence = scan.last_sequence + 1;
+        let page_ids: Vec<PageId> = core.pages.keys().copied().collect();
+        for page in page_ids {
+            core.collect_page(page);
+            core.consider_for_coalescing(page);
+        }
+        let report = RecoveryReport {
+            records: core.records.len(),
+            page_versions: core.pages.values().map(|chain| chain.versions.len()).sum(),
+            segment_complete_lsn: core.segment_complete_lsn,
+            highest_durable_lsn: core.highest_durable_lsn,
+            truncated_tail_bytes: scan.truncated_tail_bytes,
+            mid_log_corruptions: scan.corruptions.len(),
+        };
+        Ok((core, report))
+    }
+
+    pub fn config(&self) -> &SegmentConfig {
+        &self.config
+    }
+
+    /// The segment's state, as reported to clients.
+    pub fn status(&self, request_id: u64) -> SegmentStatus {
+        SegmentStatus {
+            request_id,
+            pg: self.config.pg,
+            epoch: self.epoch,
+            segment_complete_lsn: self.segment_complete_lsn,
+            highest_durable_lsn: self.highest_durable_lsn,
+            min_read_point: self.min_read_point,
+            needs_repair: self.needs_repair,
+        }
+    }
+
+    pub fn segment_complete_lsn(&self) -> Lsn {
+        self.segment_complete_lsn
+    }
+
+    /// Bytes queued behind the in-flight write.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Records held in memory (durable, not yet garbage-collected).
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Log files that still hold something.
+    pub fn live_files(&self) -> Vec<u64> {
+        self.file_live.keys().copied().collect()
+    }
+
+    fn ack(&self) -> AppendAck {
+        AppendAck {
+            pg: self.config.pg,
+            epoch: self.epoch,
+            segment_complete_lsn: self.segment_complete_lsn,
+            highest_durable_lsn: self.highest_durable_lsn,
+        }
+    }
+
+    fn refusal(&self, code: ErrorCode, message: String) -> ErrorResponse {
+        ErrorResponse { request_id: 0, pg: self.config.pg, code, message }
+    }
+
+    fn check_epoch(&self, epoch: Epoch) -> Result<(), (ErrorCode, String)> {
+        if epoch < self.epoch {
+            Err((ErrorCode::StaleEpoch, format!("request {epoch} is older than segment {}", self.epoch)))
+        } else if epoch > self.epoch {
+            Err((ErrorCode::UnknownEpoch, format!("request {epoch} is newer than segment {}", self.epoch)))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn validate_record(&self, record: &RedoRecord) -> Result<(), String> {
+        if record.pg != self.config.pg {
+            return Err(format!("record {} is for {}, this segment is {}", record.lsn, record.pg, self.config.pg));
+        }
+        if record.page.0 / self.config.pages_per_pg != u64::from(self.config.pg.0) {
+            return Err(format!("record {} writes {} outside {}", record.lsn, record.page, self.config.pg));
+        }
+        if record.encoded.len() + CHECKPOINT_ENTRY_BYTES + 2 * ENTRY_OVERHEAD_GUARD > self.config.write_bytes_max() {
+            return Err(format!(
+                "record {} of {} bytes exceeds this segment's largest log write",
+                record.lsn,
+                record.encoded.len()
+            ));
+        }
+        if record.op.extent_end() > self.config.page_bytes {
+            return Err(format!("record {} writes past a {}-byte page", record.lsn, self.config.page_bytes));
+        }
+        Ok(())
+    }
+
+    /// An append from connection `from`.
+    pub fn append(&mut self, request: AppendRequest, from: ReplyTo) -> Vec<Action> {
+        if let Some(reason) = &self.failed {
+            let error = self.refusal(ErrorCode::DiskFailure, reason.clone());
+            return vec![Action::Refuse { to: from, error }];
+        }
+        if let Err((code, message)) = self.check_epoch(request.epoch) {
+            return vec![Action::Refuse { to: from, error: self.refusal(code, message) }];
+        }
+        if let Some(problem) = request.records.iter().find_map(|record| self.validate_record(record).err()) {
+            return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, problem) }];
+        }
+        let incoming: usize = request.records.iter().map(|record| record.encoded.len()).sum();
+        if self.queued_bytes + incoming > SEGMENT_QUEUED_BYTES_MAX {
+            let message =
+                format!("{} bytes queued; SEGMENT_QUEUED_BYTES_MAX is {SEGMENT_QUEUED_BYTES_MAX}", self.queued_bytes);
+            return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::Busy, message) }];
+        }
+        let mut actions = Vec::new();
+        if request.min_read_point > self.min_read_point {
+            self.min_read_point = request.min_read_point;
+            self.collect_garbage();
+        }
+        self.coalesce_bound = self.coalesce_bound.max(request.volume_durable_lsn);
+        let mut accepted = 0;
+        for record in request.records {
+            let lsn = record.lsn;
+            if lsn <= self.segment_complete_lsn || self.records.contains_key(&lsn) || self.pending_lsns.contains(&lsn) {
+                continue;
+            }
+            if record.prev_segment_lsn < self.segment_complete_lsn {
+                // Another record already follows that backlink in the chain.
+                let message = format!(
+                    "record {lsn} links to {} below SCL {}: the chain already continues differently",
+                    record.prev_segment_lsn, self.segment_complete_lsn
+                );
+                actions.push(Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, message) });
+                continue;
+            }
+            self.pending_lsns.insert(lsn);
+            self.queued_bytes += record.encoded.len();
+            self.queued.push(record);
+            accepted += 1;
+        }
+        if accepted == 0 {
+            // Nothing new: report where we are (the writer may have missed an ack).
+            actions.push(Action::Ack { to: from, ack: self.ack() });
+            return actions;
+        }
+        self.queued_waiters.insert(from);
+        actions.extend(self.start_write());
+        actions
+    }
+
+    /// Background work when the driver has nothing else to do: coalesce,
+    /// clean, and log the results.
+    pub fn background(&mut self) -> Vec<Action> {
+        self.start_write()
+    }
+
+    /// The write `id` is durable.
+    pub fn write_done(&mut self, id: u64) -> Vec<Action> {
+        let in_flight = self.in_flight.take().expect("write_done without a write in flight");
+        assert_eq!(in_flight.id, id, "write completions arrive in order, one at a time");
+        let previous_scl = self.segment_complete_lsn;
+        for record in in_flight.redo {
+            self.pending_lsns.remove(&record.lsn);
+            let lsn = record.lsn;
+            if lsn <= self.segment_complete_lsn || self.records.contains_key(&lsn) {
+                continue;
+            }
+            let prev = record.prev_segment_lsn;
+            let page = record.page;
+            self.insert_durable_record(record, in_flight.file);
+            self.highest_durable_lsn = self.highest_durable_lsn.max(lsn);
+            self.parked_by_prev.insert(prev, lsn);
+            self.consider_for_coalescing(page);
+        }
+        self.advance_segment_complete_lsn();
+        assert!(self.segment_complete_lsn >= previous_scl, "SCL moved backwards");
+        for version in in_flight.versions {
+            self.insert_durable_version(version, in_flight.file);
+        }
+        self.collect_garbage();
+        let mut actions: Vec<Action> =
+            in_flight.waiters.into_iter().map(|to| Action::Ack { to, ack: self.ack() }).collect();
+        actions.extend(in_flight.delete_after.into_iter().map(Action::DeleteFile));
+        actions.extend(self.start_write());
+        actions
+    }
+
+    /// The write `id` failed: the segment stops accepting writes and refuses
+    /// everyone who waited (their records are not durable here).
+    pub fn write_failed(&mut self, id: u64, reason: String) -> Vec<Action> {
+        let in_flight = self.in_flight.take().expect("write_failed without a write in flight");
+        assert_eq!(in_flight.id, id);
+        self.failed = Some(format!("log write failed: {reason}"));
+        let mut waiters = in_flight.waiters;
+        waiters.append(&mut self.queued_waiters);
+        self.queued.clear();
+        self.queued_bytes = 0;
+        self.pending_lsns.clear();
+        waiters
+            .into_iter()
+            .map(|to| Action::Refuse { to, error: self.refusal(ErrorCode::DiskFailure, reason.clone()) })
+            .collect()
+    }
+
+    fn insert_durable_record(&mut self, record: RedoRecord, file: u64) {
+        let lsn = record.lsn;
+        self.pages.entry(record.page).or_default().records.insert(lsn);
+        self.records.insert(lsn, StoredRecord { record, file });
+        *self.file_live.entry(file).or_default() += 1;
+        self.file_records.entry(file).or_default().push(lsn);
+    }
+
+    /// Adds a durable version (or moves a copied-forward one to its new
+    /// file), then lets garbage collection drop whatever it supersedes.
+    fn insert_durable_version(&mut self, version: PageVersion, file: u64) {
+        let page = version.page;
+        let lsn = version.lsn;
+        let chain = self.pages.entry(page).or_default();
+        if let Some(previous) = chain.versions.insert(lsn, StoredVersion { image: version.image, file }) {
+            Self::release(&mut self.file_live, previous.file);
+        }
+        *self.file_live.entry(file).or_default() += 1;
+        self.file_versions.entry(file).or_default().push((page, lsn));
+        if lsn > self.min_read_point {
+            self.gc_waiting.entry(lsn).or_default().push(page);
+        }
+        self.collect_page(page);
+    }
+
+    fn release(file_live: &mut BTreeMap<u64, usize>, file: u64) {
+        let live = file_live.get_mut(&file).expect("released item belongs to a tracked file");
+        *live -= 1;
+    }
+
+    fn advance_segment_complete_lsn(&mut self) {
+        while let Some(next) = self.parked_by_prev.remove(&self.segment_complete_lsn) {
+            self.segment_complete_lsn = next;
+        }
+    }
+
+    fn consider_for_coalescing(&mut self, page: PageId) {
+        if !self.coalesce_queue.contains(&page)
+            && let Some(chain) = self.pages.get(&page)
+            && chain.records_above_newest_version() >= self.config.coalesce_chain_records
+        {
+            self.coalesce_queue.insert(page);
+        }
+    }
+
+    /// Builds `page` as of `read_point`: its newest version at or below the
+    /// read point, plus every record of its chain up to the read point.
+    pub fn read_page(&self, page: PageId, read_point: Lsn, epoch: Epoch) -> Result<(Lsn, Bytes), ReadRefusal> {
+        if let Err((code, message)) = self.check_epoch(epoch) {
+            return Err(ReadRefusal { code, message });
+        }
+        if read_point > self.segment_complete_lsn {
+            return Err(ReadRefusal {
+                code: ErrorCode::ReadPointAboveComplete,
+                message: format!("read point {read_point} is above SCL {}", self.segment_complete_lsn),
+            });
+        }
+        if read_point < self.min_read_point {
+            return Err(ReadRefusal {
+                code: ErrorCode::ReadPointBelowMinimum,
+                message: format!("read point {read_point} is below the minimum read point {}", self.min_read_point),
+            });
+        }
+        if page.0 / self.config.pages_per_pg != u64::from(self.config.pg.0) {
+            return Err(ReadRefusal {
+                code: ErrorCode::InvalidRequest,
+                message: format!("{page} is not in {}", self.config.pg),
+            });
+        }
+        self.materialize(page, read_point).map_err(|message| ReadRefusal { code: ErrorCode::InvalidRequest, message })
+    }
+
+    fn materialize(&self, page: PageId, read_point: Lsn) -> Result<(Lsn, Bytes), String> {
+        let Some(chain) = self.pages.get(&page) else {
+            return Ok((Lsn::ZERO, Bytes::from(vec![0u8; self.config.page_bytes])));
+        };
+        let (base_lsn, mut image) = match chain.versions.range(..=read_point).next_back() {
+            Some((lsn, version)) => (*lsn, version.image.to_vec()),
+            None => (Lsn::ZERO, vec![0u8; self.config.page_bytes]),
+        };
+        let mut applied = base_lsn;
+        for lsn in chain.records.range((Excluded(base_lsn), Included(read_point))) {
+            let record = &self.records[lsn].record;
+            if record.prev_page_lsn != applied {
+                return Err(format!(
+                    "page chain of {page} is broken at {lsn}: it links to {}, the last record applied is {applied}",
+                    record.prev_page_lsn
+                ));
+            }
+            record.op.apply(&mut image).map_err(|error| error.to_string())?;
+            applied = *lsn;
+        }
+        Ok((applied, Bytes::from(image)))
+    }
+
+    /// Drops versions older than the newest one at or below PGMRPL, and the
+    /// records such a version subsumes.
+    fn collect_garbage(&mut self) {
+        let reached: Vec<Lsn> = self.gc_waiting.range(..=self.min_read_point).map(|(lsn, _)| *lsn).collect();
+        for lsn in reached {
+            for page in self.gc_waiting.remove(&lsn).unwrap_or_default() {
+                self.collect_page(page);
+            }
+        }
+    }
+
+    fn collect_page(&mut self, page: PageId) {
+        let Some(chain) = self.pages.get_mut(&page) else { return };
+        let Some(keep) = chain.versions.range(..=self.min_read_point).next_back().map(|(lsn, _)| *lsn) else { return };
+        let older: Vec<Lsn> = chain.versions.range(..keep).map(|(lsn, _)| *lsn).collect();
+        for lsn in older {
+            let version = chain.versions.remove(&lsn).expect("listed above");
+            Self::release(&mut self.file_live, version.file);
+        }
+        let subsumed: Vec<Lsn> = chain.records.range(..=keep).copied().collect();
+        for lsn in subsumed {
+            chain.records.remove(&lsn);
+            let stored = self.records.remove(&lsn).expect("page chain lists only stored records");
+            Self::release(&mut self.file_live, stored.file);
+        }
+    }
+
+    /// Materializes queued pages into new versions, within the write budget.
+    fn plan_coalescing(&mut self, budget: &mut usize) {
+        let bound = self.segment_complete_lsn.min(self.coalesce_bound);
+        let candidates: Vec<PageId> = self.coalesce_queue.iter().copied().collect();
+        for page in candidates {
+            let item = version_item_bytes(self.config.page_bytes);
+            if *budget < item {
+                break;
+            }
+            let chain = &self.pages[&page];
+            let newest = chain.newest_version_lsn();
+            if newest >= bound {
+                continue;
+            }
+            let Some(target) = chain.records.range((Excluded(newest), Included(bound))).next_back().copied() else {
+                continue;
+            };
+            self.coalesce_queue.remove(&page);
+            if self.pending_versions.iter().any(|version| version.page == page) {
+                continue;
+            }
+            let (lsn, image) = self.materialize(page, target).expect("a chain at or below SCL links up");
+            self.pending_versions.push(PageVersion { page, lsn, image });
+            *budget -= item;
+        }
+    }
+
+    /// When the log spans too many files, empties the oldest one.
+    fn plan_cleaning(&mut self, budget: &mut usize) {
+        let Some((&oldest, &live)) = self.file_live.iter().next() else { return };
+        if self.position.file - oldest < self.config.log_files_target || self.checkpoint_due.contains(&oldest) {
+            return;
+        }
+        if live == 0 {
+            self.file_live.remove(&oldest);
+            self.file_records.remove(&oldest);
+            self.file_versions.remove(&oldest);
+            self.checkpoint_due.push(oldest);
+            self.cleaning = None;
+            return;
+        }
+        if self.cleaning == Some(oldest) {
+            // Records still waiting for their versions to pass PGMRPL, or versions in flight.
+            self.requeue_live_versions(oldest, budget);
+            return;
+        }
+        self.cleaning = Some(oldest);
+        for lsn in self.file_records.get(&oldest).cloned().unwrap_or_default() {
+            if let Some(stored) = self.records.get(&lsn) {
+                self.coalesce_queue.insert(stored.record.page);
+            }
+        }
+        self.requeue_live_versions(oldest, budget);
+    }
+
+    fn requeue_live_versions(&mut self, file: u64, budget: &mut usize) {
+        for (page, lsn) in self.file_versions.get(&file).cloned().unwrap_or_default() {
+            let item = version_item_bytes(self.config.page_bytes);
+            if *budget < item {
+                return;
+            }
+            let Some(version) = self.pages.get(&page).and_then(|chain| chain.versions.get(&lsn)) else { continue };
+            if version.file != file || self.pending_versions.iter().any(|pending| pending.page == page) {
+                continue;
+            }
+            self.pending_versions.push(PageVersion { page, lsn, image: version.image.clone() });
+            *budget -= item;
+        }
+    }
+
+    /// Starts the next log write if none is in flight and there is work.
+    fn start_write(&mut self) -> Vec<Action> {
+        if self.in_flight.is_some() || self.failed.is_some() {
+            return Vec::new();
+        }
+        // Redo first: it is what clients wait for.
+        let write_max = self.config.write_bytes_max();
+        let mut room = write_max - CHECKPOINT_ENTRY_BYTES - 2 * ENTRY_OVERHEAD_GUARD;
+        let mut take = 0;
+        for record in &self.queued {
+            if record.encoded.len() > room {
+                break;
+            }
+            room -= record.encoded.len();
+            take += 1;
+        }
+        // Then background work, in what room is left.
+        let mut budget = self.config.coalesce_bytes_per_write.min(room);
+        self.plan_cleaning(&mut budget);
+        self.plan_coalescing(&mut budget);
+        if take == 0 && self.pending_versions.is_empty() && self.checkpoint_due.is_empty() {
+            return Vec::new();
+        }
+        let versions = std::mem::take(&mut self.pending_versions);
+        let versions_bytes = if versions.is_empty() {
+            0
+        } else {
+            ENTRY_HEADER_BYTES + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
+        };
+        let checkpoint_bytes = if self.checkpoint_due.is_empty() { 0 } else { CHECKPOINT_ENTRY_BYTES };
+        let redo: Vec<RedoRecord> = self.queued.drain(..take).collect();
+        let redo_bytes: usize = redo.iter().map(|record| record.encoded.len()).sum();
+        self.queued_bytes -= redo_bytes;
+        let waiters =
+            if self.queued.is_empty() { std::mem::take(&mut self.queued_waiters) } else { self.queued_waiters.clone() };
+
+        let mut bytes = BytesMut::with_capacity(redo_entry_bytes(redo_bytes) + versions_bytes + checkpoint_bytes);
+        if !redo.is_empty() {
+            encode_redo_entry(&mut bytes, self.next_sequence, redo.iter());
+            self.next_sequence += 1;
+        }
+        if !versions.is_empty() {
+            encode_versions_entry(&mut bytes, self.next_sequence, versions.iter());
+            self.next_sequence += 1;
+        }
+        let delete_after = std::mem::take(&mut self.checkpoint_due);
+        if !delete_after.is_empty() {
+            let checkpoint = Checkpoint {
+                pg: self.config.pg,
+                page_bytes: self.config.page_bytes as u32,
+                epoch: self.epoch,
+                segment_complete_lsn: self.segment_complete_lsn,
+                min_read_point: self.min_read_point,
+            };
+            encode_checkpoint_entry(&mut bytes, self.next_sequence, &checkpoint);
+            self.next_sequence += 1;
+        }
+        if self.position.offset + bytes.len() as u64 > self.config.log_file_bytes {
+            self.position = LogPosition { file: self.position.file + 1, offset: 0 };
+        }
+        let position = self.position;
+        self.position.offset += bytes.len() as u64;
+        self.file_live.entry(position.file).or_default();
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        self.in_flight = Some(InFlight {
+            id,
+            file: position.file,
+            redo,
+            versions,
+            waiters,
+            delete_after: delete_after.into_iter().filter(|file| *file != 0).collect(),
+        });
+        vec![Action::Write(LogWrite { id, position, bytes: bytes.freeze() })]
+    }
+}
+
+#[cfg(test)]
+#[path = "segment_tests.rs"]
+mod tests;

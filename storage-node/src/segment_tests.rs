@@ -1,0 +1,410 @@
+//! Segment core tests: group commit, SCL and holes, epochs, recovery from
+//! torn and corrupt logs, cleaning, and a reference-model property test of
+//! page materialization.
+
+use super::*;
+use crate::disk::{LogDisk, MemoryDisk};
+use crate::log_format::scan_log;
+use common::message::AppendRequest;
+use common::redo::{PageOp, RecordFields};
+use proptest::prelude::*;
+
+const PAGE_BYTES: usize = 256;
+const PG: PgId = PgId(0);
+
+fn config() -> SegmentConfig {
+    SegmentConfig {
+        log_file_bytes: 64 * 1024,
+        log_files_target: 3,
+        coalesce_chain_records: 4,
+        coalesce_bytes_per_write: 4 * 1024,
+        ..SegmentConfig::new(PG, PAGE_BYTES, 1 << 20)
+    }
+}
+
+/// Allocates LSNs and backlinks the way the volume writer does, for one PG.
+/// LSNs skip values now and then, as if other PGs took them.
+#[derive(Default)]
+struct RecordMaker {
+    last_lsn: u64,
+    last_segment: Lsn,
+    last_page: HashMap<PageId, Lsn>,
+}
+
+impl RecordMaker {
+    fn make(&mut self, page: u64, offset: u32, data: &[u8], skip: u64) -> RedoRecord {
+        let lsn = Lsn(self.last_lsn + 1 + skip);
+        let page = PageId(page);
+        let record = RecordFields {
+            lsn,
+            prev_volume_lsn: Lsn(lsn.0 - 1),
+            prev_segment_lsn: self.last_segment,
+            prev_page_lsn: self.last_page.get(&page).copied().unwrap_or(Lsn::ZERO),
+            page,
+            pg: PG,
+            consistency_point: true,
+            op: PageOp::Write { offset, data: Bytes::copy_from_slice(data) },
+        }
+        .seal();
+        self.last_lsn = lsn.0;
+        self.last_segment = lsn;
+        self.last_page.insert(page, lsn);
+        record
+    }
+}
+
+/// A segment on a memory disk, driven synchronously.
+struct Harness {
+    core: SegmentCore,
+    disk: MemoryDisk,
+    acks: Vec<(ReplyTo, AppendAck)>,
+    refusals: Vec<(ReplyTo, ErrorResponse)>,
+    writes: Vec<LogWrite>,
+    deleted: Vec<u64>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let (core, actions) = SegmentCore::create(config(), Epoch::INITIAL).unwrap();
+        let mut harness = Harness {
+            core,
+            disk: MemoryDisk::new(),
+            acks: Vec::new(),
+            refusals: Vec::new(),
+            writes: Vec::new(),
+            deleted: Vec::new(),
+        };
+        harness.complete_all(actions);
+        harness
+    }
+
+    fn request(records: Vec<RedoRecord>, vdl: Lsn, min_read_point: Lsn) -> AppendRequest {
+        AppendRequest { pg: PG, epoch: Epoch::INITIAL, volume_durable_lsn: vdl, min_read_point, records }
+    }
+
+    /// Runs actions, completing each write at once, until none are left.
+    fn complete_all(&mut self, actions: Vec<Action>) {
+        let mut pending = actions;
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for action in pending {
+                match action {
+                    Action::Write(write) => {
+                        self.writes.push(write.clone());
+                        let id = write.id;
+                        assert!(self.disk.write_durable(write, Box::new(|_| {})).unwrap().is_ok());
+                        next.extend(self.core.write_done(id));
+                    }
+                    Action::Ack { to, ack } => self.acks.push((to, ack)),
+                    Action::Refuse { to, error } => self.refusals.push((to, error)),
+                    Action::DeleteFile(file) => {
+                        self.disk.delete_file(file).unwrap();
+                        self.deleted.push(file);
+                    }
+                }
+            }
+            pending = next;
+        }
+    }
+
+    fn append(&mut self, records: Vec<RedoRecord>, from: ReplyTo) {
+        let actions = self.core.append(Self::request(records, Lsn::ZERO, Lsn::ZERO), from);
+        self.complete_all(actions);
+    }
+
+    fn restart(&mut self) -> RecoveryReport {
+        let scan = scan_log(&self.disk.read_all().unwrap());
+        let end = scan.end;
+        let (core, report) = SegmentCore::recover(config(), scan).unwrap();
+        if report.truncated_tail_bytes > 0 {
+            self.disk.zero(end, report.truncated_tail_bytes).unwrap();
+        }
+        self.core = core;
+        report
+    }
+
+    fn read(&self, page: u64, read_point: Lsn) -> Result<(Lsn, Bytes), ReadRefusal> {
+        self.core.read_page(PageId(page), read_point, Epoch::INITIAL)
+    }
+}
+
+#[test]
+fn appends_are_acknowledged_only_after_their_write_and_group_committed() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let first = maker.make(1, 0, b"a", 0);
+    let actions = harness.core.append(Harness::request(vec![first], Lsn::ZERO, Lsn::ZERO), 7);
+    assert!(matches!(actions.as_slice(), [Action::Write(_)]), "one write, no ack yet: {actions:?}");
+    let Action::Write(write) = &actions[0] else { unreachable!() };
+    // While it is in flight, two more connections append: they queue.
+    let queued_one = harness.core.append(Harness::request(vec![maker.make(2, 0, b"b", 0)], Lsn::ZERO, Lsn::ZERO), 8);
+    let queued_two = harness.core.append(Harness::request(vec![maker.make(3, 0, b"c", 0)], Lsn::ZERO, Lsn::ZERO), 9);
+    assert!(queued_one.is_empty() && queued_two.is_empty());
+    let after_first = harness.core.write_done(write.id);
+    let acks: Vec<_> = after_first.iter().filter(|action| matches!(action, Action::Ack { .. })).collect();
+    assert_eq!(acks.len(), 1);
+    assert!(matches!(acks[0], Action::Ack { to: 7, ack } if ack.segment_complete_lsn == Lsn(1)));
+    // The two queued appends go out together: one write, one fdatasync.
+    let writes: Vec<_> = after_first.iter().filter(|action| matches!(action, Action::Write(_))).collect();
+    assert_eq!(writes.len(), 1, "group commit");
+    harness.complete_all(after_first);
+    let last: Vec<_> = harness.acks.iter().map(|(to, ack)| (*to, ack.segment_complete_lsn)).collect();
+    assert_eq!(last, vec![(7, Lsn(1)), (8, Lsn(3)), (9, Lsn(3))]);
+}
+
+#[test]
+fn scl_stops_at_a_hole_and_jumps_when_it_is_filled() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let records: Vec<_> = (0..5).map(|index| maker.make(index, 0, b"x", 1)).collect();
+    harness.append(vec![records[0].clone(), records[1].clone(), records[3].clone(), records[4].clone()], 1);
+    let ack = harness.acks.last().unwrap().1;
+    assert_eq!(ack.segment_complete_lsn, records[1].lsn);
+    assert_eq!(ack.highest_durable_lsn, records[4].lsn);
+    assert!(harness.read(3, records[3].lsn).is_err(), "a read above SCL is refused");
+    harness.append(vec![records[2].clone()], 1);
+    assert_eq!(harness.acks.last().unwrap().1.segment_complete_lsn, records[4].lsn);
+}
+
+#[test]
+fn duplicates_are_not_logged_twice_but_still_answered() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let record = maker.make(1, 0, b"once", 0);
+    harness.append(vec![record.clone()], 1);
+    let writes_before = harness.writes.len();
+    harness.append(vec![record.clone()], 2);
+    assert_eq!(harness.writes.len(), writes_before, "no new write for a duplicate");
+    assert_eq!(harness.acks.last().unwrap(), &(2, harness.core.ack()));
+}
+
+#[test]
+fn stale_and_unknown_epochs_are_refused() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    for (epoch, code) in [(Epoch(0), ErrorCode::StaleEpoch), (Epoch(2), ErrorCode::UnknownEpoch)] {
+        let mut request = Harness::request(vec![maker.make(1, 0, b"z", 0)], Lsn::ZERO, Lsn::ZERO);
+        request.epoch = epoch;
+        let actions = harness.core.append(request, 4);
+        assert!(matches!(&actions[..], [Action::Refuse { to: 4, error }] if error.code == code), "{actions:?}");
+        assert_eq!(harness.core.read_page(PageId(1), Lsn::ZERO, epoch).unwrap_err().code, code);
+    }
+}
+
+#[test]
+fn records_outside_the_segment_are_refused() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let mut outside_page = maker.make(1 << 20, 0, b"z", 0).fields();
+    outside_page.page = PageId(1 << 20);
+    let past_end = maker.make(1, PAGE_BYTES as u32 - 1, b"zz", 0);
+    for record in [outside_page.seal(), past_end] {
+        let actions = harness.core.append(Harness::request(vec![record], Lsn::ZERO, Lsn::ZERO), 3);
+        assert!(matches!(&actions[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::InvalidRequest));
+    }
+}
+
+#[test]
+fn restart_rebuilds_state_from_the_log() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    for index in 0..50u64 {
+        harness.append(vec![maker.make(index % 5, (index % 8) as u32 * 8, &index.to_le_bytes(), index % 3)], 1);
+    }
+    let scl = harness.core.segment_complete_lsn();
+    let before: Vec<_> = (0..5).map(|page| harness.read(page, scl).unwrap()).collect();
+    let report = harness.restart();
+    assert_eq!(report.segment_complete_lsn, scl);
+    assert_eq!((report.truncated_tail_bytes, report.mid_log_corruptions), (0, 0));
+    let after: Vec<_> = (0..5).map(|page| harness.read(page, scl).unwrap()).collect();
+    assert_eq!(before, after);
+    // And it keeps taking writes where it left off.
+    harness.append(vec![maker.make(1, 0, b"after", 0)], 1);
+    harness.restart();
+    assert_eq!(harness.read(1, Lsn(maker.last_lsn)).unwrap().1[..5], *b"after");
+}
+
+#[test]
+fn torn_tail_is_truncated_and_only_the_unacknowledged_write_is_lost() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    harness.append(vec![maker.make(1, 0, b"durable", 0)], 1);
+    let acknowledged = harness.core.segment_complete_lsn();
+    let torn_record = maker.make(1, 0, b"in flight when the power went", 0);
+    let actions = harness.core.append(Harness::request(vec![torn_record.clone()], Lsn::ZERO, Lsn::ZERO), 1);
+    let Some(Action::Write(write)) = actions.into_iter().next() else { panic!("expected a write") };
+    harness.disk.crash_during(&write, write.bytes.len() / 2);
+    let report = harness.restart();
+    assert!(report.truncated_tail_bytes > 0);
+    assert_eq!(report.mid_log_corruptions, 0);
+    assert_eq!(report.segment_complete_lsn, acknowledged);
+    assert!(!harness.core.status(0).needs_repair);
+    assert_eq!(&harness.read(1, acknowledged).unwrap().1[..7], b"durable");
+    // The writer resends what was never acknowledged; the zeroed tail takes it
+    // cleanly and a restart finds a clean log.
+    harness.append(vec![torn_record, maker.make(2, 0, b"next", 0)], 1);
+    let report = harness.restart();
+    assert_eq!((report.truncated_tail_bytes, report.mid_log_corruptions), (0, 0));
+    assert_eq!(harness.read(2, Lsn(maker.last_lsn)).unwrap().1[..4], *b"next");
+}
+
+#[test]
+fn corrupt_record_in_the_middle_is_never_served_and_flags_repair() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let mut lsns = Vec::new();
+    for index in 0..6u64 {
+        let record = maker.make(1, 0, &[index as u8 + 1; 16], 0);
+        lsns.push(record.lsn);
+        harness.append(vec![record], 1);
+    }
+    // Flip one payload byte of the record of lsns[2] on disk.
+    let write = harness.writes.iter().find(|write| write.bytes.windows(16).any(|window| window == [3u8; 16])).unwrap();
+    let offset = write.bytes.windows(16).position(|window| window == [3u8; 16]).unwrap();
+    harness.disk.corrupt(write.position.file, write.position.offset as usize + offset, 0x80);
+    let report = harness.restart();
+    assert_eq!(report.mid_log_corruptions, 1);
+    assert!(harness.core.status(0).needs_repair);
+    assert_eq!(report.segment_complete_lsn, lsns[1], "SCL stops right below the corrupt record");
+    assert_eq!(report.highest_durable_lsn, lsns[5], "records after the hole are kept, not dropped");
+    assert_eq!(harness.read(1, lsns[1]).unwrap().1[..16], [2u8; 16]);
+    for lsn in &lsns[2..] {
+        let refusal = harness.read(1, *lsn).unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::ReadPointAboveComplete);
+    }
+    // Once a peer supplies the missing record again, the chain is whole.
+    let (missing, _) = RedoRecord::decode(&maker_replay(&lsns, 2), 0).unwrap();
+    harness.append(vec![missing], 1);
+    assert_eq!(harness.core.segment_complete_lsn(), lsns[5]);
+    assert_eq!(harness.read(1, lsns[5]).unwrap().1[..16], [6u8; 16]);
+}
+
+/// Re-creates the encoded record number `index` of the corrupt-record test.
+fn maker_replay(lsns: &[Lsn], index: usize) -> Bytes {
+    let mut maker = RecordMaker::default();
+    let mut record = None;
+    for step in 0..=index {
+        record = Some(maker.make(1, 0, &[step as u8 + 1; 16], 0));
+    }
+    let record = record.unwrap();
+    assert_eq!(record.lsn, lsns[index]);
+    record.encoded
+}
+
+#[test]
+fn coalescing_gc_and_cleaning_bound_memory_and_files_without_changing_pages() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for index in 0..3000u64 {
+        let page = index % 7;
+        let data = index.to_le_bytes();
+        let offset = ((index * 13) % (PAGE_BYTES as u64 - 8)) as u32;
+        let record = maker.make(page, offset, &data, 0);
+        let image = model.entry(page).or_insert_with(|| vec![0u8; PAGE_BYTES]);
+        image[offset as usize..offset as usize + 8].copy_from_slice(&data);
+        let durable = harness.core.segment_complete_lsn();
+        let actions = harness.core.append(Harness::request(vec![record], durable, durable), 1);
+        harness.complete_all(actions);
+    }
+    for _ in 0..50 {
+        let durable = harness.core.segment_complete_lsn();
+        let actions = harness.core.append(Harness::request(Vec::new(), durable, durable), 1);
+        harness.complete_all(actions);
+        let actions = harness.core.background();
+        harness.complete_all(actions);
+    }
+    let scl = harness.core.segment_complete_lsn();
+    assert!(harness.core.record_count() < 200, "records were collected: {}", harness.core.record_count());
+    assert!(!harness.deleted.is_empty(), "old log files were cleaned");
+    assert!(harness.core.live_files().len() <= 4, "live files: {:?}", harness.core.live_files());
+    for (page, image) in &model {
+        assert_eq!(&harness.read(*page, scl).unwrap().1[..], &image[..], "page {page}");
+    }
+    harness.restart();
+    for (page, image) in &model {
+        assert_eq!(&harness.read(*page, scl).unwrap().1[..], &image[..], "page {page} after restart");
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write {
+        page: u64,
+        offset: u32,
+        data: Vec<u8>,
+        skip: u64,
+    },
+    /// Advance the writer's VDL and PGMRPL to the segment's SCL (lets coalesce and GC run).
+    Advance,
+    Background,
+    Restart,
+    Read {
+        page: u64,
+        back: u64,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0u64..6, 0u32..(PAGE_BYTES as u32 - 8), proptest::collection::vec(any::<u8>(), 1..8), 0u64..3)
+            .prop_map(|(page, offset, data, skip)| Step::Write { page, offset, data, skip }),
+        1 => Just(Step::Advance),
+        1 => Just(Step::Background),
+        1 => Just(Step::Restart),
+        2 => (0u64..6, 0u64..20).prop_map(|(page, back)| Step::Read { page, back }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// A page read at read point R equals applying, in LSN order, every
+    /// record at or below R to a zero page — through coalescing, garbage
+    /// collection, cleaning and restarts.
+    #[test]
+    fn page_reads_match_a_reference_model(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut harness = Harness::new();
+        let mut maker = RecordMaker::default();
+        // The reference: every record ever written, by LSN.
+        let mut log: BTreeMap<Lsn, (u64, u32, Vec<u8>)> = BTreeMap::new();
+        let mut min_read_point = Lsn::ZERO;
+        for step in steps {
+            match step {
+                Step::Write { page, offset, data, skip } => {
+                    let record = maker.make(page, offset, &data, skip);
+                    log.insert(record.lsn, (page, offset, data));
+                    let actions = harness.core.append(Harness::request(vec![record], min_read_point, min_read_point), 1);
+                    harness.complete_all(actions);
+                }
+                Step::Advance => {
+                    min_read_point = harness.core.segment_complete_lsn();
+                    let actions = harness.core.append(Harness::request(Vec::new(), min_read_point, min_read_point), 1);
+                    harness.complete_all(actions);
+                }
+                Step::Background => {
+                    let actions = harness.core.background();
+                    harness.complete_all(actions);
+                }
+                Step::Restart => {
+                    harness.restart();
+                }
+                Step::Read { page, back } => {
+                    let scl = harness.core.segment_complete_lsn();
+                    let read_point = Lsn(scl.0.saturating_sub(back).max(min_read_point.0));
+                    let mut expected = vec![0u8; PAGE_BYTES];
+                    let mut expected_lsn = Lsn::ZERO;
+                    for (lsn, (record_page, offset, data)) in log.range(..=read_point) {
+                        if *record_page == page {
+                            expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                            expected_lsn = *lsn;
+                        }
+                    }
+                    let (page_lsn, image) = harness.read(page, read_point).unwrap();
+                    prop_assert_eq!(&image[..], &expected[..]);
+                    prop_assert_eq!(page_lsn, expected_lsn);
+                }
+            }
+        }
+    }
+}
