@@ -1,0 +1,470 @@
+//! The tokio driver of the volume writer.
+//!
+//! Tasks, all bounded by the client's lifetime (aborted on close or drop):
+//! - one **connection task per node**: connects (with backoff), asks each
+//!   hosted segment for its status, then feeds acknowledgements and replies
+//!   into the [`WriterCore`] under one mutex. Commit waiters are tokio
+//!   oneshots completed from here: no thread blocks per commit.
+//! - one **flusher**: woken by new records, it takes everything queued and
+//!   sends it, so concurrent commits share frames (group commit on the wire).
+//! - one **ticker**: lets the core retransmit to segments that went silent.
+//!
+//! Page reads go to the best segment complete at the read point; if no
+//! answer comes within the hedging delay, the same read goes to a second
+//! segment and the first answer wins.
+
+use bytes::Bytes;
+use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
+use common::limits::LSN_ALLOCATION_LIMIT_DEFAULT;
+use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
+use common::transport::{Connection, FrameSender, Transport};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::geometry::{READ_QUORUM, VolumeGeometry};
+use super::writer::{AllocationError, LogPoints, PageChange, SegmentView, WriterCore};
+
+/// How often the ticker runs.
+const TICK_INTERVAL: Duration = Duration::from_millis(20);
+/// First and longest wait between reconnection attempts.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// How a volume client is set up.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    pub geometry: VolumeGeometry,
+    pub lsn_allocation_limit: u64,
+    /// A read unanswered for max(this, 4 x the fastest node's mean) is hedged.
+    pub hedge_after_min: Duration,
+    /// A read unanswered for this long fails.
+    pub read_timeout: Duration,
+    /// `open` fails if a read quorum of some PG does not answer within this.
+    pub open_timeout: Duration,
+}
+
+impl VolumeConfig {
+    pub fn new(geometry: VolumeGeometry) -> Self {
+        VolumeConfig {
+            geometry,
+            lsn_allocation_limit: LSN_ALLOCATION_LIMIT_DEFAULT,
+            hedge_after_min: Duration::from_millis(2),
+            read_timeout: Duration::from_secs(5),
+            open_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a volume operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Allocation(#[from] AllocationError),
+    #[error("the volume client is closed")]
+    Closed,
+    #[error("{pg}: only {reachable} segments answered within {waited:?}; a read quorum is {READ_QUORUM}")]
+    NoReadQuorum { pg: PgId, reachable: usize, waited: Duration },
+    #[error(
+        "{pg} already holds records (SCL {complete}); reopening a written volume needs crash recovery, which this version does not do"
+    )]
+    VolumeNotEmpty { pg: PgId, complete: Lsn },
+    #[error("no connected segment of {pg} is known complete at read point {read_point}")]
+    NoCompleteSegment { pg: PgId, read_point: Lsn },
+    #[error("reading {page} at {read_point}: {reason}")]
+    ReadFailed { page: PageId, read_point: Lsn, reason: String },
+}
+
+/// A page as of a read point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRead {
+    pub read_point: Lsn,
+    /// LSN of the last change applied to the image (0 = never written).
+    pub page_lsn: Lsn,
+    pub image: Bytes,
+    /// The node that answered first.
+    pub served_by: NodeId,
+    pub hedged: bool,
+}
+
+type ReadReply = (NodeId, Result<(Lsn, Bytes), (ErrorCode, String)>);
+
+#[derive(Debug)]
+struct Shared {
+    core: Mutex<WriterCore<oneshot::Sender<()>>>,
+    start: Instant,
+    config: VolumeConfig,
+    senders: Mutex<HashMap<NodeId, FrameSender>>,
+    /// Read request id -> where its answer goes.
+    reads: Mutex<HashMap<u64, mpsc::Sender<ReadReply>>>,
+    next_request: AtomicU64,
+    flush_needed: Notify,
+    /// Signalled when VDL moves: allocations blocked on the limit retry.
+    durable_advanced: Notify,
+    /// Status answers during `open`: (pg, replica) -> SCL.
+    opening: Mutex<BTreeMap<(PgId, ReplicaIndex), Lsn>>,
+    status_arrived: Notify,
+}
+
+impl Shared {
+    fn now_micros(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn complete(&self, woken: Vec<oneshot::Sender<()>>, volume_durable_advanced: bool) {
+        for waiter in woken {
+            let _ = waiter.send(());
+        }
+        if volume_durable_advanced {
+            self.durable_advanced.notify_waiters();
+        }
+    }
+}
+
+/// A connected writer for one volume. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct VolumeClient {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl VolumeClient {
+    /// Connects to every node of the volume and checks that each PG is
+    /// reachable at a read quorum and still empty.
+    pub async fn open(config: VolumeConfig, transport: Arc<dyn Transport>) -> Result<VolumeClient, VolumeError> {
+        let core = WriterCore::new(config.geometry.clone(), Epoch::INITIAL, config.lsn_allocation_limit);
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            start: Instant::now(),
+            senders: Mutex::new(HashMap::new()),
+            reads: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            flush_needed: Notify::new(),
+            durable_advanced: Notify::new(),
+            opening: Mutex::new(BTreeMap::new()),
+            status_arrived: Notify::new(),
+            config,
+        });
+        let mut tasks = Vec::new();
+        for (node, address) in shared.config.geometry.nodes() {
+            let (shared, transport) = (shared.clone(), transport.clone());
+            tasks.push(tokio::spawn(async move { run_node_link(shared, transport, node, address).await }));
+        }
+        let flusher = shared.clone();
+        tasks.push(tokio::spawn(async move { run_flusher(flusher).await }));
+        let ticker = shared.clone();
+        tasks.push(tokio::spawn(async move { run_ticker(ticker).await }));
+        let client = VolumeClient { shared, tasks };
+        client.await_read_quorums().await?;
+        info!(pgs = client.shared.config.geometry.pg_count(), "volume open");
+        Ok(client)
+    }
+
+    async fn await_read_quorums(&self) -> Result<(), VolumeError> {
+        let deadline = Instant::now() + self.shared.config.open_timeout;
+        let pg_count = self.shared.config.geometry.pg_count();
+        loop {
+            let arrived = self.shared.status_arrived.notified();
+            let short = {
+                let opening = self.shared.opening.lock();
+                if let Some((&(pg, _), &complete)) = opening.iter().find(|(_, complete)| **complete > Lsn::ZERO) {
+                    return Err(VolumeError::VolumeNotEmpty { pg, complete });
+                }
+                (0..pg_count)
+                    .map(|pg| {
+                        (PgId(pg), opening.range((PgId(pg), ReplicaIndex(0))..=(PgId(pg), ReplicaIndex(5))).count())
+                    })
+                    .find(|(_, answered)| *answered < READ_QUORUM)
+            };
+            let Some((pg, reachable)) = short else { return Ok(()) };
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(VolumeError::NoReadQuorum { pg, reachable, waited: self.shared.config.open_timeout });
+            }
+        }
+    }
+
+    pub fn geometry(&self) -> &VolumeGeometry {
+        &self.shared.config.geometry
+    }
+
+    pub fn points(&self) -> LogPoints {
+        self.shared.core.lock().points()
+    }
+
+    pub fn segments(&self) -> Vec<SegmentView> {
+        self.shared.core.lock().segments()
+    }
+
+    pub fn retained_bytes(&self) -> usize {
+        self.shared.core.lock().retained_bytes()
+    }
+
+    /// Logs a mini-transaction (its last record is the CPL) and returns the
+    /// CPL's LSN without waiting for durability. Waits while the LSN
+    /// allocation limit is reached.
+    pub async fn write(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
+        loop {
+            let advanced = self.shared.durable_advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            match self.shared.core.lock().allocate(changes) {
+                Ok(lsn) => {
+                    self.shared.flush_needed.notify_one();
+                    return Ok(lsn);
+                }
+                Err(AllocationError::LimitReached { .. }) => {}
+                Err(other) => return Err(other.into()),
+            }
+            advanced.await;
+        }
+    }
+
+    /// Waits until VDL reaches `lsn`.
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
+        let (sender, receiver) = oneshot::channel();
+        if self.shared.core.lock().wait_durable(lsn, sender).is_some() {
+            return Ok(());
+        }
+        receiver.await.map_err(|_| VolumeError::Closed)
+    }
+
+    /// Logs a mini-transaction and waits until it is durable (VDL >= its CPL).
+    pub async fn commit(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
+        let lsn = self.write(changes).await?;
+        self.wait_durable(lsn).await?;
+        Ok(lsn)
+    }
+
+    /// Reads `page` as of the current VDL.
+    pub async fn read_page(&self, page: PageId) -> Result<PageRead, VolumeError> {
+        let read_point = self.shared.core.lock().begin_read();
+        let result = self.read_page_at(page, read_point).await;
+        self.shared.core.lock().end_read(read_point);
+        result
+    }
+
+    /// Reads `page` as of `read_point`, which must be at or above MRPL.
+    pub async fn read_page_at(&self, page: PageId, read_point: Lsn) -> Result<PageRead, VolumeError> {
+        let shared = &self.shared;
+        let failed = |reason: String| VolumeError::ReadFailed { page, read_point, reason };
+        let pg = shared.config.geometry.pg_of(page).ok_or_else(|| failed("past the end of the volume".into()))?;
+        let (targets, hedge_after) = {
+            let mut core = shared.core.lock();
+            let fastest = core.fastest_read_latency().map(|micros| Duration::from_micros(4 * micros));
+            (core.read_targets(pg, read_point), fastest.unwrap_or_default().max(shared.config.hedge_after_min))
+        };
+        if targets.is_empty() {
+            return Err(VolumeError::NoCompleteSegment { pg, read_point });
+        }
+        let (reply_to, mut replies) = mpsc::channel(targets.len());
+        let mut request_ids = Vec::new();
+        let mut sent_at = HashMap::new();
+        let mut remaining = targets.into_iter();
+        let mut last_error = String::from("no segment answered");
+        let deadline = Instant::now() + shared.config.read_timeout;
+        // One read at a time, two once the first is slower than the hedging delay.
+        let mut wanted = 1;
+        let mut outstanding = 0;
+        let result = loop {
+            if outstanding < wanted
+                && let Some((_, node)) = remaining.next()
+            {
+                let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+                shared.reads.lock().insert(request_id, reply_to.clone());
+                request_ids.push(request_id);
+                let request = ReadPageRequest { request_id, pg, epoch: shared.core.lock().epoch(), page, read_point };
+                if send_to(shared, node, Message::ReadPage(request).encode()) {
+                    outstanding += 1;
+                    sent_at.insert(node, Instant::now());
+                } else {
+                    last_error = format!("{node} is not connected");
+                }
+                continue;
+            }
+            if outstanding == 0 {
+                break Err(failed(last_error));
+            }
+            let hedge_due = wanted == 1 && remaining.len() > 0;
+            let wait_until = if hedge_due { deadline.min(Instant::now() + hedge_after) } else { deadline };
+            match tokio::time::timeout_at(wait_until, replies.recv()).await {
+                Ok(Some((node, Ok((page_lsn, image))))) => {
+                    if let Some(sent) = sent_at.get(&node) {
+                        shared.core.lock().read_latency_sample(node, sent.elapsed().as_micros() as u64);
+                    }
+                    break Ok(PageRead { read_point, page_lsn, image, served_by: node, hedged: wanted > 1 });
+                }
+                Ok(Some((node, Err((code, message))))) => {
+                    debug!(%node, ?code, message, "read refused; trying another segment");
+                    last_error = format!("{node}: {code:?}: {message}");
+                    outstanding -= 1;
+                }
+                Ok(None) => break Err(VolumeError::Closed),
+                Err(_) if Instant::now() >= deadline => {
+                    break Err(failed(format!("no answer within {:?}", shared.config.read_timeout)));
+                }
+                Err(_) => wanted = 2,
+            }
+        };
+        let mut reads = shared.reads.lock();
+        for request_id in request_ids {
+            reads.remove(&request_id);
+        }
+        result
+    }
+
+    /// Stops every task. Outstanding waiters fail with [`VolumeError::Closed`].
+    pub fn close(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.shared.senders.lock().clear();
+    }
+}
+
+impl Drop for VolumeClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Queues a frame for a node; false if it is not connected or its queue is full.
+fn send_to(shared: &Shared, node: NodeId, frame: Bytes) -> bool {
+    let sender = shared.senders.lock().get(&node).cloned();
+    sender.is_some_and(|sender| sender.try_send(frame).is_ok())
+}
+
+async fn run_flusher(shared: Arc<Shared>) {
+    loop {
+        shared.flush_needed.notified().await;
+        let outgoing = shared.core.lock().flush(shared.now_micros());
+        for out in outgoing {
+            if !send_to(&shared, out.node, out.frame) {
+                // The link resends from SCL once it reconnects or drains.
+                let mut core = shared.core.lock();
+                for (pg, replica) in shared.config.geometry.segments_on(out.node) {
+                    core.resend_from_complete(pg, replica);
+                }
+            }
+        }
+    }
+}
+
+async fn run_ticker(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(TICK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if shared.core.lock().tick(shared.now_micros()) {
+            shared.flush_needed.notify_one();
+        }
+    }
+}
+
+/// Keeps one node connected for the client's whole life.
+async fn run_node_link(shared: Arc<Shared>, transport: Arc<dyn Transport>, node: NodeId, address: String) {
+    let hosted = shared.config.geometry.segments_on(node);
+    let replica_of: HashMap<PgId, ReplicaIndex> = hosted.iter().copied().collect();
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    loop {
+        match transport.connect(address.clone()).await {
+            Ok(connection) => {
+                backoff = RECONNECT_BACKOFF_MIN;
+                debug!(%node, %address, "connected");
+                serve_node_connection(&shared, node, &replica_of, connection).await;
+                let mut core = shared.core.lock();
+                for (pg, replica) in &hosted {
+                    core.segment_disconnected(*pg, *replica);
+                }
+                drop(core);
+                shared.senders.lock().remove(&node);
+                warn!(%node, %address, "connection to storage node lost; reconnecting");
+            }
+            Err(error) => debug!(%node, %address, %error, "connect failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
+async fn serve_node_connection(
+    shared: &Shared,
+    node: NodeId,
+    replica_of: &HashMap<PgId, ReplicaIndex>,
+    mut connection: Connection,
+) {
+    shared.senders.lock().insert(node, connection.sender.clone());
+    for pg in replica_of.keys() {
+        let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let request = Message::StatusRequest(StatusRequest { request_id, pg: *pg });
+        if connection.sender.try_send(request.encode()).is_err() {
+            return;
+        }
+    }
+    while let Some(frame) = connection.receiver.recv().await {
+        let decoded = frame
+            .map_err(|error| error.to_string())
+            .and_then(|frame| Message::decode(&frame).map_err(|error| error.to_string()));
+        let message = match decoded {
+            Ok(message) => message,
+            Err(reason) => {
+                warn!(%node, reason, "closing connection to storage node: bad frame");
+                return;
+            }
+        };
+        handle_node_message(shared, node, replica_of, message);
+    }
+}
+
+fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId, ReplicaIndex>, message: Message) {
+    let now = shared.now_micros();
+    match message {
+        Message::AppendAck(ack) => {
+            let Some(&replica) = replica_of.get(&ack.pg) else { return };
+            let mut core = shared.core.lock();
+            let before = core.points().volume_durable;
+            let woken = core.acknowledged(ack.pg, replica, ack.segment_complete_lsn, now);
+            let advanced = core.points().volume_durable > before;
+            drop(core);
+            shared.complete(woken, advanced);
+        }
+        Message::Status(status) => {
+            let Some(&replica) = replica_of.get(&status.pg) else { return };
+            if status.needs_repair {
+                warn!(%node, pg = %status.pg, "segment reports corruption and needs repair");
+            }
+            shared.opening.lock().insert((status.pg, replica), status.segment_complete_lsn);
+            shared.status_arrived.notify_waiters();
+            let mut core = shared.core.lock();
+            let before = core.points().volume_durable;
+            let woken = core.segment_connected(status.pg, replica, status.segment_complete_lsn, now);
+            let advanced = core.points().volume_durable > before;
+            drop(core);
+            shared.complete(woken, advanced);
+            shared.flush_needed.notify_one();
+        }
+        Message::PageImage(image) => {
+            if let Some(reply) = shared.reads.lock().get(&image.request_id) {
+                let _ = reply.try_send((node, Ok((image.page_lsn, image.image))));
+            }
+        }
+        Message::Error(error) if error.request_id != 0 => {
+            if let Some(reply) = shared.reads.lock().get(&error.request_id) {
+                let _ = reply.try_send((node, Err((error.code, error.message))));
+            }
+        }
+        Message::Error(error) => {
+            warn!(%node, pg = %error.pg, code = ?error.code, message = error.message, "append refused");
+            if let Some(&replica) = replica_of.get(&error.pg) {
+                shared.core.lock().resend_from_complete(error.pg, replica);
+            }
+        }
+        other => warn!(%node, ?other, "unexpected message from a storage node"),
+    }
+}

@@ -1,0 +1,6 @@
+//! The volume writer and reader.
+
+pub mod client;
+pub mod geometry;
+pub mod quorum;
+pub mod writer;

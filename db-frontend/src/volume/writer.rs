@@ -1,0 +1,722 @@
+//! The volume writer as a pure state machine: everything the log owner
+//! decides, with no I/O and no clock (time comes in as microseconds).
+//!
+//! - **LSN allocation** (A17 §4.1): LSNs are handed out in order, never above
+//!   `VDL + allocation limit`; [`WriterCore::allocate`] refuses past it and
+//!   the driver waits for VDL to move.
+//! - **Backlinks**: every record links to the previous record of the volume,
+//!   of its PG (the segment chain) and of its page.
+//! - **Shipping**: new records of a PG are encoded once and sent as one
+//!   append frame, shared by all six segments. Records stay *retained* until
+//!   every segment's SCL covers them, so a segment that missed a frame (drop,
+//!   full queue, restart) gets them again from its SCL on, without help.
+//! - **Quorum**: acknowledgements feed the [`QuorumTracker`]; commit waiters
+//!   complete when VDL reaches their LSN.
+//! - **Reads**: a page read goes to a segment whose acknowledged SCL is at
+//!   or above the read point (no quorum read), preferring the fastest; the
+//!   minimum read point (MRPL) that lets segments garbage-collect is the
+//!   lowest active read point, or VDL when none is active.
+
+use bytes::{Bytes, BytesMut};
+use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
+use common::limits::{
+    FRAME_PAYLOAD_BYTES_MAX, RECORD_BODY_BYTES_MAX, RECORDS_PER_APPEND_MAX, WRITER_RETAINED_BYTES_MAX,
+};
+use common::message::{APPEND_HEADER_BYTES, encode_append_frame};
+use common::redo::{PageOp, RecordFields};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::geometry::{SEGMENTS_PER_PG, VolumeGeometry};
+use super::quorum::QuorumTracker;
+
+/// Bytes of records packed into one append frame at most. Smaller than the
+/// frame limit so that one frame never monopolizes a connection.
+pub const APPEND_FRAME_BYTES_TARGET: usize = 1024 * 1024;
+
+/// A segment that has not acknowledged anything new for this long, while
+/// records it was sent are outstanding, is sent them again.
+pub const RETRANSMIT_AFTER_MICROS: u64 = 200_000;
+
+/// Weight of a new sample in a node's read-latency average (1/8, as TCP's SRTT).
+const LATENCY_EWMA_SHIFT: u32 = 3;
+
+/// One page change of a mini-transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageChange {
+    pub page: PageId,
+    pub op: PageOp,
+}
+
+/// Why a mini-transaction was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocationError {
+    #[error("a mini-transaction needs at least one change")]
+    Empty,
+    #[error("{page} is outside the volume ({pages} pages)")]
+    PageOutOfRange { page: PageId, pages: u64 },
+    #[error("change to {page} writes up to byte {end} of a {page_bytes}-byte page")]
+    OutsidePage { page: PageId, end: usize, page_bytes: usize },
+    #[error("change to {page} has a {bytes}-byte body; RECORD_BODY_BYTES_MAX is {RECORD_BODY_BYTES_MAX}")]
+    RecordTooLarge { page: PageId, bytes: usize },
+    #[error("a mini-transaction of {records} records exceeds the LSN allocation limit of {limit}")]
+    LargerThanLimit { records: u64, limit: u64 },
+    /// Retry once VDL moves (the driver waits for it).
+    #[error("LSN allocation limit reached: VDL {durable} + limit {limit}")]
+    LimitReached { durable: Lsn, limit: u64 },
+}
+
+/// The writer's view of one segment.
+#[derive(Clone, Copy, Debug, Default)]
+struct SegmentLink {
+    connected: bool,
+    /// Highest SCL this segment acknowledged.
+    complete: Lsn,
+    /// Highest LSN sent to it on the current connection.
+    sent_up_to: Lsn,
+    /// When records beyond `complete` were first outstanding without progress.
+    waiting_since: Option<u64>,
+    /// Records it still needed were dropped from retention: it needs repair.
+    fell_behind: bool,
+}
+
+#[derive(Debug, Default)]
+struct PgLog {
+    /// Encoded records not yet sent, in LSN order.
+    unsent: Vec<(Lsn, Bytes)>,
+    /// Sent records not yet acknowledged by all six segments, in LSN order.
+    retained: VecDeque<(Lsn, Bytes)>,
+    last_lsn: Lsn,
+    links: [SegmentLink; SEGMENTS_PER_PG],
+}
+
+/// A frame to send to a node.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub node: NodeId,
+    pub frame: Bytes,
+}
+
+/// The points on the log, as the writer knows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogPoints {
+    pub highest_allocated: Lsn,
+    pub volume_complete: Lsn,
+    pub volume_durable: Lsn,
+    pub min_read_point: Lsn,
+}
+
+/// What one segment looks like from the writer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentView {
+    pub pg: PgId,
+    pub replica: ReplicaIndex,
+    pub node: NodeId,
+    pub connected: bool,
+    pub complete: Lsn,
+    pub fell_behind: bool,
+}
+
+/// The log owner. `W` is whatever the driver uses to wake a commit waiter.
+#[derive(Debug)]
+pub struct WriterCore<W> {
+    geometry: VolumeGeometry,
+    epoch: Epoch,
+    allocation_limit: u64,
+    tracker: QuorumTracker,
+    pgs: Vec<PgLog>,
+    page_last_lsn: HashMap<PageId, Lsn>,
+    encode_buffer: BytesMut,
+    retained_bytes: usize,
+    commit_waiters: BTreeMap<Lsn, Vec<W>>,
+    /// Active read points and how many readers hold each.
+    read_points: BTreeMap<Lsn, usize>,
+    /// Mean read latency per node, in microseconds (unknown = 0, tried first).
+    read_latency: HashMap<NodeId, u64>,
+    next_read_choice: usize,
+}
+
+impl<W> WriterCore<W> {
+    /// A writer for a volume whose log is empty.
+    pub fn new(geometry: VolumeGeometry, epoch: Epoch, allocation_limit: u64) -> Self {
+        assert!(allocation_limit > 0, "the LSN allocation limit must be positive");
+        let pgs = (0..geometry.pg_count()).map(|_| PgLog::default()).collect();
+        WriterCore {
+            tracker: QuorumTracker::new(geometry.pg_count(), Lsn::ZERO),
+            geometry,
+            epoch,
+            allocation_limit,
+            pgs,
+            page_last_lsn: HashMap::new(),
+            encode_buffer: BytesMut::new(),
+            retained_bytes: 0,
+            commit_waiters: BTreeMap::new(),
+            read_points: BTreeMap::new(),
+            read_latency: HashMap::new(),
+            next_read_choice: 0,
+        }
+    }
+
+    pub fn geometry(&self) -> &VolumeGeometry {
+        &self.geometry
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    pub fn points(&self) -> LogPoints {
+        LogPoints {
+            highest_allocated: self.tracker.highest_allocated(),
+            volume_complete: self.tracker.volume_complete_lsn(),
+            volume_durable: self.tracker.volume_durable_lsn(),
+            min_read_point: self.min_read_point(),
+        }
+    }
+
+    pub fn pg_complete_lsn(&self, pg: PgId) -> Lsn {
+        self.tracker.pg_complete_lsn(pg)
+    }
+
+    /// Bytes of records kept for retransmission.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes
+    }
+
+    /// Every segment as the writer sees it.
+    pub fn segments(&self) -> Vec<SegmentView> {
+        let mut views = Vec::new();
+        for (pg, log) in self.pgs.iter().enumerate() {
+            for (replica, link) in log.links.iter().enumerate() {
+                let (pg, replica) = (PgId(pg as u32), ReplicaIndex(replica as u8));
+                views.push(SegmentView {
+                    pg,
+                    replica,
+                    node: self.geometry.segment(pg, replica).node,
+                    connected: link.connected,
+                    complete: link.complete,
+                    fell_behind: link.fell_behind,
+                });
+            }
+        }
+        views
+    }
+
+    /// Allocates LSNs for a mini-transaction, links and encodes its records,
+    /// and queues them for sending. The last record is the consistency point;
+    /// its LSN is returned (commit when VDL reaches it).
+    pub fn allocate(&mut self, changes: &[PageChange]) -> Result<Lsn, AllocationError> {
+        if changes.is_empty() {
+            return Err(AllocationError::Empty);
+        }
+        let mut pgs = Vec::with_capacity(changes.len());
+        for change in changes {
+            pgs.push(self.validate(change)?);
+        }
+        let records = changes.len() as u64;
+        if records > self.allocation_limit {
+            return Err(AllocationError::LargerThanLimit { records, limit: self.allocation_limit });
+        }
+        let durable = self.tracker.volume_durable_lsn();
+        let last = self.tracker.highest_allocated().0 + records;
+        if last > durable.0 + self.allocation_limit {
+            return Err(AllocationError::LimitReached { durable, limit: self.allocation_limit });
+        }
+        for (index, (change, pg)) in changes.iter().zip(pgs).enumerate() {
+            let lsn = self.tracker.highest_allocated().next();
+            let consistency_point = index + 1 == changes.len();
+            let log = &mut self.pgs[pg.0 as usize];
+            let fields = RecordFields {
+                lsn,
+                prev_volume_lsn: self.tracker.highest_allocated(),
+                prev_segment_lsn: log.last_lsn,
+                prev_page_lsn: self.page_last_lsn.insert(change.page, lsn).unwrap_or(Lsn::ZERO),
+                page: change.page,
+                pg,
+                consistency_point,
+                op: change.op.clone(),
+            };
+            fields.encode_into(&mut self.encode_buffer);
+            let encoded = self.encode_buffer.split().freeze();
+            log.last_lsn = lsn;
+            log.unsent.push((lsn, encoded));
+            self.tracker.record_allocated(lsn, pg, consistency_point);
+        }
+        Ok(Lsn(last))
+    }
+
+    fn validate(&self, change: &PageChange) -> Result<PgId, AllocationError> {
+        let page = change.page;
+        let pg = self
+            .geometry
+            .pg_of(page)
+            .ok_or(AllocationError::PageOutOfRange { page, pages: self.geometry.page_count() })?;
+        let end = change.op.extent_end();
+        if end > self.geometry.page_bytes {
+            return Err(AllocationError::OutsidePage { page, end, page_bytes: self.geometry.page_bytes });
+        }
+        if let PageOp::Write { data, .. } = &change.op
+            && data.len() + 4 > RECORD_BODY_BYTES_MAX
+        {
+            return Err(AllocationError::RecordTooLarge { page, bytes: data.len() + 4 });
+        }
+        Ok(pg)
+    }
+
+    /// Registers a commit waiter. Returns it back if `lsn` is already durable.
+    pub fn wait_durable(&mut self, lsn: Lsn, waiter: W) -> Option<W> {
+        if lsn <= self.tracker.volume_durable_lsn() {
+            return Some(waiter);
+        }
+        self.commit_waiters.entry(lsn).or_default().push(waiter);
+        None
+    }
+
+    /// Whether any PG has records waiting to be sent, or a segment waits
+    /// for a retransmission.
+    pub fn has_work(&self) -> bool {
+        self.pgs.iter().any(|log| {
+            !log.unsent.is_empty()
+                || log
+                    .links
+                    .iter()
+                    .any(|link| link.connected && log.retained.back().is_some_and(|(last, _)| link.sent_up_to < *last))
+        })
+    }
+
+    /// Moves unsent records to retention and returns the frames that bring
+    /// every connected segment up to date. Segments in step share one frame.
+    pub fn flush(&mut self, now_micros: u64) -> Vec<Outgoing> {
+        let durable = self.tracker.volume_durable_lsn();
+        let min_read_point = self.min_read_point();
+        let mut outgoing = Vec::new();
+        for pg_index in 0..self.pgs.len() {
+            let pg = PgId(pg_index as u32);
+            let log = &mut self.pgs[pg_index];
+            for (lsn, encoded) in log.unsent.drain(..) {
+                self.retained_bytes += encoded.len();
+                log.retained.push_back((lsn, encoded));
+            }
+            let Some(&(last, _)) = log.retained.back() else { continue };
+            let mut frames_from: HashMap<Lsn, Vec<Bytes>> = HashMap::new();
+            for (replica, link) in log.links.iter_mut().enumerate() {
+                if !link.connected || link.sent_up_to >= last {
+                    continue;
+                }
+                let frames = frames_from.entry(link.sent_up_to).or_insert_with(|| {
+                    let start = log.retained.partition_point(|(lsn, _)| *lsn <= link.sent_up_to);
+                    append_frames(pg, self.epoch, durable, min_read_point, log.retained.range(start..))
+                });
+                let node = self.geometry.segments[pg_index][replica].node;
+                outgoing.extend(frames.iter().map(|frame| Outgoing { node, frame: frame.clone() }));
+                link.sent_up_to = last;
+                link.waiting_since.get_or_insert(now_micros);
+            }
+        }
+        outgoing
+    }
+
+    /// A segment acknowledged: its SCL is `complete`. Returns the commit
+    /// waiters that are now durable.
+    pub fn acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Vec<W> {
+        let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Vec::new() };
+        let link = &mut log.links[replica.0 as usize];
+        if complete > link.complete {
+            link.complete = complete;
+            link.waiting_since = (link.sent_up_to > complete).then_some(now_micros);
+        } else if link.sent_up_to <= link.complete {
+            link.waiting_since = None;
+        }
+        let lowest = log.links.iter().map(|link| link.complete).min().expect("six links");
+        while log.retained.front().is_some_and(|(lsn, _)| *lsn <= lowest) {
+            let (_, encoded) = log.retained.pop_front().expect("checked");
+            self.retained_bytes -= encoded.len();
+        }
+        let progress = self.tracker.segment_acknowledged(pg, replica, complete);
+        if !progress.volume_durable_advanced {
+            return Vec::new();
+        }
+        let still_waiting = self.commit_waiters.split_off(&progress.volume_durable.next());
+        let done = std::mem::replace(&mut self.commit_waiters, still_waiting);
+        let mut woken = Vec::new();
+        for (_, waiters) in done {
+            woken.extend(waiters);
+        }
+        self.enforce_retention_limit();
+        woken
+    }
+
+    /// Drops the oldest retained records past `WRITER_RETAINED_BYTES_MAX`.
+    /// Only a segment far behind a write quorum can still need them; it is
+    /// marked as needing repair from its peers.
+    fn enforce_retention_limit(&mut self) {
+        while self.retained_bytes > WRITER_RETAINED_BYTES_MAX {
+            let Some(pg_index) = (0..self.pgs.len())
+                .filter(|index| {
+                    let log = &self.pgs[*index];
+                    log.retained
+                        .front()
+                        .is_some_and(|(lsn, _)| *lsn <= self.tracker.pg_complete_lsn(PgId(*index as u32)))
+                })
+                .max_by_key(|index| self.pgs[*index].retained.len())
+            else {
+                return;
+            };
+            let log = &mut self.pgs[pg_index];
+            let (lsn, encoded) = log.retained.pop_front().expect("filtered on a front record");
+            self.retained_bytes -= encoded.len();
+            for link in log.links.iter_mut().filter(|link| link.complete < lsn) {
+                if !link.fell_behind {
+                    tracing::warn!(pg = pg_index, %lsn, "segment fell behind the writer's retention; it needs repair");
+                }
+                link.fell_behind = true;
+            }
+        }
+    }
+
+    /// A connection to a segment opened and its status says SCL `complete`:
+    /// everything above it is sent again on the next flush.
+    pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Vec<W> {
+        if let Some(link) = self.pgs.get_mut(pg.0 as usize).map(|log| &mut log.links[replica.0 as usize]) {
+            link.connected = true;
+            link.sent_up_to = complete.max(link.complete);
+            link.waiting_since = None;
+        }
+        self.acknowledged(pg, replica, complete, now_micros)
+    }
+
+    /// The connection to a segment closed.
+    pub fn segment_disconnected(&mut self, pg: PgId, replica: ReplicaIndex) {
+        if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
+            let link = &mut log.links[replica.0 as usize];
+            link.connected = false;
+            link.waiting_since = None;
+        }
+    }
+
+    /// A frame for this segment could not be sent or was refused as busy:
+    /// resend from its SCL on the next flush.
+    pub fn resend_from_complete(&mut self, pg: PgId, replica: ReplicaIndex) {
+        if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
+            let link = &mut log.links[replica.0 as usize];
+            link.sent_up_to = link.complete;
+            link.waiting_since = None;
+        }
+    }
+
+    /// Segments that made no progress for `RETRANSMIT_AFTER_MICROS` are
+    /// resent everything above their SCL. Returns whether a flush is due.
+    pub fn tick(&mut self, now_micros: u64) -> bool {
+        for log in &mut self.pgs {
+            for link in &mut log.links {
+                if link.waiting_since.is_some_and(|since| now_micros.saturating_sub(since) >= RETRANSMIT_AFTER_MICROS) {
+                    link.sent_up_to = link.complete;
+                    link.waiting_since = None;
+                }
+            }
+        }
+        self.has_work()
+    }
+
+    /// Starts a read at the current VDL; hold it until [`Self::end_read`].
+    pub fn begin_read(&mut self) -> Lsn {
+        let point = self.tracker.volume_durable_lsn();
+        *self.read_points.entry(point).or_default() += 1;
+        point
+    }
+
+    pub fn end_read(&mut self, point: Lsn) {
+        if let Some(count) = self.read_points.get_mut(&point) {
+            *count -= 1;
+            if *count == 0 {
+                self.read_points.remove(&point);
+            }
+        }
+    }
+
+    /// The minimum read point: no reader will ask for a page older than this.
+    pub fn min_read_point(&self) -> Lsn {
+        self.read_points.keys().next().copied().unwrap_or(self.tracker.volume_durable_lsn())
+    }
+
+    /// Segments of `pg` known complete at `read_point`, best first: connected
+    /// ones with the lowest mean read latency, rotating among equals.
+    pub fn read_targets(&mut self, pg: PgId, read_point: Lsn) -> Vec<(ReplicaIndex, NodeId)> {
+        let Some(log) = self.pgs.get(pg.0 as usize) else { return Vec::new() };
+        let mut targets: Vec<(u64, usize, ReplicaIndex, NodeId)> = log
+            .links
+            .iter()
+            .enumerate()
+            .filter(|(_, link)| link.connected && link.complete >= read_point)
+            .map(|(replica, _)| {
+                let node = self.geometry.segments[pg.0 as usize][replica].node;
+                let latency = self.read_latency.get(&node).copied().unwrap_or(0);
+                let rotation = (replica + self.next_read_choice) % SEGMENTS_PER_PG;
+                (latency, rotation, ReplicaIndex(replica as u8), node)
+            })
+            .collect();
+        targets.sort_unstable();
+        self.next_read_choice = self.next_read_choice.wrapping_add(1);
+        targets.into_iter().map(|(_, _, replica, node)| (replica, node)).collect()
+    }
+
+    /// A read from `node` took `micros`.
+    pub fn read_latency_sample(&mut self, node: NodeId, micros: u64) {
+        let mean = self.read_latency.entry(node).or_insert(micros);
+        *mean = *mean - (*mean >> LATENCY_EWMA_SHIFT) + (micros >> LATENCY_EWMA_SHIFT);
+    }
+
+    /// The mean read latency of the best node, for the hedging delay.
+    pub fn fastest_read_latency(&self) -> Option<u64> {
+        self.read_latency.values().min().copied()
+    }
+}
+
+/// Packs records into append frames of at most `APPEND_FRAME_BYTES_TARGET`
+/// bytes and `RECORDS_PER_APPEND_MAX` records.
+fn append_frames<'a>(
+    pg: PgId,
+    epoch: Epoch,
+    durable: Lsn,
+    min_read_point: Lsn,
+    records: impl Iterator<Item = &'a (Lsn, Bytes)>,
+) -> Vec<Bytes> {
+    const _: () =
+        assert!(APPEND_FRAME_BYTES_TARGET + APPEND_HEADER_BYTES + RECORD_BODY_BYTES_MAX < FRAME_PAYLOAD_BYTES_MAX);
+    let mut frames = Vec::new();
+    let mut batch: Vec<&[u8]> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut seal = |batch: &mut Vec<&[u8]>| {
+        frames.push(encode_append_frame(pg, epoch, durable, min_read_point, batch.iter().copied()));
+        batch.clear();
+    };
+    for (_, encoded) in records {
+        if !batch.is_empty()
+            && (batch.len() == RECORDS_PER_APPEND_MAX || batch_bytes + encoded.len() > APPEND_FRAME_BYTES_TARGET)
+        {
+            seal(&mut batch);
+            batch_bytes = 0;
+        }
+        batch_bytes += encoded.len();
+        batch.push(encoded);
+    }
+    if !batch.is_empty() {
+        seal(&mut batch);
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::geometry::{ClusterConfig, NodeSpec};
+    use common::frame::decode_frame;
+    use common::ids::AzId;
+    use common::message::Message;
+
+    fn geometry(pg_count: u32) -> VolumeGeometry {
+        let nodes = (0..6)
+            .map(|id| NodeSpec { id: NodeId(id), az: AzId((id / 2) as u8), address: format!("node-{id}") })
+            .collect();
+        VolumeGeometry::place(&ClusterConfig { nodes }, pg_count, 64 * 1024, 4096).expect("valid geometry")
+    }
+
+    fn write(page: u64, byte: u8) -> PageChange {
+        PageChange { page: PageId(page), op: PageOp::Write { offset: 0, data: Bytes::from(vec![byte; 8]) } }
+    }
+
+    fn decode_append(frame: &Bytes) -> common::message::AppendRequest {
+        let mut buffer = BytesMut::from(&frame[..]);
+        let frame = decode_frame(&mut buffer).expect("valid").expect("complete");
+        match Message::decode(&frame).expect("valid message") {
+            Message::Append(append) => append,
+            other => panic!("expected an append, got {other:?}"),
+        }
+    }
+
+    fn connect_all(writer: &mut WriterCore<u32>, pg: u32) {
+        for replica in 0..6 {
+            writer.segment_connected(PgId(pg), ReplicaIndex(replica), Lsn::ZERO, 0);
+        }
+    }
+
+    #[test]
+    fn records_carry_volume_segment_and_page_backlinks() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(2), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        connect_all(&mut writer, 1);
+        // Pages 0 and 1 are in PG 0, page 16 in PG 1 (16 pages per PG).
+        assert_eq!(writer.allocate(&[write(0, 1), write(16, 2)]), Ok(Lsn(2)));
+        assert_eq!(writer.allocate(&[write(0, 3)]), Ok(Lsn(3)));
+        assert_eq!(writer.allocate(&[write(1, 4), write(16, 5)]), Ok(Lsn(5)));
+        let frames = writer.flush(0);
+        assert_eq!(frames.len(), 12, "one frame per segment of each PG");
+        let pg0 = decode_append(&frames.iter().find(|out| out.node == NodeId(0)).expect("node 0").frame);
+        let links: Vec<_> = pg0
+            .records
+            .iter()
+            .map(|r| (r.lsn.0, r.prev_volume_lsn.0, r.prev_segment_lsn.0, r.prev_page_lsn.0, r.consistency_point))
+            .collect();
+        assert_eq!(links, vec![(1, 0, 0, 0, false), (3, 2, 1, 1, true), (4, 3, 3, 0, false)]);
+        let pg1 = decode_append(&frames.iter().find(|out| out.frame != frames[0].frame).expect("pg 1").frame);
+        let links: Vec<_> = pg1.records.iter().map(|r| (r.lsn.0, r.prev_segment_lsn.0, r.prev_page_lsn.0)).collect();
+        assert_eq!(links, vec![(2, 0, 0), (5, 2, 2)]);
+    }
+
+    #[test]
+    fn commit_waiters_complete_only_when_vdl_reaches_them() {
+        let mut writer: WriterCore<&str> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        for replica in 0..6 {
+            writer.segment_connected(PgId(0), ReplicaIndex(replica), Lsn::ZERO, 0);
+        }
+        let first = writer.allocate(&[write(0, 1)]).expect("room");
+        let second = writer.allocate(&[write(1, 1), write(2, 2)]).expect("room");
+        assert_eq!(writer.wait_durable(first, "first"), None);
+        assert_eq!(writer.wait_durable(second, "second"), None);
+        writer.flush(0);
+        let mut woken = Vec::new();
+        for replica in 0..3 {
+            woken.extend(writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(2), 10));
+        }
+        assert!(woken.is_empty(), "3 of 6 is not a write quorum");
+        woken.extend(writer.acknowledged(PgId(0), ReplicaIndex(3), Lsn(2), 10));
+        // SCL 2 covers LSN 1 (a CPL) and half of the second mini-transaction.
+        assert_eq!(woken, vec!["first"]);
+        assert_eq!(writer.points().volume_durable, Lsn(1));
+        for replica in 0..4 {
+            woken.extend(writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(3), 20));
+        }
+        assert_eq!(woken, vec!["first", "second"]);
+        assert_eq!(writer.wait_durable(second, "late"), Some("late"), "already durable");
+    }
+
+    #[test]
+    fn allocation_stops_at_vdl_plus_limit() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 3);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1), write(0, 2)]).expect("LSN 2 <= 0 + 3");
+        assert_eq!(
+            writer.allocate(&[write(0, 3), write(0, 4)]),
+            Err(AllocationError::LimitReached { durable: Lsn::ZERO, limit: 3 })
+        );
+        assert_eq!(
+            writer.allocate(&vec![write(0, 1); 4]),
+            Err(AllocationError::LargerThanLimit { records: 4, limit: 3 })
+        );
+        writer.allocate(&[write(0, 3)]).expect("LSN 3 fits");
+        writer.flush(0);
+        for replica in 0..4 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(2), 1);
+        }
+        assert_eq!(writer.allocate(&[write(0, 4), write(0, 5)]), Ok(Lsn(5)), "VDL 2 + 3");
+    }
+
+    #[test]
+    fn bad_changes_are_refused_before_allocation() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        assert_eq!(writer.allocate(&[]), Err(AllocationError::Empty));
+        assert_eq!(
+            writer.allocate(&[write(16, 0)]),
+            Err(AllocationError::PageOutOfRange { page: PageId(16), pages: 16 })
+        );
+        let past_end =
+            PageChange { page: PageId(0), op: PageOp::Write { offset: 4090, data: Bytes::from_static(&[0; 8]) } };
+        assert_eq!(
+            writer.allocate(&[write(0, 1), past_end]),
+            Err(AllocationError::OutsidePage { page: PageId(0), end: 4098, page_bytes: 4096 })
+        );
+        assert_eq!(writer.points().highest_allocated, Lsn::ZERO, "nothing allocated for a refused change");
+    }
+
+    #[test]
+    fn a_lagging_segment_gets_records_again_from_its_scl() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1)]).expect("room");
+        writer.allocate(&[write(0, 2)]).expect("room");
+        writer.flush(0);
+        for replica in 0..5 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(2), 100);
+        }
+        // Replica 5 restarted having kept only LSN 1.
+        writer.segment_disconnected(PgId(0), ReplicaIndex(5));
+        writer.allocate(&[write(0, 3)]).expect("room");
+        let frames = writer.flush(200);
+        assert_eq!(frames.len(), 5, "a disconnected segment is skipped");
+        writer.segment_connected(PgId(0), ReplicaIndex(5), Lsn(1), 300);
+        let frames = writer.flush(300);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].node, writer.geometry().segment(PgId(0), ReplicaIndex(5)).node);
+        let lsns: Vec<u64> = decode_append(&frames[0].frame).records.iter().map(|r| r.lsn.0).collect();
+        assert_eq!(lsns, vec![2, 3]);
+        assert!(writer.retained_bytes() > 0);
+        for replica in 0..6 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(3), 400);
+        }
+        assert_eq!(writer.retained_bytes(), 0, "retention ends once all six segments hold a record");
+    }
+
+    #[test]
+    fn silence_past_the_retransmit_delay_resends() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1)]).expect("room");
+        assert_eq!(writer.flush(0).len(), 6);
+        for replica in 0..5 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(1), 10);
+        }
+        assert!(!writer.tick(RETRANSMIT_AFTER_MICROS - 1));
+        assert!(writer.tick(RETRANSMIT_AFTER_MICROS));
+        let frames = writer.flush(RETRANSMIT_AFTER_MICROS);
+        assert_eq!(frames.len(), 1, "only the silent segment");
+    }
+
+    #[test]
+    fn reads_go_to_complete_segments_fastest_first_and_hold_the_mrpl() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1)]).expect("room");
+        writer.flush(0);
+        for replica in [0, 2, 3, 5] {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(1), 10);
+        }
+        let point = writer.begin_read();
+        assert_eq!(point, Lsn(1));
+        let geometry = writer.geometry().clone();
+        let node = |replica: u8| geometry.segment(PgId(0), ReplicaIndex(replica)).node;
+        let (slow, fast) = (node(2), node(5));
+        for replica in [0, 2, 3] {
+            writer.read_latency_sample(node(replica), 5_000);
+        }
+        writer.read_latency_sample(fast, 100);
+        let targets: Vec<u8> = writer.read_targets(PgId(0), point).iter().map(|(replica, _)| replica.0).collect();
+        assert_eq!(targets.len(), 4, "only segments whose SCL covers the read point");
+        assert_eq!(targets[0], 5, "fastest first");
+        assert!(!targets.contains(&1) && !targets.contains(&4));
+        assert_ne!(slow, fast);
+        writer.allocate(&[write(0, 2)]).expect("room");
+        writer.flush(20);
+        for replica in 0..4 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(2), 30);
+        }
+        assert_eq!(writer.points().min_read_point, Lsn(1), "an active read holds MRPL back");
+        writer.end_read(point);
+        assert_eq!(writer.points().min_read_point, Lsn(2));
+    }
+
+    #[test]
+    fn large_batches_split_into_bounded_frames() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 1_000_000);
+        connect_all(&mut writer, 0);
+        let big = PageChange { page: PageId(0), op: PageOp::Write { offset: 0, data: Bytes::from(vec![7; 4000]) } };
+        for _ in 0..600 {
+            writer.allocate(std::slice::from_ref(&big)).expect("room");
+        }
+        let frames = writer.flush(0);
+        let per_segment: Vec<&Outgoing> = frames.iter().filter(|out| out.node == NodeId(0)).collect();
+        assert!(per_segment.len() >= 3, "600 x 4 KB does not fit one 1 MiB frame");
+        let lsns: Vec<u64> =
+            per_segment.iter().flat_map(|out| decode_append(&out.frame).records).map(|r| r.lsn.0).collect();
+        assert_eq!(lsns, (1..=600).collect::<Vec<u64>>());
+        assert!(per_segment.iter().all(|out| out.frame.len() <= APPEND_FRAME_BYTES_TARGET + 64 * 1024));
+    }
+}
