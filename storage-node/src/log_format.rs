@@ -340,8 +340,11 @@ pub fn scan_log(files: &[(u64, Bytes)]) -> ScanResult {
     while file_index < files.len() {
         let (number, file) = &files[file_index];
         let at = LogPosition { file: *number, offset: offset as u64 };
-        if offset + ENTRY_HEADER_BYTES > file.len() || is_zero(&file[offset..offset + ENTRY_HEADER_BYTES]) {
-            // Clean end of this file's data.
+        let at_end = offset + ENTRY_HEADER_BYTES > file.len()
+            || (is_zero(&file[offset..offset + ENTRY_HEADER_BYTES]) && resync(file, offset + 8).is_none());
+        if at_end {
+            // Clean end of this file's data (a zeroed header with valid
+            // entries after it is corruption, handled below).
             result.end = at;
             file_index += 1;
             offset = 0;
@@ -414,6 +417,15 @@ mod tests {
         }
         file.put_bytes(0, 4096);
         (file, starts)
+    }
+
+    #[test]
+    fn a_zeroed_header_before_valid_entries_is_corruption_not_the_end() {
+        let (mut file, starts) = three_entries();
+        file[starts[1]..starts[1] + ENTRY_HEADER_BYTES].fill(0);
+        let scan = scan_log(&[(1, file.freeze())]);
+        assert_eq!(scan.corruptions.len(), 1, "the zeroed entry is reported");
+        assert_eq!(lsns(&scan), vec![1, 2, 5, 6], "entries after it are still read");
     }
 
     fn lsns(scan: &ScanResult) -> Vec<u64> {

@@ -277,6 +277,9 @@ impl SegmentCore {
         let mut core = SegmentCore::empty(config, Epoch::INITIAL)?;
         let mut base = Lsn::ZERO;
         let mut saw_checkpoint = false;
+        // A checkpoint logged after a corrupt entry may claim an SCL that covers
+        // records lost in it: only checkpoints before the first corruption count.
+        let first_corruption = scan.corruptions.first().map(|corruption| corruption.at);
         for (position, entry) in scan.entries {
             match entry {
                 Entry::Checkpoint(checkpoint) => {
@@ -288,7 +291,9 @@ impl SegmentCore {
                     }
                     saw_checkpoint = true;
                     core.epoch = core.epoch.max(checkpoint.epoch);
-                    base = base.max(checkpoint.segment_complete_lsn);
+                    if first_corruption.is_none_or(|corrupt| position < corrupt) {
+                        base = base.max(checkpoint.segment_complete_lsn);
+                    }
                     core.min_read_point = core.min_read_point.max(checkpoint.min_read_point);
                 }
                 Entry::Redo(records) => {

@@ -279,6 +279,40 @@ fn corrupt_record_in_the_middle_is_never_served_and_flags_repair() {
     assert_eq!(harness.read(1, lsns[5]).unwrap().1[..16], [6u8; 16]);
 }
 
+/// A checkpoint logged after a corrupt entry cannot vouch for the records
+/// the corruption destroyed: SCL still stops below the hole.
+#[test]
+fn a_later_checkpoint_does_not_cover_a_corrupt_record() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let mut lsns = Vec::new();
+    for index in 0..6u64 {
+        let record = maker.make(1, 0, &[index as u8 + 1; 16], 0);
+        lsns.push(record.lsn);
+        harness.append(vec![record], 1);
+    }
+    let last = harness.writes.last().unwrap().clone();
+    let mut checkpoint = BytesMut::new();
+    let claim = Checkpoint {
+        pg: PG,
+        page_bytes: PAGE_BYTES as u32,
+        epoch: Epoch::INITIAL,
+        segment_complete_lsn: lsns[5],
+        min_read_point: Lsn::ZERO,
+    };
+    crate::log_format::encode_checkpoint_entry(&mut checkpoint, 1_000, &claim);
+    let position = LogPosition { file: last.position.file, offset: last.position.offset + last.bytes.len() as u64 };
+    let write = LogWrite { id: 999, position, bytes: checkpoint.freeze() };
+    assert!(harness.disk.write_durable(write, Box::new(|_| {})).unwrap().is_ok());
+    let write = harness.writes.iter().find(|write| write.bytes.windows(16).any(|window| window == [3u8; 16])).unwrap();
+    let offset = write.bytes.windows(16).position(|window| window == [3u8; 16]).unwrap();
+    harness.disk.corrupt(write.position.file, write.position.offset as usize + offset, 0x80);
+    let report = harness.restart();
+    assert_eq!(report.mid_log_corruptions, 1);
+    assert_eq!(report.segment_complete_lsn, lsns[1], "the checkpoint after the hole is not trusted");
+    assert!(harness.read(1, lsns[3]).is_err(), "no page is served above the hole");
+}
+
 /// Re-creates the encoded record number `index` of the corrupt-record test.
 fn maker_replay(lsns: &[Lsn], index: usize) -> Bytes {
     let mut maker = RecordMaker::default();

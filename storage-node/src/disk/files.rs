@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// A log file made ready ahead of need: its number and open handle.
-type PreparedFile = Arc<Mutex<Option<(u64, Arc<File>)>>>;
+/// The next log file being zero-filled in the background: its number and
+/// the thread that returns it.
+type Preparation = Option<(u64, std::thread::JoinHandle<io::Result<File>>)>;
 
 /// The log files of one segment directory.
 #[derive(Debug)]
@@ -20,7 +21,9 @@ pub struct LogFiles {
     file_bytes: u64,
     open: Mutex<BTreeMap<u64, Arc<File>>>,
     /// A file created ahead of need, so a roll does not wait for zeroing.
-    prepared: PreparedFile,
+    /// Its lock also serializes every creation in the directory, so two
+    /// creators never share a temporary file.
+    preparing: Mutex<Preparation>,
 }
 
 fn file_name(number: u64) -> String {
@@ -62,7 +65,7 @@ impl LogFiles {
             directory: directory.to_path_buf(),
             file_bytes,
             open: Mutex::new(BTreeMap::new()),
-            prepared: Arc::new(Mutex::new(None)),
+            preparing: Mutex::new(None),
         })
     }
 
@@ -94,34 +97,35 @@ impl LogFiles {
         if let Some(file) = self.open.lock().get(&number) {
             return Ok(file.clone());
         }
+        let mut preparing = self.preparing.lock();
+        if let Some(file) = self.open.lock().get(&number) {
+            return Ok(file.clone());
+        }
+        // Wait for any background creation before touching the directory.
+        let prepared = match preparing.take() {
+            Some((prepared_number, thread)) => match thread.join() {
+                Ok(Ok(file)) if prepared_number == number => Some(file),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, number = prepared_number, "preparing a log file failed; making it on demand");
+                    None
+                }
+                _ => None,
+            },
+            None => None,
+        };
         let path = self.directory.join(file_name(number));
-        let file = if path.exists() {
-            Arc::new(OpenOptions::new().read(true).write(true).open(&path)?)
-        } else {
-            let prepared = self.prepared.lock().take();
-            match prepared {
-                Some((prepared_number, file)) if prepared_number == number => file,
-                _ => Arc::new(create_zeroed(&self.directory, number, self.file_bytes)?),
-            }
+        let file = match prepared {
+            Some(file) => Arc::new(file),
+            None if path.exists() => Arc::new(OpenOptions::new().read(true).write(true).open(&path)?),
+            None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes)?),
         };
         self.open.lock().insert(number, file.clone());
-        self.prepare(number + 1);
-        Ok(file)
-    }
-
-    fn prepare(&self, number: u64) {
-        if self.directory.join(file_name(number)).exists() {
-            return;
+        let next = number + 1;
+        if !self.directory.join(file_name(next)).exists() {
+            let (directory, file_bytes) = (self.directory.clone(), self.file_bytes);
+            *preparing = Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes))));
         }
-        let directory = self.directory.clone();
-        let file_bytes = self.file_bytes;
-        let prepared = self.prepared.clone();
-        std::thread::spawn(move || match create_zeroed(&directory, number, file_bytes) {
-            Ok(file) => *prepared.lock() = Some((number, Arc::new(file))),
-            Err(error) => {
-                tracing::warn!(%error, number, "could not prepare the next log file; it will be made on demand")
-            }
-        });
+        Ok(file)
     }
 
     pub fn zero(&self, file: u64, offset: u64, length: u64) -> io::Result<()> {

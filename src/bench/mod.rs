@@ -1,0 +1,5 @@
+//! `lab bench`: measurements with their baselines taken in the same run.
+
+pub mod baselines;
+pub mod quorum_write;
+pub mod report;

@@ -1,0 +1,204 @@
+//! An in-process cluster: six storage nodes on loopback TCP, two in each of
+//! three AZs, each with its own data directory, and the volume geometry
+//! that places every PG on them.
+//!
+//! A node can be killed (its tasks are aborted: nothing more is
+//! acknowledged, whatever reached fdatasync stays) and restarted on the same
+//! address from the same directory, which is what the crash tests and the
+//! demo need. A node can also be started with a user-space delay on every
+//! frame it sends, which delays its acknowledgements (`--slow-nodes`).
+
+use anyhow::{Context, Result, bail};
+use common::ids::{AzId, NodeId, PgId};
+use common::transport::{TcpTransport, Transport};
+use db_frontend::volume::client::{VolumeClient, VolumeConfig};
+use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, VolumeGeometry};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use storage_node::disk::MemoryVolumeStore;
+use storage_node::{DiskBackend, NodeConfig, SegmentConfig, StorageNode};
+
+/// Nodes in the cluster: two per AZ.
+pub const NODE_COUNT: usize = 6;
+const AZ_COUNT: u32 = 3;
+/// How long a restart keeps trying to rebind the node's old port.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shape of a local cluster and its volume.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub data_directory: PathBuf,
+    pub disk: DiskBackend,
+    pub pg_count: u32,
+    pub pg_bytes: u64,
+    pub page_bytes: usize,
+    /// Size of each preallocated segment log file.
+    pub log_file_bytes: u64,
+    /// Delay on every frame node `i` sends (its acknowledgements).
+    pub send_delays: Vec<(usize, Duration)>,
+}
+
+impl ClusterOptions {
+    pub fn new(data_directory: &Path, disk: DiskBackend) -> Self {
+        ClusterOptions {
+            data_directory: data_directory.to_path_buf(),
+            disk,
+            pg_count: 1,
+            pg_bytes: PG_BYTES_DEFAULT,
+            page_bytes: PAGE_BYTES_DEFAULT,
+            log_file_bytes: 32 * 1024 * 1024,
+            send_delays: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NodeSlot {
+    config: NodeConfig,
+    transport: Arc<dyn Transport>,
+    running: Option<StorageNode>,
+}
+
+/// Six running (or killed) storage nodes and the geometry over them.
+#[derive(Debug)]
+pub struct LocalCluster {
+    slots: Vec<NodeSlot>,
+    geometry: VolumeGeometry,
+}
+
+impl LocalCluster {
+    /// Starts six nodes, each hosting a segment of every PG.
+    pub async fn start(options: &ClusterOptions) -> Result<LocalCluster> {
+        let memory_store = MemoryVolumeStore::default();
+        let mut slots = Vec::with_capacity(NODE_COUNT);
+        let mut specs = Vec::with_capacity(NODE_COUNT);
+        // Bind every node first so the geometry can name real addresses.
+        for index in 0..NODE_COUNT {
+            let node = NodeId(index as u32);
+            let delay = options.send_delays.iter().find(|(slow, _)| *slow == index).map(|(_, delay)| *delay);
+            let transport: Arc<dyn Transport> = match delay {
+                Some(delay) => Arc::new(TcpTransport::with_send_delay(delay)),
+                None => Arc::new(TcpTransport::new()),
+            };
+            let config = NodeConfig {
+                node,
+                listen_address: "127.0.0.1:0".into(),
+                data_directory: options.data_directory.join(format!("node-{index}")),
+                disk: options.disk,
+                memory_store: memory_store.clone(),
+                segments: Vec::new(),
+            };
+            specs.push(NodeSpec { id: node, az: AzId((index as u32 % AZ_COUNT) as u8), address: String::new() });
+            slots.push(NodeSlot { config, transport, running: None });
+        }
+        // Placement only needs ids and AZs; addresses are filled in after binding.
+        let placement = VolumeGeometry::place(
+            &ClusterConfig { nodes: specs.clone() },
+            options.pg_count,
+            options.pg_bytes,
+            options.page_bytes,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let pages_per_pg = placement.pages_per_pg();
+        for (index, slot) in slots.iter_mut().enumerate() {
+            slot.config.segments = placement
+                .segments_on(NodeId(index as u32))
+                .into_iter()
+                .map(|(pg, _)| {
+                    let mut segment = SegmentConfig::new(pg, options.page_bytes, pages_per_pg);
+                    segment.log_file_bytes = options.log_file_bytes;
+                    segment
+                })
+                .collect();
+            let node = StorageNode::start(slot.config.clone(), slot.transport.clone())
+                .await
+                .with_context(|| format!("starting node {index}"))?;
+            slot.config.listen_address = node.local_address().to_string();
+            specs[index].address = node.local_address().to_string();
+            slot.running = Some(node);
+        }
+        let geometry = VolumeGeometry::place(
+            &ClusterConfig { nodes: specs },
+            options.pg_count,
+            options.pg_bytes,
+            options.page_bytes,
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(LocalCluster { slots, geometry })
+    }
+
+    pub fn geometry(&self) -> &VolumeGeometry {
+        &self.geometry
+    }
+
+    /// The AZ of node `index`.
+    pub fn az_of(index: usize) -> AzId {
+        AzId((index as u32 % AZ_COUNT) as u8)
+    }
+
+    pub fn address(&self, index: usize) -> &str {
+        &self.slots[index].config.listen_address
+    }
+
+    pub fn is_running(&self, index: usize) -> bool {
+        self.slots[index].running.is_some()
+    }
+
+    pub fn node(&self, index: usize) -> Option<&StorageNode> {
+        self.slots[index].running.as_ref()
+    }
+
+    /// Opens a volume client over loopback TCP.
+    pub async fn open_volume(&self, transport: Arc<dyn Transport>) -> Result<VolumeClient> {
+        Ok(VolumeClient::open(VolumeConfig::new(self.geometry.clone()), transport).await?)
+    }
+
+    /// Kills node `index` as a crash would.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(node) = self.slots[index].running.take() {
+            node.stop();
+        }
+    }
+
+    /// Restarts a killed node on its old address from its old data.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        if self.slots[index].running.is_some() {
+            bail!("node {index} is already running");
+        }
+        let slot = &mut self.slots[index];
+        let deadline = tokio::time::Instant::now() + REBIND_TIMEOUT;
+        loop {
+            // The killed node's listener closes asynchronously; retry the bind.
+            match StorageNode::start(slot.config.clone(), slot.transport.clone()).await {
+                Ok(node) => {
+                    slot.running = Some(node);
+                    return Ok(());
+                }
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%error, index, "restart: retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(error).with_context(|| format!("restarting node {index}")),
+            }
+        }
+    }
+
+    /// Kills every node.
+    pub fn stop(&mut self) {
+        for index in 0..NODE_COUNT {
+            self.kill(index);
+        }
+    }
+
+    /// SCL of `pg`'s segment on node `index`, if it runs.
+    pub fn segment_complete_lsn(&self, index: usize, pg: PgId) -> Option<common::ids::Lsn> {
+        self.node(index).and_then(|node| node.segment_status(pg)).map(|status| status.segment_complete_lsn)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

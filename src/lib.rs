@@ -1,0 +1,14 @@
+//! # lab: the research kit's command line, as a library
+//!
+//! The `lab` binary (`src/main.rs`) is a thin clap front end over these
+//! modules, which the integration tests in `tests/` use too:
+//!
+//! - [`cluster`]: an in-process cluster of storage nodes on loopback, with
+//!   kill/restart and per-node injected delay.
+//! - [`bench`]: `lab bench quorum-write`, its disk and network baselines,
+//!   and the table/JSON/SVG reports.
+//! - [`demo`]: `lab demo`, the guided tour of a running cluster.
+
+pub mod bench;
+pub mod cluster;
+pub mod demo;
