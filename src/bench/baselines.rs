@@ -159,3 +159,36 @@ pub fn loopback_round_trip() -> Result<Histogram<u64>> {
     echo.join().map_err(|_| anyhow::anyhow!("loopback echo thread panicked"))??;
     Ok(histogram)
 }
+
+/// Round trip of a 64-byte frame through the kit's own TCP transport: a
+/// tokio task sends it, an echo task on the other end sends it back. This is
+/// the network floor of one request/response as the nodes and the writer
+/// see it (the kernel round trip plus the transport's task hand-offs).
+pub async fn transport_round_trip() -> Result<Histogram<u64>> {
+    use common::frame::encode_frame;
+    use common::transport::{TcpTransport, Transport};
+    let transport = TcpTransport::new();
+    let mut listener = transport.bind("127.0.0.1:0".into()).await?;
+    let address = listener.local_address().to_string();
+    let echo = tokio::spawn(async move {
+        let mut connection = listener.accept().await?;
+        while let Some(Ok(frame)) = connection.receiver.recv().await {
+            if connection.sender.send(encode_frame(frame.kind, &frame.payload)).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut connection = transport.connect(address).await?;
+    let probe = encode_frame(5, &[7u8; 64]);
+    let mut histogram = new_histogram();
+    for _ in 0..LOOPBACK_ROUNDS {
+        let started = Instant::now();
+        connection.sender.send(probe.clone()).await.map_err(|_| anyhow::anyhow!("echo connection closed"))?;
+        connection.receiver.recv().await.context("echo connection closed")??;
+        histogram.saturating_record(started.elapsed().as_nanos().div_ceil(1000) as u64);
+    }
+    drop(connection);
+    echo.await??;
+    Ok(histogram)
+}

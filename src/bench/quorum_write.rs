@@ -230,7 +230,10 @@ pub struct RunReport {
     pub p50_over_quorum_baseline: f64,
     pub p99_over_quorum_baseline: f64,
     pub p50_over_single_baseline: f64,
+    /// Against the kernel's loopback TCP round trip (two blocking threads).
     pub p50_over_loopback_round_trips: f64,
+    /// Against a round trip through the kit's own TCP transport (tokio tasks).
+    pub p50_over_transport_round_trips: f64,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
@@ -245,6 +248,7 @@ pub struct QuorumWriteReport {
     /// Baseline (b): six files fdatasync'ed together, time to the 4th.
     pub baseline_quorum_fdatasync_us: Option<LatencySummary>,
     pub loopback_round_trip_us: LatencySummary,
+    pub transport_round_trip_us: LatencySummary,
     pub runs: Vec<RunReport>,
     /// The last run's figures, repeated at the top level.
     pub commits_per_s: f64,
@@ -284,6 +288,8 @@ pub async fn run(options: QuorumWriteOptions) -> Result<QuorumWriteReport> {
         (None, None)
     };
     let loopback = tokio::task::spawn_blocking(baselines::loopback_round_trip).await??;
+    let transport_trip = baselines::transport_round_trip().await?;
+    let transport_summary = LatencySummary::of(&transport_trip);
     let single_summary = single.as_ref().map(LatencySummary::of);
     let quorum_summary = quorum.as_ref().map(LatencySummary::of);
     let loopback_summary = LatencySummary::of(&loopback);
@@ -323,6 +329,7 @@ pub async fn run(options: QuorumWriteOptions) -> Result<QuorumWriteReport> {
             p99_over_quorum_baseline: ratio(latency.p99_us as f64, quorum_summary.map_or(0.0, |b| b.p99_us as f64)),
             p50_over_single_baseline: ratio(latency.p50_us as f64, single_summary.map_or(0.0, |b| b.p50_us as f64)),
             p50_over_loopback_round_trips: ratio(latency.p50_us as f64, loopback_summary.p50_us as f64),
+            p50_over_transport_round_trips: ratio(latency.p50_us as f64, transport_summary.p50_us as f64),
             histogram: run.load.latency,
         });
     }
@@ -332,6 +339,7 @@ pub async fn run(options: QuorumWriteOptions) -> Result<QuorumWriteReport> {
         baseline_single_fdatasync_us: single_summary,
         baseline_quorum_fdatasync_us: quorum_summary,
         loopback_round_trip_us: loopback_summary,
+        transport_round_trip_us: transport_summary,
         commits_per_s: last.commits_per_s,
         latency_us: last.latency_us,
         bytes_sent_per_commit: last.bytes_sent_per_commit,
@@ -350,7 +358,8 @@ pub async fn run(options: QuorumWriteOptions) -> Result<QuorumWriteReport> {
         if let Some(quorum) = &quorum {
             series.push(("baseline (b) 4th of 6 fdatasyncs".into(), quorum));
         }
-        series.push(("loopback round trip".into(), &loopback));
+        series.push(("loopback TCP round trip".into(), &loopback));
+        series.push(("transport round trip".into(), &transport_trip));
         series.extend(report.runs.iter().map(|run| (run.name.clone(), &run.histogram)));
         plot_latency_cdf(path, "quorum-write commit latency CDF", &series)?;
     }
@@ -424,11 +433,12 @@ pub fn render(report: &QuorumWriteReport) -> String {
         baseline_row("baseline (b) 4th of 6 fdatasyncs", quorum);
     }
     baseline_row("loopback TCP round trip", &report.loopback_round_trip_us);
+    baseline_row("transport round trip", &report.transport_round_trip_us);
     for run in &report.runs {
         let versus = if report.baseline_quorum_fdatasync_us.is_some() {
             format!("{:.2}x / {:.2}x (b)", run.p50_over_quorum_baseline, run.p99_over_quorum_baseline)
         } else {
-            format!("{:.1} RTT", run.p50_over_loopback_round_trips)
+            format!("{:.1} / {:.1} RTT", run.p50_over_loopback_round_trips, run.p50_over_transport_round_trips)
         };
         rows.push(vec![
             run.name.clone(),

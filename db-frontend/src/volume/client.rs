@@ -5,9 +5,13 @@
 //!   hosted segment for its status, then feeds acknowledgements and replies
 //!   into the [`WriterCore`] under one mutex. Commit waiters are tokio
 //!   oneshots completed from here: no thread blocks per commit.
-//! - one **flusher**: woken by new records, it takes everything queued and
-//!   sends it, so concurrent commits share frames (group commit on the wire).
 //! - one **ticker**: lets the core retransmit to segments that went silent.
+//!
+//! A writer sends its own records at once, under the core lock (so frames
+//! leave in LSN order): there is no flusher task to wake, which would add a
+//! task hop to every commit. Concurrent commits still share work: each
+//! connection's sender coalesces queued frames into one socket write, and
+//! each segment groups everything that arrived into one fdatasync.
 //!
 //! Page reads go to the best segment complete at the read point; if no
 //! answer comes within the hedging delay, the same read goes to a second
@@ -105,7 +109,6 @@ struct Shared {
     /// Read request id -> where its answer goes.
     reads: Mutex<HashMap<u64, mpsc::Sender<ReadReply>>>,
     next_request: AtomicU64,
-    flush_needed: Notify,
     /// Signalled when VDL moves: allocations blocked on the limit retry.
     durable_advanced: Notify,
     /// Status answers during `open`: (pg, replica) -> SCL.
@@ -146,7 +149,6 @@ impl VolumeClient {
             senders: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            flush_needed: Notify::new(),
             durable_advanced: Notify::new(),
             opening: Mutex::new(BTreeMap::new()),
             status_arrived: Notify::new(),
@@ -157,8 +159,6 @@ impl VolumeClient {
             let (shared, transport) = (shared.clone(), transport.clone());
             tasks.push(tokio::spawn(async move { run_node_link(shared, transport, node, address).await }));
         }
-        let flusher = shared.clone();
-        tasks.push(tokio::spawn(async move { run_flusher(flusher).await }));
         let ticker = shared.clone();
         tasks.push(tokio::spawn(async move { run_ticker(ticker).await }));
         let client = VolumeClient { shared, tasks };
@@ -202,6 +202,11 @@ impl VolumeClient {
         self.shared.core.lock().segments()
     }
 
+    /// PGCL of `pg`: the highest LSN four of its six segments completed.
+    pub fn pg_complete_lsn(&self, pg: PgId) -> Lsn {
+        self.shared.core.lock().pg_complete_lsn(pg)
+    }
+
     pub fn retained_bytes(&self) -> usize {
         self.shared.core.lock().retained_bytes()
     }
@@ -214,13 +219,16 @@ impl VolumeClient {
             let advanced = self.shared.durable_advanced.notified();
             tokio::pin!(advanced);
             advanced.as_mut().enable();
-            match self.shared.core.lock().allocate(changes) {
-                Ok(lsn) => {
-                    self.shared.flush_needed.notify_one();
-                    return Ok(lsn);
+            {
+                let mut core = self.shared.core.lock();
+                match core.allocate(changes) {
+                    Ok(lsn) => {
+                        flush_and_send(&self.shared, &mut core);
+                        return Ok(lsn);
+                    }
+                    Err(AllocationError::LimitReached { .. }) => {}
+                    Err(other) => return Err(other.into()),
                 }
-                Err(AllocationError::LimitReached { .. }) => {}
-                Err(other) => return Err(other.into()),
             }
             advanced.await;
         }
@@ -255,10 +263,12 @@ impl VolumeClient {
         let shared = &self.shared;
         let failed = |reason: String| VolumeError::ReadFailed { page, read_point, reason };
         let pg = shared.config.geometry.pg_of(page).ok_or_else(|| failed("past the end of the volume".into()))?;
-        let (targets, hedge_after) = {
+        let (pg_read_point, targets, hedge_after) = {
             let mut core = shared.core.lock();
             let fastest = core.fastest_read_latency().map(|micros| Duration::from_micros(4 * micros));
-            (core.read_targets(pg, read_point), fastest.unwrap_or_default().max(shared.config.hedge_after_min))
+            let pg_read_point = core.pg_read_point(pg, read_point);
+            let targets = core.read_targets(pg, pg_read_point);
+            (pg_read_point, targets, fastest.unwrap_or_default().max(shared.config.hedge_after_min))
         };
         if targets.is_empty() {
             return Err(VolumeError::NoCompleteSegment { pg, read_point });
@@ -279,7 +289,8 @@ impl VolumeClient {
                 let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
                 shared.reads.lock().insert(request_id, reply_to.clone());
                 request_ids.push(request_id);
-                let request = ReadPageRequest { request_id, pg, epoch: shared.core.lock().epoch(), page, read_point };
+                let epoch = shared.core.lock().epoch();
+                let request = ReadPageRequest { request_id, pg, epoch, page, read_point: pg_read_point };
                 if send_to(shared, node, Message::ReadPage(request).encode()) {
                     outstanding += 1;
                     sent_at.insert(node, Instant::now());
@@ -340,17 +351,13 @@ fn send_to(shared: &Shared, node: NodeId, frame: Bytes) -> bool {
     sender.is_some_and(|sender| sender.try_send(frame).is_ok())
 }
 
-async fn run_flusher(shared: Arc<Shared>) {
-    loop {
-        shared.flush_needed.notified().await;
-        let outgoing = shared.core.lock().flush(shared.now_micros());
-        for out in outgoing {
-            if !send_to(&shared, out.node, out.frame) {
-                // The link resends from SCL once it reconnects or drains.
-                let mut core = shared.core.lock();
-                for (pg, replica) in shared.config.geometry.segments_on(out.node) {
-                    core.resend_from_complete(pg, replica);
-                }
+/// Sends everything the core has for the segments, under the core lock.
+fn flush_and_send(shared: &Shared, core: &mut WriterCore<oneshot::Sender<()>>) {
+    for out in core.flush(shared.now_micros()) {
+        if !send_to(shared, out.node, out.frame) {
+            // Not connected or queue full: resend from SCL later.
+            for (pg, replica) in shared.config.geometry.segments_on(out.node) {
+                core.resend_from_complete(pg, replica);
             }
         }
     }
@@ -361,8 +368,9 @@ async fn run_ticker(shared: Arc<Shared>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        if shared.core.lock().tick(shared.now_micros()) {
-            shared.flush_needed.notify_one();
+        let mut core = shared.core.lock();
+        if core.tick(shared.now_micros()) {
+            flush_and_send(&shared, &mut core);
         }
     }
 }
@@ -445,9 +453,9 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
             let before = core.points().volume_durable;
             let woken = core.segment_connected(status.pg, replica, status.segment_complete_lsn, now);
             let advanced = core.points().volume_durable > before;
+            flush_and_send(shared, &mut core);
             drop(core);
             shared.complete(woken, advanced);
-            shared.flush_needed.notify_one();
         }
         Message::PageImage(image) => {
             if let Some(reply) = shared.reads.lock().get(&image.request_id) {

@@ -16,6 +16,11 @@
 //!   or above the read point (no quorum read), preferring the fastest; the
 //!   minimum read point (MRPL) that lets segments garbage-collect is the
 //!   lowest active read point, or VDL when none is active.
+//! - **PG-local points**: a segment only sees its own PG's records, so its
+//!   SCL stops at the PG's last record even when VDL is far above it. Read
+//!   points and MRPL are therefore sent to a PG as the highest LSN *of that
+//!   PG* at or below them, which selects the same page versions. The writer
+//!   keeps each PG's allocated LSNs from its MRPL up to compute this.
 
 use bytes::{Bytes, BytesMut};
 use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
@@ -86,7 +91,25 @@ struct PgLog {
     /// Sent records not yet acknowledged by all six segments, in LSN order.
     retained: VecDeque<(Lsn, Bytes)>,
     last_lsn: Lsn,
+    /// This PG's allocated LSNs, ascending; the front is the highest one at
+    /// or below MRPL (trimmed as MRPL moves), so any point >= MRPL maps to
+    /// the PG's last LSN at or below it.
+    history: VecDeque<Lsn>,
     links: [SegmentLink; SEGMENTS_PER_PG],
+}
+
+impl PgLog {
+    /// The highest LSN of this PG at or below `point` (0 if none).
+    fn local_point(&self, point: Lsn) -> Lsn {
+        let after = self.history.partition_point(|lsn| *lsn <= point);
+        if after == 0 { Lsn::ZERO } else { self.history[after - 1] }
+    }
+
+    fn trim_history(&mut self, min_read_point: Lsn) {
+        while self.history.len() >= 2 && self.history[1] <= min_read_point {
+            self.history.pop_front();
+        }
+    }
 }
 
 /// A frame to send to a node.
@@ -238,6 +261,7 @@ impl<W> WriterCore<W> {
             fields.encode_into(&mut self.encode_buffer);
             let encoded = self.encode_buffer.split().freeze();
             log.last_lsn = lsn;
+            log.history.push_back(lsn);
             log.unsent.push((lsn, encoded));
             self.tracker.record_allocated(lsn, pg, consistency_point);
         }
@@ -297,6 +321,8 @@ impl<W> WriterCore<W> {
                 log.retained.push_back((lsn, encoded));
             }
             let Some(&(last, _)) = log.retained.back() else { continue };
+            log.trim_history(min_read_point);
+            let pg_min_read_point = log.local_point(min_read_point);
             let mut frames_from: HashMap<Lsn, Vec<Bytes>> = HashMap::new();
             for (replica, link) in log.links.iter_mut().enumerate() {
                 if !link.connected || link.sent_up_to >= last {
@@ -304,7 +330,7 @@ impl<W> WriterCore<W> {
                 }
                 let frames = frames_from.entry(link.sent_up_to).or_insert_with(|| {
                     let start = log.retained.partition_point(|(lsn, _)| *lsn <= link.sent_up_to);
-                    append_frames(pg, self.epoch, durable, min_read_point, log.retained.range(start..))
+                    append_frames(pg, self.epoch, durable, pg_min_read_point, log.retained.range(start..))
                 });
                 let node = self.geometry.segments[pg_index][replica].node;
                 outgoing.extend(frames.iter().map(|frame| Outgoing { node, frame: frame.clone() }));
@@ -438,15 +464,22 @@ impl<W> WriterCore<W> {
         self.read_points.keys().next().copied().unwrap_or(self.tracker.volume_durable_lsn())
     }
 
-    /// Segments of `pg` known complete at `read_point`, best first: connected
-    /// ones with the lowest mean read latency, rotating among equals.
-    pub fn read_targets(&mut self, pg: PgId, read_point: Lsn) -> Vec<(ReplicaIndex, NodeId)> {
+    /// The read point to send to `pg` for a volume read point (which must
+    /// be at or above MRPL): the PG's last LSN at or below it.
+    pub fn pg_read_point(&self, pg: PgId, read_point: Lsn) -> Lsn {
+        self.pgs.get(pg.0 as usize).map_or(Lsn::ZERO, |log| log.local_point(read_point))
+    }
+
+    /// Segments of `pg` known complete at `pg_read_point` (see
+    /// [`Self::pg_read_point`]), best first: connected ones with the lowest
+    /// mean read latency, rotating among equals.
+    pub fn read_targets(&mut self, pg: PgId, pg_read_point: Lsn) -> Vec<(ReplicaIndex, NodeId)> {
         let Some(log) = self.pgs.get(pg.0 as usize) else { return Vec::new() };
         let mut targets: Vec<(u64, usize, ReplicaIndex, NodeId)> = log
             .links
             .iter()
             .enumerate()
-            .filter(|(_, link)| link.connected && link.complete >= read_point)
+            .filter(|(_, link)| link.connected && !link.fell_behind && link.complete >= pg_read_point)
             .map(|(replica, _)| {
                 let node = self.geometry.segments[pg.0 as usize][replica].node;
                 let latency = self.read_latency.get(&node).copied().unwrap_or(0);
@@ -701,6 +734,31 @@ mod tests {
         assert_eq!(writer.points().min_read_point, Lsn(1), "an active read holds MRPL back");
         writer.end_read(point);
         assert_eq!(writer.points().min_read_point, Lsn(2));
+    }
+
+    #[test]
+    fn reads_and_mrpl_use_the_pgs_own_last_lsn() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(2), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        connect_all(&mut writer, 1);
+        writer.allocate(&[write(16, 1)]).expect("room"); // LSN 1 in PG 1
+        writer.allocate(&[write(0, 1), write(1, 1)]).expect("room"); // LSNs 2-3 in PG 0
+        writer.flush(0);
+        for replica in 0..6 {
+            writer.acknowledged(PgId(1), ReplicaIndex(replica), Lsn(1), 1);
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(3), 1);
+        }
+        let point = writer.begin_read();
+        assert_eq!(point, Lsn(3));
+        assert_eq!(writer.pg_read_point(PgId(1), point), Lsn(1), "PG 1 has nothing above LSN 1");
+        assert_eq!(writer.read_targets(PgId(1), Lsn(1)).len(), 6, "SCL 1 is complete for PG 1 at volume point 3");
+        assert_eq!(writer.pg_read_point(PgId(0), point), Lsn(3));
+        writer.end_read(point);
+        writer.allocate(&[write(0, 2)]).expect("room"); // LSN 4 in PG 0
+        writer.allocate(&[write(17, 2)]).expect("room"); // LSN 5 in PG 1
+        let frames = writer.flush(2);
+        let to_pg1 = frames.iter().map(|out| decode_append(&out.frame)).find(|append| append.pg == PgId(1)).unwrap();
+        assert_eq!(to_pg1.min_read_point, Lsn(1), "MRPL 3 is LSN 1 in PG 1's own terms");
     }
 
     #[test]

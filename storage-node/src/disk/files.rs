@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -24,6 +25,8 @@ pub struct LogFiles {
     /// Its lock also serializes every creation in the directory, so two
     /// creators never share a temporary file.
     preparing: Mutex<Preparation>,
+    /// The highest file whose successor's preparation was considered.
+    prepared_after: AtomicU64,
 }
 
 fn file_name(number: u64) -> String {
@@ -66,6 +69,7 @@ impl LogFiles {
             file_bytes,
             open: Mutex::new(BTreeMap::new()),
             preparing: Mutex::new(None),
+            prepared_after: AtomicU64::new(0),
         })
     }
 
@@ -91,8 +95,7 @@ impl LogFiles {
             .collect()
     }
 
-    /// The open file `number`, creating (zero-filled) it if needed, and
-    /// starting to prepare the one after it.
+    /// The open file `number`, creating (zero-filled) it if needed.
     pub fn file(&self, number: u64) -> io::Result<Arc<File>> {
         if let Some(file) = self.open.lock().get(&number) {
             return Ok(file.clone());
@@ -120,10 +123,23 @@ impl LogFiles {
             None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes)?),
         };
         self.open.lock().insert(number, file.clone());
-        let next = number + 1;
-        if !self.directory.join(file_name(next)).exists() {
-            let (directory, file_bytes) = (self.directory.clone(), self.file_bytes);
-            *preparing = Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes))));
+        Ok(file)
+    }
+
+    /// The open file for a write that ends at `end` in file `number`. Once a
+    /// write passes the middle of a file, the next file is zero-filled in the
+    /// background (not at once: six nodes preparing files together would
+    /// saturate the one disk the logs are flushed to).
+    pub fn file_for_write(&self, number: u64, end: u64) -> io::Result<Arc<File>> {
+        let file = self.file(number)?;
+        if end > self.file_bytes / 2 && self.prepared_after.load(Ordering::Relaxed) < number {
+            self.prepared_after.store(number, Ordering::Relaxed);
+            let mut preparing = self.preparing.lock();
+            let next = number + 1;
+            if preparing.is_none() && !self.directory.join(file_name(next)).exists() {
+                let (directory, file_bytes) = (self.directory.clone(), self.file_bytes);
+                *preparing = Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes))));
+            }
         }
         Ok(file)
     }

@@ -25,10 +25,12 @@ impl StdFileDisk {
         std::thread::Builder::new().name("segment-disk".into()).spawn(move || {
             // Ends when the disk (the only sender) is dropped.
             for (write, done) in queue {
-                let result = worker_files.file(write.position.file).and_then(|file| {
-                    file.write_all_at(&write.bytes, write.position.offset)?;
-                    file.sync_data()
-                });
+                let result = worker_files
+                    .file_for_write(write.position.file, write.position.offset + write.bytes.len() as u64)
+                    .and_then(|file| {
+                        file.write_all_at(&write.bytes, write.position.offset)?;
+                        file.sync_data()
+                    });
                 done(result);
             }
         })?;

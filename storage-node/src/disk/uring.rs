@@ -191,7 +191,7 @@ impl LogDisk for UringDisk {
     }
 
     fn write_durable(&self, write: LogWrite, done: WriteDone) -> Option<io::Result<()>> {
-        match self.files.file(write.position.file) {
+        match self.files.file_for_write(write.position.file, write.position.offset + write.bytes.len() as u64) {
             Ok(file) => {
                 self.ring.submit(Job::Write { file, write, done });
                 None
