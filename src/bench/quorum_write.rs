@@ -449,7 +449,11 @@ pub fn render(report: &QuorumWriteReport) -> String {
             micros(run.latency_us.p999_us),
             micros(run.latency_us.max_us),
             versus,
-            format!("{:.2}x (a)", run.p50_over_single_baseline),
+            if report.baseline_single_fdatasync_us.is_some() {
+                format!("{:.2}x (a)", run.p50_over_single_baseline)
+            } else {
+                "-".into()
+            },
             format!("{:.0}", run.bytes_sent_per_commit),
         ]);
     }

@@ -46,13 +46,24 @@ impl TcpTransport {
     }
 }
 
+/// Sends queued frames, coalescing those that are ready into one write.
+/// With a delay, a frame leaves `delay` after it was queued; coalescing
+/// takes only frames already due, so a steady stream is not held back.
 async fn write_loop(
     mut write: tokio::net::tcp::OwnedWriteHalf,
     mut queue: mpsc::Receiver<Outbound>,
     delay: Option<Duration>,
 ) {
     let mut buffer = Vec::with_capacity(64 * 1024);
-    while let Some(first) = queue.recv().await {
+    let mut not_yet_due: Option<Outbound> = None;
+    loop {
+        let first = match not_yet_due.take() {
+            Some(frame) => frame,
+            None => match queue.recv().await {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
         if let Some(delay) = delay {
             tokio::time::sleep_until(first.queued_at + delay).await;
         }
@@ -60,12 +71,11 @@ async fn write_loop(
         buffer.extend_from_slice(&first.frame);
         while buffer.len() < COALESCED_WRITE_BYTES_MAX {
             match queue.try_recv() {
-                Ok(next) => {
-                    if let Some(delay) = delay {
-                        tokio::time::sleep_until(next.queued_at + delay).await;
-                    }
-                    buffer.extend_from_slice(&next.frame);
+                Ok(next) if delay.is_some_and(|delay| next.queued_at + delay > tokio::time::Instant::now()) => {
+                    not_yet_due = Some(next);
+                    break;
                 }
+                Ok(next) => buffer.extend_from_slice(&next.frame),
                 Err(_) => break,
             }
         }

@@ -7,11 +7,12 @@
 //!   oneshots completed from here: no thread blocks per commit.
 //! - one **ticker**: lets the core retransmit to segments that went silent.
 //!
-//! A writer sends its own records at once, under the core lock (so frames
-//! leave in LSN order): there is no flusher task to wake, which would add a
-//! task hop to every commit. Concurrent commits still share work: each
-//! connection's sender coalesces queued frames into one socket write, and
-//! each segment groups everything that arrived into one fdatasync.
+//! Sending is *combined*: the writer that finds no send in progress becomes
+//! the sender, ships everything queued, then looks again and ships what
+//! other writers queued meanwhile, until nothing is left. A lone writer thus
+//! sends its own record at once (no task hop), and under load one frame per
+//! PG carries many commits (group commit on the wire). Only one sender runs
+//! at a time, so frames leave in LSN order.
 //!
 //! Page reads go to the best segment complete at the read point; if no
 //! answer comes within the hedging delay, the same read goes to a second
@@ -25,7 +26,7 @@ use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -109,6 +110,9 @@ struct Shared {
     /// Read request id -> where its answer goes.
     reads: Mutex<HashMap<u64, mpsc::Sender<ReadReply>>>,
     next_request: AtomicU64,
+    /// A task is sending queued frames (see [`send_queued`]); changed only
+    /// under the core lock.
+    sending: AtomicBool,
     /// Signalled when VDL moves: allocations blocked on the limit retry.
     durable_advanced: Notify,
     /// Status answers during `open`: (pg, replica) -> SCL.
@@ -149,6 +153,7 @@ impl VolumeClient {
             senders: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            sending: AtomicBool::new(false),
             durable_advanced: Notify::new(),
             opening: Mutex::new(BTreeMap::new()),
             status_arrived: Notify::new(),
@@ -220,10 +225,15 @@ impl VolumeClient {
             tokio::pin!(advanced);
             advanced.as_mut().enable();
             {
-                let mut core = self.shared.core.lock();
-                match core.allocate(changes) {
+                let allocated = self.shared.core.lock().allocate(changes);
+                match allocated {
                     Ok(lsn) => {
-                        flush_and_send(&self.shared, &mut core);
+                        if !self.shared.sending.load(Ordering::Acquire) {
+                            // Let writers that are ready to run queue their
+                            // records first, so they share this send.
+                            tokio::task::yield_now().await;
+                            send_queued(&self.shared);
+                        }
                         return Ok(lsn);
                     }
                     Err(AllocationError::LimitReached { .. }) => {}
@@ -351,14 +361,36 @@ fn send_to(shared: &Shared, node: NodeId, frame: Bytes) -> bool {
     sender.is_some_and(|sender| sender.try_send(frame).is_ok())
 }
 
-/// Sends everything the core has for the segments, under the core lock.
-fn flush_and_send(shared: &Shared, core: &mut WriterCore<oneshot::Sender<()>>) {
-    for out in core.flush(shared.now_micros()) {
-        if !send_to(shared, out.node, out.frame) {
+/// Sends everything the core has for the segments, unless another task is
+/// already sending (it will pick up what is queued before it stops).
+fn send_queued(shared: &Shared) {
+    let mut outgoing = {
+        let mut core = shared.core.lock();
+        if shared.sending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        core.flush(shared.now_micros())
+    };
+    loop {
+        let failed: Vec<NodeId> = outgoing
+            .drain(..)
+            .filter(|out| !send_to(shared, out.node, out.frame.clone()))
+            .map(|out| out.node)
+            .collect();
+        let mut core = shared.core.lock();
+        for node in failed {
+            debug!(%node, "send failed: resending from SCL");
             // Not connected or queue full: resend from SCL later.
-            for (pg, replica) in shared.config.geometry.segments_on(out.node) {
+            for (pg, replica) in shared.config.geometry.segments_on(node) {
                 core.resend_from_complete(pg, replica);
             }
+        }
+        outgoing = core.flush(shared.now_micros());
+        if outgoing.is_empty() {
+            // Cleared under the core lock: a writer that allocates after this
+            // sees `false` and sends its own records.
+            shared.sending.store(false, Ordering::Release);
+            return;
         }
     }
 }
@@ -368,9 +400,9 @@ async fn run_ticker(shared: Arc<Shared>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let mut core = shared.core.lock();
-        if core.tick(shared.now_micros()) {
-            flush_and_send(&shared, &mut core);
+        let due = shared.core.lock().tick(shared.now_micros());
+        if due {
+            send_queued(&shared);
         }
     }
 }
@@ -453,9 +485,9 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
             let before = core.points().volume_durable;
             let woken = core.segment_connected(status.pg, replica, status.segment_complete_lsn, now);
             let advanced = core.points().volume_durable > before;
-            flush_and_send(shared, &mut core);
             drop(core);
             shared.complete(woken, advanced);
+            send_queued(shared);
         }
         Message::PageImage(image) => {
             if let Some(reply) = shared.reads.lock().get(&image.request_id) {

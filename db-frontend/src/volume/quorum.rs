@@ -14,7 +14,8 @@
 //!
 //! Invariants, asserted: PGCL, VCL and VDL never move backwards; VDL <= VCL
 //! <= the highest allocated LSN. A segment's own SCL view may drop (a
-//! restarted segment lost an unacknowledged tail), which never lowers PGCL.
+//! restarted segment found corruption in the middle of its log), which never
+//! lowers PGCL.
 
 use common::ids::{Lsn, PgId, ReplicaIndex};
 use std::collections::{BTreeSet, VecDeque};

@@ -401,10 +401,25 @@ impl<W> WriterCore<W> {
 
     /// A connection to a segment opened and its status says SCL `complete`:
     /// everything above it is sent again on the next flush.
+    ///
+    /// A segment that lost acknowledged records (corruption found on
+    /// restart) reports a lower SCL than before; the writer believes the
+    /// report and resends from there. If retention no longer holds the
+    /// records it lost, it is marked as needing repair from its peers.
     pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Vec<W> {
-        if let Some(link) = self.pgs.get_mut(pg.0 as usize).map(|log| &mut log.links[replica.0 as usize]) {
+        if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
+            let oldest_retained = log.retained.front().map(|(lsn, _)| *lsn);
+            let link = &mut log.links[replica.0 as usize];
+            if complete < link.complete {
+                tracing::warn!(%pg, replica = replica.0, before = %link.complete, now = %complete, "segment came back with a lower SCL");
+                let resendable = oldest_retained.is_some_and(|oldest| oldest <= complete.next());
+                if !resendable {
+                    link.fell_behind = true;
+                }
+                link.complete = complete;
+            }
             link.connected = true;
-            link.sent_up_to = complete.max(link.complete);
+            link.sent_up_to = link.complete;
             link.waiting_since = None;
         }
         self.acknowledged(pg, replica, complete, now_micros)
@@ -435,6 +450,7 @@ impl<W> WriterCore<W> {
         for log in &mut self.pgs {
             for link in &mut log.links {
                 if link.waiting_since.is_some_and(|since| now_micros.saturating_sub(since) >= RETRANSMIT_AFTER_MICROS) {
+                    tracing::debug!(complete = %link.complete, sent_up_to = %link.sent_up_to, "segment silent: resending");
                     link.sent_up_to = link.complete;
                     link.waiting_since = None;
                 }
@@ -689,6 +705,28 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_back_with_a_lower_scl_is_believed_and_flagged_when_retention_is_gone() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        for byte in 1..=3 {
+            writer.allocate(&[write(0, byte)]).expect("room");
+        }
+        writer.flush(0);
+        for replica in 0..6 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(3), 1);
+        }
+        assert_eq!(writer.retained_bytes(), 0);
+        // Replica 2 restarts having lost LSNs 2-3 to corruption.
+        writer.segment_disconnected(PgId(0), ReplicaIndex(2));
+        writer.segment_connected(PgId(0), ReplicaIndex(2), Lsn(1), 2);
+        let view = &writer.segments()[2];
+        assert_eq!(view.complete, Lsn(1));
+        assert!(view.fell_behind, "records 2-3 are no longer retained: repair must come from peers");
+        assert!(writer.read_targets(PgId(0), Lsn(1)).iter().all(|(replica, _)| replica.0 != 2));
+        assert_eq!(writer.pg_complete_lsn(PgId(0)), Lsn(3), "PGCL never goes back");
+    }
+
+    #[test]
     fn silence_past_the_retransmit_delay_resends() {
         let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
         connect_all(&mut writer, 0);
@@ -759,6 +797,31 @@ mod tests {
         let frames = writer.flush(2);
         let to_pg1 = frames.iter().map(|out| decode_append(&out.frame)).find(|append| append.pg == PgId(1)).unwrap();
         assert_eq!(to_pg1.min_read_point, Lsn(1), "MRPL 3 is LSN 1 in PG 1's own terms");
+    }
+
+    /// Two segments that acknowledge 20 ms late still get each record once:
+    /// slowness that keeps making progress is not silence.
+    #[test]
+    fn slow_but_progressing_segments_are_not_sent_records_twice() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 1_000_000);
+        connect_all(&mut writer, 0);
+        let mut records_sent = 0;
+        let lag = 200; // commits, at one per 100 µs: 20 ms
+        for step in 1..=3_000u64 {
+            let now = step * 100;
+            writer.allocate(&[write(step % 16, 1)]).expect("room");
+            records_sent += writer.flush(now).iter().map(|out| decode_append(&out.frame).records.len()).sum::<usize>();
+            for replica in 0..4 {
+                writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(step), now);
+            }
+            if step > lag {
+                for replica in 4..6 {
+                    writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(step - lag), now);
+                }
+            }
+            writer.tick(now);
+        }
+        assert_eq!(records_sent, 6 * 3_000);
     }
 
     #[test]

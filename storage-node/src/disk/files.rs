@@ -10,6 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
+/// Background zero-filling goes in small flushed steps with pauses between
+/// them, so it never floods the device queue that log fdatasyncs wait in.
+const PACED_CHUNK_BYTES: usize = 256 * 1024;
+const PACED_PAUSE: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// The next log file being zero-filled in the background: its number and
 /// the thread that returns it.
@@ -39,15 +43,22 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
 
 /// Creates `number` filled with zeros, durably, under a temporary name first
 /// so a crash never leaves a half-zeroed file that looks like a log file.
-fn create_zeroed(directory: &Path, number: u64, file_bytes: u64) -> io::Result<File> {
+/// With `paced`, the zeros go out in flushed steps with pauses (background
+/// preparation); without, as fast as possible (a log waiting for the file).
+fn create_zeroed(directory: &Path, number: u64, file_bytes: u64, paced: bool) -> io::Result<File> {
     let temporary = directory.join(format!("{}.tmp", file_name(number)));
     let mut file = OpenOptions::new().create(true).truncate(true).write(true).read(true).open(&temporary)?;
-    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let step = if paced { PACED_CHUNK_BYTES } else { ZERO_CHUNK_BYTES };
+    let zeros = vec![0u8; step];
     let mut remaining = file_bytes;
     while remaining > 0 {
-        let chunk = remaining.min(ZERO_CHUNK_BYTES as u64) as usize;
+        let chunk = remaining.min(step as u64) as usize;
         file.write_all(&zeros[..chunk])?;
         remaining -= chunk as u64;
+        if paced {
+            file.sync_data()?;
+            std::thread::sleep(PACED_PAUSE);
+        }
     }
     file.sync_all()?;
     fs::rename(&temporary, directory.join(file_name(number)))?;
@@ -120,25 +131,26 @@ impl LogFiles {
         let file = match prepared {
             Some(file) => Arc::new(file),
             None if path.exists() => Arc::new(OpenOptions::new().read(true).write(true).open(&path)?),
-            None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes)?),
+            None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes, false)?),
         };
         self.open.lock().insert(number, file.clone());
         Ok(file)
     }
 
     /// The open file for a write that ends at `end` in file `number`. Once a
-    /// write passes the middle of a file, the next file is zero-filled in the
-    /// background (not at once: six nodes preparing files together would
-    /// saturate the one disk the logs are flushed to).
+    /// write passes a quarter of a file, the next file is zero-filled in the
+    /// background, paced (not at once: six nodes preparing files together
+    /// would saturate the one disk the logs are flushed to).
     pub fn file_for_write(&self, number: u64, end: u64) -> io::Result<Arc<File>> {
         let file = self.file(number)?;
-        if end > self.file_bytes / 2 && self.prepared_after.load(Ordering::Relaxed) < number {
+        if end > self.file_bytes / 4 && self.prepared_after.load(Ordering::Relaxed) < number {
             self.prepared_after.store(number, Ordering::Relaxed);
             let mut preparing = self.preparing.lock();
             let next = number + 1;
             if preparing.is_none() && !self.directory.join(file_name(next)).exists() {
                 let (directory, file_bytes) = (self.directory.clone(), self.file_bytes);
-                *preparing = Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes))));
+                *preparing =
+                    Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes, true))));
             }
         }
         Ok(file)

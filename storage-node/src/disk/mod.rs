@@ -10,7 +10,7 @@
 //!
 //! Log files are preallocated by writing zeros once (a later fdatasync then
 //! flushes only data, not the file size), and the next file is prepared in
-//! the background once the log passes the middle of the current one.
+//! the background, paced, once the log passes a quarter of the current one.
 
 mod files;
 mod memory;
