@@ -3,7 +3,8 @@
 //!
 //! - No acknowledged commit is lost when any two nodes are killed and
 //!   restarted during writes: every segment, read directly, holds exactly
-//!   what was acknowledged, also after the whole cluster crashes.
+//!   what was acknowledged, also after the whole cluster crashes (on both
+//!   disk backends, std files and io_uring).
 //! - A corrupted record on disk is found by its CRC on restart and never
 //!   served: the segment refuses reads above the hole instead.
 //! - Malformed, oversized and wrong-version frames close only their own
@@ -34,7 +35,11 @@ const WRITERS: usize = 4;
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn options(directory: &std::path::Path) -> ClusterOptions {
-    let mut options = ClusterOptions::new(directory, DiskBackend::Std);
+    options_on(directory, DiskBackend::Std)
+}
+
+fn options_on(directory: &std::path::Path, backend: DiskBackend) -> ClusterOptions {
+    let mut options = ClusterOptions::new(directory, backend);
     options.pg_count = PG_COUNT;
     options.page_bytes = PAGE_BYTES;
     options.pg_bytes = PAGES_PER_PG * PAGE_BYTES as u64;
@@ -132,9 +137,9 @@ async fn verify_every_segment(cluster: &LocalCluster, model: &BTreeMap<u64, [u64
     }
 }
 
-async fn kill_two_during_writes(pair: (usize, usize)) {
+async fn kill_two_during_writes(pair: (usize, usize), backend: DiskBackend) {
     let directory = tempfile::tempdir().expect("temp dir");
-    let mut cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+    let mut cluster = LocalCluster::start(&options_on(directory.path(), backend)).await.expect("cluster");
     let client = Arc::new(cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume"));
     let model: Model = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -176,12 +181,18 @@ async fn futures_total(writers: Vec<tokio::task::JoinHandle<u64>>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commits_survive_killing_two_nodes_in_one_az() {
-    tokio::time::timeout(TEST_TIMEOUT, kill_two_during_writes((0, 3))).await.expect("in time");
+    tokio::time::timeout(TEST_TIMEOUT, kill_two_during_writes((0, 3), DiskBackend::Std)).await.expect("in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commits_survive_killing_two_nodes_in_two_azs() {
-    tokio::time::timeout(TEST_TIMEOUT, kill_two_during_writes((1, 5))).await.expect("in time");
+    tokio::time::timeout(TEST_TIMEOUT, kill_two_during_writes((1, 5), DiskBackend::Std)).await.expect("in time");
+}
+
+/// The same crash test with every node on the io_uring backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_commits_survive_killing_two_io_uring_nodes() {
+    tokio::time::timeout(TEST_TIMEOUT, kill_two_during_writes((2, 4), DiskBackend::IoUring)).await.expect("in time");
 }
 
 /// Flips one byte of a record payload in a node's log; the restarted node
