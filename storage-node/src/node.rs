@@ -32,6 +32,8 @@ use tracing::{debug, error, info, warn};
 
 /// How often idle segments get a chance to coalesce and clean.
 const BACKGROUND_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a node waits for its new segments' first log write at start.
+const SEGMENT_CREATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a node could not start.
 #[derive(Debug, Error)]
@@ -223,8 +225,22 @@ impl StorageNode {
             recovery.insert(segment.pg, report);
             first_actions.push((driver, actions));
         }
+        let mut started = Vec::with_capacity(first_actions.len());
         for (driver, actions) in first_actions {
             driver.run(actions);
+            started.push(driver);
+        }
+        // A new segment serves only once its first checkpoint (and with it the
+        // zero-filled first log file) is durable: otherwise the first appends
+        // would wait behind that file's creation.
+        let deadline = tokio::time::Instant::now() + SEGMENT_CREATION_TIMEOUT;
+        while started.iter().any(|driver| !driver.core.lock().is_idle()) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(NodeError::Config(format!(
+                    "new segments were not durably created within {SEGMENT_CREATION_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let mut listener = transport.bind(config.listen_address.clone()).await?;
         let local_address = listener.local_address().to_string();

@@ -362,6 +362,11 @@ impl SegmentCore {
     }
 
     /// Bytes queued behind the in-flight write.
+    /// No log write is in flight (a new segment's first checkpoint is durable).
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_none()
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }
