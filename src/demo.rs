@@ -140,6 +140,10 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         LatencySummary::of(&during.latency).p50_us
     );
     ensure!(during.commits > 0, "writes stopped with only two nodes down");
+    println!(
+        "   the writer keeps {} KiB of records the two dead segments have not acknowledged, to resend later",
+        client.retained_bytes() / 1024
+    );
     let points = client.points();
     println!("{}", segment_table(&cluster, points.volume_complete));
 

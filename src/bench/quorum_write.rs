@@ -98,24 +98,6 @@ pub struct QuorumWriteOptions {
 }
 
 impl QuorumWriteOptions {
-    /// The defaults, for callers that are not the command line.
-    pub fn new(writers: usize, duration: f64) -> Self {
-        QuorumWriteOptions {
-            writers,
-            record_bytes: 128,
-            duration,
-            slow_nodes: 0,
-            slow_ms: 20,
-            down: 0,
-            disk: DiskMode::Real,
-            backend: FileBackend::Std,
-            baseline_seconds: 3.0,
-            data_dir: None,
-            json: None,
-            plot: None,
-        }
-    }
-
     fn validate(&self) -> Result<()> {
         if self.writers == 0 || self.writers > WRITERS_MAX {
             bail!("--writers must be between 1 and {WRITERS_MAX}, not {}", self.writers);

@@ -163,8 +163,10 @@ struct StoredVersion {
 #[derive(Debug, Default)]
 struct PageChain {
     versions: BTreeMap<Lsn, StoredVersion>,
-    /// Durable records of this page (above SCL too).
-    records: BTreeSet<Lsn>,
+    /// Durable records of this page (above SCL too), ascending. A sorted
+    /// vector: chains are short (coalescing cuts them), and most pages have
+    /// one or two records, for which a tree node would cost far more.
+    records: Vec<Lsn>,
 }
 
 impl PageChain {
@@ -172,8 +174,26 @@ impl PageChain {
         self.versions.keys().next_back().copied().unwrap_or(Lsn::ZERO)
     }
 
+    /// Index of the first record above `lsn`.
+    fn first_above(&self, lsn: Lsn) -> usize {
+        self.records.partition_point(|record| *record <= lsn)
+    }
+
+    /// The page's records in `(above, up_to]`.
+    fn records_between(&self, above: Lsn, up_to: Lsn) -> &[Lsn] {
+        let start = self.first_above(above);
+        &self.records[start..self.first_above(up_to).max(start)]
+    }
+
+    fn insert_record(&mut self, lsn: Lsn) {
+        let at = self.first_above(lsn);
+        if at == 0 || self.records[at - 1] != lsn {
+            self.records.insert(at, lsn);
+        }
+    }
+
     fn records_above_newest_version(&self) -> usize {
-        self.records.range((Excluded(self.newest_version_lsn()), Included(Lsn(u64::MAX)))).count()
+        self.records.len() - self.first_above(self.newest_version_lsn())
     }
 }
 
@@ -534,7 +554,7 @@ impl SegmentCore {
 
     fn insert_durable_record(&mut self, record: RedoRecord, file: u64) {
         let lsn = record.lsn;
-        self.pages.entry(record.page).or_default().records.insert(lsn);
+        self.pages.entry(record.page).or_default().insert_record(lsn);
         self.records.insert(lsn, StoredRecord { record, file });
         *self.file_live.entry(file).or_default() += 1;
         self.file_records.entry(file).or_default().push(lsn);
@@ -613,7 +633,7 @@ impl SegmentCore {
             None => (Lsn::ZERO, vec![0u8; self.config.page_bytes]),
         };
         let mut applied = base_lsn;
-        for lsn in chain.records.range((Excluded(base_lsn), Included(read_point))) {
+        for lsn in chain.records_between(base_lsn, read_point) {
             let record = &self.records[lsn].record;
             if record.prev_page_lsn != applied {
                 return Err(format!(
@@ -646,9 +666,8 @@ impl SegmentCore {
             let version = chain.versions.remove(&lsn).expect("listed above");
             Self::release(&mut self.file_live, version.file);
         }
-        let subsumed: Vec<Lsn> = chain.records.range(..=keep).copied().collect();
-        for lsn in subsumed {
-            chain.records.remove(&lsn);
+        let subsumed = chain.first_above(keep);
+        for lsn in chain.records.drain(..subsumed) {
             let stored = self.records.remove(&lsn).expect("page chain lists only stored records");
             Self::release(&mut self.file_live, stored.file);
         }
@@ -668,7 +687,7 @@ impl SegmentCore {
             if newest >= bound {
                 continue;
             }
-            let Some(target) = chain.records.range((Excluded(newest), Included(bound))).next_back().copied() else {
+            let Some(&target) = chain.records_between(newest, bound).last() else {
                 continue;
             };
             self.coalesce_queue.remove(&page);
