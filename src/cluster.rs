@@ -10,7 +10,7 @@
 
 use anyhow::{Context, Result, bail};
 use common::ids::{AzId, NodeId, PgId};
-use common::transport::{TcpTransport, Transport};
+use common::transport::{MemoryNetwork, TcpTransport, Transport};
 use db_frontend::volume::client::{VolumeClient, VolumeConfig};
 use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, VolumeGeometry};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,9 @@ pub struct ClusterOptions {
     pub log_file_bytes: u64,
     /// Delay on every frame node `i` sends (its acknowledgements).
     pub send_delays: Vec<(usize, Duration)>,
+    /// Run the nodes on this simulated network (with its faults) instead of
+    /// loopback TCP; node `i` listens at `node-i`. `send_delays` is ignored.
+    pub memory_network: Option<MemoryNetwork>,
 }
 
 impl ClusterOptions {
@@ -49,6 +52,7 @@ impl ClusterOptions {
             page_bytes: PAGE_BYTES_DEFAULT,
             log_file_bytes: 32 * 1024 * 1024,
             send_delays: Vec::new(),
+            memory_network: None,
         }
     }
 }
@@ -65,6 +69,7 @@ struct NodeSlot {
 pub struct LocalCluster {
     slots: Vec<NodeSlot>,
     geometry: VolumeGeometry,
+    memory_network: Option<MemoryNetwork>,
 }
 
 impl LocalCluster {
@@ -77,13 +82,14 @@ impl LocalCluster {
         for index in 0..NODE_COUNT {
             let node = NodeId(index as u32);
             let delay = options.send_delays.iter().find(|(slow, _)| *slow == index).map(|(_, delay)| *delay);
-            let transport: Arc<dyn Transport> = match delay {
-                Some(delay) => Arc::new(TcpTransport::with_send_delay(delay)),
-                None => Arc::new(TcpTransport::new()),
+            let (transport, listen_address): (Arc<dyn Transport>, String) = match (&options.memory_network, delay) {
+                (Some(network), _) => (Arc::new(network.clone()), format!("node-{index}")),
+                (None, Some(delay)) => (Arc::new(TcpTransport::with_send_delay(delay)), "127.0.0.1:0".into()),
+                (None, None) => (Arc::new(TcpTransport::new()), "127.0.0.1:0".into()),
             };
             let config = NodeConfig {
                 node,
-                listen_address: "127.0.0.1:0".into(),
+                listen_address,
                 data_directory: options.data_directory.join(format!("node-{index}")),
                 disk: options.disk,
                 memory_store: memory_store.clone(),
@@ -125,7 +131,7 @@ impl LocalCluster {
             options.page_bytes,
         )
         .map_err(anyhow::Error::msg)?;
-        Ok(LocalCluster { slots, geometry })
+        Ok(LocalCluster { slots, geometry, memory_network: options.memory_network.clone() })
     }
 
     pub fn geometry(&self) -> &VolumeGeometry {
@@ -158,6 +164,9 @@ impl LocalCluster {
     pub fn kill(&mut self, index: usize) {
         if let Some(node) = self.slots[index].running.take() {
             node.stop();
+            if let Some(network) = &self.memory_network {
+                network.unbind(node.local_address());
+            }
         }
     }
 

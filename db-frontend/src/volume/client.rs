@@ -39,6 +39,8 @@ use super::writer::{AllocationError, LogPoints, PageChange, SegmentView, WriterC
 
 /// How often the ticker runs.
 const TICK_INTERVAL: Duration = Duration::from_millis(20);
+/// How often a connection repeats status requests that got no answer.
+const STATUS_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -440,25 +442,38 @@ async fn serve_node_connection(
     mut connection: Connection,
 ) {
     shared.senders.lock().insert(node, connection.sender.clone());
-    for pg in replica_of.keys() {
-        let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let request = Message::StatusRequest(StatusRequest { request_id, pg: *pg });
-        if connection.sender.try_send(request.encode()).is_err() {
-            return;
-        }
-    }
-    while let Some(frame) = connection.receiver.recv().await {
-        let decoded = frame
-            .map_err(|error| error.to_string())
-            .and_then(|frame| Message::decode(&frame).map_err(|error| error.to_string()));
-        let message = match decoded {
-            Ok(message) => message,
-            Err(reason) => {
-                warn!(%node, reason, "closing connection to storage node: bad frame");
-                return;
+    // A segment counts as connected once its status arrives; the request (or
+    // the answer) may be lost, so it is repeated until every segment answered.
+    let mut ask_status = tokio::time::interval(STATUS_RETRY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ask_status.tick() => {
+                let unanswered: Vec<PgId> = {
+                    let core = shared.core.lock();
+                    replica_of.iter().filter(|(pg, replica)| !core.is_connected(**pg, **replica)).map(|(pg, _)| *pg).collect()
+                };
+                for pg in unanswered {
+                    let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+                    let request = Message::StatusRequest(StatusRequest { request_id, pg });
+                    if connection.sender.try_send(request.encode()).is_err() {
+                        return;
+                    }
+                }
             }
-        };
-        handle_node_message(shared, node, replica_of, message);
+            frame = connection.receiver.recv() => {
+                let Some(frame) = frame else { return };
+                let decoded = frame
+                    .map_err(|error| error.to_string())
+                    .and_then(|frame| Message::decode(&frame).map_err(|error| error.to_string()));
+                match decoded {
+                    Ok(message) => handle_node_message(shared, node, replica_of, message),
+                    Err(reason) => {
+                        warn!(%node, reason, "closing connection to storage node: bad frame");
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

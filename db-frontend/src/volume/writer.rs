@@ -425,6 +425,11 @@ impl<W> WriterCore<W> {
         self.acknowledged(pg, replica, complete, now_micros)
     }
 
+    /// Whether the segment answered a status request on its current connection.
+    pub fn is_connected(&self, pg: PgId, replica: ReplicaIndex) -> bool {
+        self.pgs.get(pg.0 as usize).is_some_and(|log| log.links[replica.0 as usize].connected)
+    }
+
     /// The connection to a segment closed.
     pub fn segment_disconnected(&mut self, pg: PgId, replica: ReplicaIndex) {
         if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
