@@ -1,9 +1,11 @@
-//! An in-memory disk that keeps the *written* and the *durable* images apart.
+//! An in-memory disk holding the *durable* image of a segment's log.
 //!
 //! A write here is durable once `write_durable` returns (it stands for a
-//! write + fdatasync that completed). [`MemoryDisk::crash`] models power
-//! loss during a write: the durable image plus, optionally, a torn prefix of
-//! the write that was in flight.
+//! write + fdatasync that completed), so a killed node loses nothing that
+//! was acknowledged, and everything a write that never started would have
+//! held. [`MemoryDisk::crash_during`] models power loss in the middle of a
+//! write: only a prefix of it reaches the medium (a torn tail), and
+//! [`MemoryDisk::corrupt`] models bit rot.
 
 use super::{LogDisk, WriteDone};
 use crate::log_format::LogPosition;

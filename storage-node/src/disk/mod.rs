@@ -4,9 +4,9 @@
 //! - [`UringDisk`]: one io_uring per node; each log write is a `write` SQE
 //!   linked to an `fsync(DATASYNC)` SQE, so many segments' writes and flushes
 //!   are in flight at once from a single thread.
-//! - [`MemoryDisk`]: keeps the *written* and the *durable* image apart, and a
-//!   crash keeps only the durable one (optionally with a torn tail), as
-//!   redb's crash-test backend does. Used by tests and `--disk memory`.
+//! - [`MemoryDisk`]: the durable image in memory; tests tear a write
+//!   (`crash_during`) or flip bits (`corrupt`) to model power loss and bit
+//!   rot. Used by tests and `--disk memory`.
 //!
 //! Log files are preallocated by writing zeros once (a later fdatasync then
 //! flushes only data, not the file size), and the next file is prepared in
