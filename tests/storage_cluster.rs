@@ -362,3 +362,45 @@ async fn lossy_run(seed: u64) {
     let model = model.lock().clone();
     verify_every_segment_over(&network, &cluster, &model, &pg_points).await;
 }
+
+/// A node whose answers are 200 ms late: reads that try it first are hedged
+/// to a second segment and served from there, and the writer learns to try
+/// it last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_read_is_hedged_to_a_second_segment() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut options = options(directory.path());
+        let slow = 3;
+        options.send_delays = vec![(slow, Duration::from_millis(200))];
+        let cluster = LocalCluster::start(&options).await.expect("cluster");
+        let client = cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume");
+        let data = Bytes::from_static(b"hedged");
+        let lsn = client
+            .commit(&[PageChange { page: PageId(5), op: PageOp::Write { offset: 0, data } }])
+            .await
+            .expect("commit");
+        let slow_node = common::ids::NodeId(slow as u32);
+        // The slow node's acknowledgement is late too: wait until the writer
+        // knows its segment is complete, so that reads may go to it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !client.segments().iter().any(|view| view.node == slow_node && view.pg == PgId(0) && view.complete >= lsn)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the slow node never acknowledged");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut hedged = 0;
+        for round in 0..12 {
+            let read = client.read_page(PageId(5)).await.expect("read");
+            assert_eq!(&read.image[..6], b"hedged");
+            assert_ne!(read.served_by, slow_node, "round {round}: the slow node won a hedged race");
+            if read.hedged {
+                hedged += 1;
+                assert!(round < 7, "round {round}: the slow node is still tried first");
+            }
+        }
+        assert!(hedged >= 1, "the slow node was never tried first, so hedging was not exercised");
+    })
+    .await
+    .expect("in time");
+}

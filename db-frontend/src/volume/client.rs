@@ -332,7 +332,15 @@ impl VolumeClient {
                 Err(_) if Instant::now() >= deadline => {
                     break Err(failed(format!("no answer within {:?}", shared.config.read_timeout)));
                 }
-                Err(_) => wanted = 2,
+                Err(_) => {
+                    // Hedge. The slow segment's node gets what it has taken so
+                    // far as a latency sample, so that it stops being tried first.
+                    wanted = 2;
+                    let mut core = shared.core.lock();
+                    for (node, sent) in &sent_at {
+                        core.read_latency_sample(*node, sent.elapsed().as_micros() as u64);
+                    }
+                }
             }
         };
         let mut reads = shared.reads.lock();
