@@ -10,9 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
-/// Background zero-filling goes in small flushed steps with pauses between
-/// them, so it never floods the device queue that log fdatasyncs wait in.
-const PACED_CHUNK_BYTES: usize = 256 * 1024;
+/// Background zero-filling goes in small steps with pauses between them.
+/// Each step is handed to writeback at once (`sync_file_range`, no device
+/// cache flush), so neither a burst of dirty pages nor extra flushes reach
+/// the device queue that log fdatasyncs wait in; one fdatasync at the end
+/// makes the file durable. 128 KiB per 4 ms is at most 32 MB/s per node.
+const PACED_CHUNK_BYTES: usize = 128 * 1024;
 const PACED_PAUSE: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// The next log file being zero-filled in the background: its number and
@@ -43,27 +46,39 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
 
 /// Creates `number` filled with zeros, durably, under a temporary name first
 /// so a crash never leaves a half-zeroed file that looks like a log file.
-/// With `paced`, the zeros go out in flushed steps with pauses (background
+/// With `paced`, the zeros go out in small steps with pauses (background
 /// preparation); without, as fast as possible (a log waiting for the file).
 fn create_zeroed(directory: &Path, number: u64, file_bytes: u64, paced: bool) -> io::Result<File> {
     let temporary = directory.join(format!("{}.tmp", file_name(number)));
     let mut file = OpenOptions::new().create(true).truncate(true).write(true).read(true).open(&temporary)?;
     let step = if paced { PACED_CHUNK_BYTES } else { ZERO_CHUNK_BYTES };
     let zeros = vec![0u8; step];
-    let mut remaining = file_bytes;
-    while remaining > 0 {
-        let chunk = remaining.min(step as u64) as usize;
+    let mut written = 0u64;
+    while written < file_bytes {
+        let chunk = (file_bytes - written).min(step as u64) as usize;
         file.write_all(&zeros[..chunk])?;
-        remaining -= chunk as u64;
         if paced {
-            file.sync_data()?;
+            start_writeback(&file, written, chunk as u64)?;
             std::thread::sleep(PACED_PAUSE);
         }
+        written += chunk as u64;
     }
     file.sync_all()?;
     fs::rename(&temporary, directory.join(file_name(number)))?;
     sync_directory(directory)?;
     Ok(file)
+}
+
+/// Starts writeback of a range without waiting for it and without a device
+/// cache flush (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+fn start_writeback(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call and the
+    // call reads no memory of ours.
+    let result = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, length as i64, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 impl LogFiles {
