@@ -75,9 +75,8 @@ fn start_writeback(file: &File, offset: u64, length: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is open for the duration of the call and the
     // call reads no memory of ours.
-    let result = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as i64, length as i64, libc::SYNC_FILE_RANGE_WRITE)
-    };
+    let result =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, length as i64, libc::SYNC_FILE_RANGE_WRITE) };
     if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
