@@ -40,11 +40,11 @@ use crate::log_format::{
     encode_checkpoint_entry, encode_redo_entry, encode_versions_entry, redo_entry_bytes, version_item_bytes,
 };
 use bytes::{Bytes, BytesMut};
-use common::ids::{Epoch, Lsn, PageId, PgId};
+use common::ids::{Epoch, IdHashMap, IdHashSet, Lsn, PageId, PgId};
 use common::limits::{ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, SEGMENT_QUEUED_BYTES_MAX};
 use common::message::{AppendAck, AppendRequest, ErrorCode, ErrorResponse, SegmentStatus};
 use common::redo::RedoRecord;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound::{Excluded, Included};
 
 /// Who waits for an acknowledgement (the driver's connection id).
@@ -224,14 +224,14 @@ pub struct SegmentCore {
 
     records: BTreeMap<Lsn, StoredRecord>,
     /// Durable records above SCL, keyed by their segment backlink.
-    parked_by_prev: HashMap<Lsn, Lsn>,
-    pages: HashMap<PageId, PageChain>,
+    parked_by_prev: IdHashMap<Lsn, Lsn>,
+    pages: IdHashMap<PageId, PageChain>,
 
     queued: Vec<RedoRecord>,
     queued_bytes: usize,
     queued_waiters: BTreeSet<ReplyTo>,
     /// LSNs queued or in flight, so duplicates are not logged twice.
-    pending_lsns: HashSet<Lsn>,
+    pending_lsns: IdHashSet<Lsn>,
     in_flight: Option<InFlight>,
     next_write_id: u64,
 
@@ -263,12 +263,12 @@ impl SegmentCore {
             needs_repair: false,
             failed: None,
             records: BTreeMap::new(),
-            parked_by_prev: HashMap::new(),
-            pages: HashMap::new(),
+            parked_by_prev: IdHashMap::default(),
+            pages: IdHashMap::default(),
             queued: Vec::new(),
             queued_bytes: 0,
             queued_waiters: BTreeSet::new(),
-            pending_lsns: HashSet::new(),
+            pending_lsns: IdHashSet::default(),
             in_flight: None,
             next_write_id: 1,
             coalesce_queue: BTreeSet::new(),

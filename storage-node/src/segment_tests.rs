@@ -8,6 +8,7 @@ use crate::log_format::scan_log;
 use common::message::AppendRequest;
 use common::redo::{PageOp, RecordFields};
 use proptest::prelude::*;
+use std::collections::HashMap;
 
 const PAGE_BYTES: usize = 256;
 const PG: PgId = PgId(0);

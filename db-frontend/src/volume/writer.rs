@@ -23,7 +23,7 @@
 //!   keeps each PG's allocated LSNs from its MRPL up to compute this.
 
 use bytes::{Bytes, BytesMut};
-use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
+use common::ids::{Epoch, IdHashMap, Lsn, NodeId, PageId, PgId, ReplicaIndex};
 use common::limits::{
     FRAME_PAYLOAD_BYTES_MAX, RECORD_BODY_BYTES_MAX, RECORDS_PER_APPEND_MAX, WRITER_RETAINED_BYTES_MAX,
 };
@@ -147,7 +147,7 @@ pub struct WriterCore<W> {
     allocation_limit: u64,
     tracker: QuorumTracker,
     pgs: Vec<PgLog>,
-    page_last_lsn: HashMap<PageId, Lsn>,
+    page_last_lsn: IdHashMap<PageId, Lsn>,
     encode_buffer: BytesMut,
     retained_bytes: usize,
     commit_waiters: BTreeMap<Lsn, Vec<W>>,
@@ -169,7 +169,7 @@ impl<W> WriterCore<W> {
             epoch,
             allocation_limit,
             pgs,
-            page_last_lsn: HashMap::new(),
+            page_last_lsn: IdHashMap::default(),
             encode_buffer: BytesMut::new(),
             retained_bytes: 0,
             commit_waiters: BTreeMap::new(),
