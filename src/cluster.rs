@@ -95,20 +95,20 @@ impl LocalCluster {
                 memory_store: memory_store.clone(),
                 segments: Vec::new(),
             };
-            specs.push(NodeSpec { id: node, az: AzId((index as u32 % AZ_COUNT) as u8), address: String::new() });
+            specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
             slots.push(NodeSlot { config, transport, running: None });
         }
-        // Placement only needs ids and AZs; addresses are filled in after binding.
-        let placement = VolumeGeometry::place(
-            &ClusterConfig { nodes: specs.clone() },
+        // Placement only needs ids and AZs; addresses are filled in once bound.
+        let mut geometry = VolumeGeometry::place(
+            &ClusterConfig { nodes: specs },
             options.pg_count,
             options.pg_bytes,
             options.page_bytes,
         )
         .map_err(anyhow::Error::msg)?;
-        let pages_per_pg = placement.pages_per_pg();
+        let pages_per_pg = geometry.pages_per_pg();
         for (index, slot) in slots.iter_mut().enumerate() {
-            slot.config.segments = placement
+            slot.config.segments = geometry
                 .segments_on(NodeId(index as u32))
                 .into_iter()
                 .map(|(pg, _)| {
@@ -121,16 +121,11 @@ impl LocalCluster {
                 .await
                 .with_context(|| format!("starting node {index}"))?;
             slot.config.listen_address = node.local_address().to_string();
-            specs[index].address = node.local_address().to_string();
             slot.running = Some(node);
         }
-        let geometry = VolumeGeometry::place(
-            &ClusterConfig { nodes: specs },
-            options.pg_count,
-            options.pg_bytes,
-            options.page_bytes,
-        )
-        .map_err(anyhow::Error::msg)?;
+        for placement in geometry.segments.iter_mut().flatten() {
+            placement.address = slots[placement.node.0 as usize].config.listen_address.clone();
+        }
         Ok(LocalCluster { slots, geometry, memory_network: options.memory_network.clone() })
     }
 

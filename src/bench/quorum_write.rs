@@ -387,26 +387,19 @@ async fn run_cluster(options: &QuorumWriteOptions, spec: &RunSpec, directory: &P
     Ok(ClusterRun { load, bytes_sent, bytes_received })
 }
 
-fn micros(value: u64) -> String {
-    value.to_string()
+/// The p50, p90, p99, p99.9 and max cells of a table row.
+fn percentile_cells(summary: &LatencySummary) -> [String; 5] {
+    [summary.p50_us, summary.p90_us, summary.p99_us, summary.p999_us, summary.max_us].map(|micros| micros.to_string())
 }
 
 /// The human-readable report.
 pub fn render(report: &QuorumWriteReport) -> String {
     let mut rows = Vec::new();
     let mut baseline_row = |name: &str, summary: &LatencySummary| {
-        rows.push(vec![
-            name.to_string(),
-            "-".into(),
-            micros(summary.p50_us),
-            micros(summary.p90_us),
-            micros(summary.p99_us),
-            micros(summary.p999_us),
-            micros(summary.max_us),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-        ]);
+        let mut row = vec![name.to_string(), "-".into()];
+        row.extend(percentile_cells(summary));
+        row.extend(["-".into(), "-".into(), "-".into()]);
+        rows.push(row);
     };
     if let Some(single) = &report.baseline_single_fdatasync_us {
         baseline_row("baseline (a) 4 KiB fdatasync", single);
@@ -422,14 +415,9 @@ pub fn render(report: &QuorumWriteReport) -> String {
         } else {
             format!("{:.1} / {:.1} RTT", run.p50_over_loopback_round_trips, run.p50_over_transport_round_trips)
         };
-        rows.push(vec![
-            run.name.clone(),
-            format!("{:.0}", run.commits_per_s),
-            micros(run.latency_us.p50_us),
-            micros(run.latency_us.p90_us),
-            micros(run.latency_us.p99_us),
-            micros(run.latency_us.p999_us),
-            micros(run.latency_us.max_us),
+        let mut row = vec![run.name.clone(), format!("{:.0}", run.commits_per_s)];
+        row.extend(percentile_cells(&run.latency_us));
+        row.extend([
             versus,
             if report.baseline_single_fdatasync_us.is_some() {
                 format!("{:.2}x (a)", run.p50_over_single_baseline)
@@ -438,6 +426,7 @@ pub fn render(report: &QuorumWriteReport) -> String {
             },
             format!("{:.0}", run.bytes_sent_per_commit),
         ]);
+        rows.push(row);
     }
     render_table(
         &[

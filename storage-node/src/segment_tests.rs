@@ -124,6 +124,30 @@ impl Harness {
         report
     }
 
+    /// Six single-record appends to page 1; record `i` writes 16 bytes of `i + 1`.
+    fn append_six_records_to_page_one(&mut self) -> Vec<Lsn> {
+        let mut maker = RecordMaker::default();
+        let mut lsns = Vec::new();
+        for index in 0..6u64 {
+            let record = maker.make(1, 0, &[index as u8 + 1; 16], 0);
+            lsns.push(record.lsn);
+            self.append(vec![record], 1);
+        }
+        lsns
+    }
+
+    /// Flips one bit of the first payload byte matching `payload` on disk.
+    fn corrupt_payload(&self, payload: &[u8]) {
+        let (write, offset) = self
+            .writes
+            .iter()
+            .find_map(|write| {
+                write.bytes.windows(payload.len()).position(|window| window == payload).map(|at| (write, at))
+            })
+            .expect("the payload was written");
+        self.disk.corrupt(write.position.file, write.position.offset as usize + offset, 0x80);
+    }
+
     fn read(&self, page: u64, read_point: Lsn) -> Result<(Lsn, Bytes), ReadRefusal> {
         self.core.read_page(PageId(page), read_point, Epoch::INITIAL)
     }
@@ -252,17 +276,8 @@ fn torn_tail_is_truncated_and_only_the_unacknowledged_write_is_lost() {
 #[test]
 fn corrupt_record_in_the_middle_is_never_served_and_flags_repair() {
     let mut harness = Harness::new();
-    let mut maker = RecordMaker::default();
-    let mut lsns = Vec::new();
-    for index in 0..6u64 {
-        let record = maker.make(1, 0, &[index as u8 + 1; 16], 0);
-        lsns.push(record.lsn);
-        harness.append(vec![record], 1);
-    }
-    // Flip one payload byte of the record of lsns[2] on disk.
-    let write = harness.writes.iter().find(|write| write.bytes.windows(16).any(|window| window == [3u8; 16])).unwrap();
-    let offset = write.bytes.windows(16).position(|window| window == [3u8; 16]).unwrap();
-    harness.disk.corrupt(write.position.file, write.position.offset as usize + offset, 0x80);
+    let lsns = harness.append_six_records_to_page_one();
+    harness.corrupt_payload(&[3u8; 16]);
     let report = harness.restart();
     assert_eq!(report.mid_log_corruptions, 1);
     assert!(harness.core.status(0).needs_repair);
@@ -285,13 +300,7 @@ fn corrupt_record_in_the_middle_is_never_served_and_flags_repair() {
 #[test]
 fn a_later_checkpoint_does_not_cover_a_corrupt_record() {
     let mut harness = Harness::new();
-    let mut maker = RecordMaker::default();
-    let mut lsns = Vec::new();
-    for index in 0..6u64 {
-        let record = maker.make(1, 0, &[index as u8 + 1; 16], 0);
-        lsns.push(record.lsn);
-        harness.append(vec![record], 1);
-    }
+    let lsns = harness.append_six_records_to_page_one();
     let last = harness.writes.last().unwrap().clone();
     let mut checkpoint = BytesMut::new();
     let claim = Checkpoint {
@@ -305,9 +314,7 @@ fn a_later_checkpoint_does_not_cover_a_corrupt_record() {
     let position = LogPosition { file: last.position.file, offset: last.position.offset + last.bytes.len() as u64 };
     let write = LogWrite { id: 999, position, bytes: checkpoint.freeze() };
     assert!(harness.disk.write_durable(write, Box::new(|_| {})).unwrap().is_ok());
-    let write = harness.writes.iter().find(|write| write.bytes.windows(16).any(|window| window == [3u8; 16])).unwrap();
-    let offset = write.bytes.windows(16).position(|window| window == [3u8; 16]).unwrap();
-    harness.disk.corrupt(write.position.file, write.position.offset as usize + offset, 0x80);
+    harness.corrupt_payload(&[3u8; 16]);
     let report = harness.restart();
     assert_eq!(report.mid_log_corruptions, 1);
     assert_eq!(report.segment_complete_lsn, lsns[1], "the checkpoint after the hole is not trusted");

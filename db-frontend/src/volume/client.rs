@@ -24,7 +24,7 @@ use common::limits::LSN_ALLOCATION_LIMIT_DEFAULT;
 use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
 use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::geometry::{READ_QUORUM, VolumeGeometry};
-use super::writer::{AllocationError, LogPoints, PageChange, SegmentView, WriterCore};
+use super::writer::{AllocationError, Durable, LogPoints, PageChange, SegmentView, WriterCore};
 
 /// How often the ticker runs.
 const TICK_INTERVAL: Duration = Duration::from_millis(20);
@@ -117,8 +117,7 @@ struct Shared {
     sending: AtomicBool,
     /// Signalled when VDL moves: allocations blocked on the limit retry.
     durable_advanced: Notify,
-    /// Status answers during `open`: (pg, replica) -> SCL.
-    opening: Mutex<BTreeMap<(PgId, ReplicaIndex), Lsn>>,
+    /// Signalled when a segment answers a status request (`open` waits on it).
     status_arrived: Notify,
 }
 
@@ -127,12 +126,13 @@ impl Shared {
         self.start.elapsed().as_micros() as u64
     }
 
-    fn complete(&self, woken: Vec<oneshot::Sender<()>>, volume_durable_advanced: bool) {
-        for waiter in woken {
-            let _ = waiter.send(());
-        }
-        if volume_durable_advanced {
+    /// Wakes what an acknowledgement made durable (call without the core lock).
+    fn complete(&self, durable: Durable<oneshot::Sender<()>>) {
+        if durable.volume_durable_advanced {
             self.durable_advanced.notify_waiters();
+        }
+        for waiter in durable {
+            let _ = waiter.send(());
         }
     }
 }
@@ -157,7 +157,6 @@ impl VolumeClient {
             next_request: AtomicU64::new(1),
             sending: AtomicBool::new(false),
             durable_advanced: Notify::new(),
-            opening: Mutex::new(BTreeMap::new()),
             status_arrived: Notify::new(),
             config,
         });
@@ -179,17 +178,14 @@ impl VolumeClient {
         let pg_count = self.shared.config.geometry.pg_count();
         loop {
             let arrived = self.shared.status_arrived.notified();
-            let short = {
-                let opening = self.shared.opening.lock();
-                if let Some((&(pg, _), &complete)) = opening.iter().find(|(_, complete)| **complete > Lsn::ZERO) {
-                    return Err(VolumeError::VolumeNotEmpty { pg, complete });
-                }
-                (0..pg_count)
-                    .map(|pg| {
-                        (PgId(pg), opening.range((PgId(pg), ReplicaIndex(0))..=(PgId(pg), ReplicaIndex(5))).count())
-                    })
-                    .find(|(_, answered)| *answered < READ_QUORUM)
-            };
+            let segments = self.shared.core.lock().segments();
+            let answered: Vec<&SegmentView> = segments.iter().filter(|view| view.connected).collect();
+            if let Some(view) = answered.iter().find(|view| view.complete > Lsn::ZERO) {
+                return Err(VolumeError::VolumeNotEmpty { pg: view.pg, complete: view.complete });
+            }
+            let short = (0..pg_count)
+                .map(|pg| (PgId(pg), answered.iter().filter(|view| view.pg == PgId(pg)).count()))
+                .find(|(_, reachable)| *reachable < READ_QUORUM);
             let Some((pg, reachable)) = short else { return Ok(()) };
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 return Err(VolumeError::NoReadQuorum { pg, reachable, waited: self.shared.config.open_timeout });
@@ -275,12 +271,12 @@ impl VolumeClient {
         let shared = &self.shared;
         let failed = |reason: String| VolumeError::ReadFailed { page, read_point, reason };
         let pg = shared.config.geometry.pg_of(page).ok_or_else(|| failed("past the end of the volume".into()))?;
-        let (pg_read_point, targets, hedge_after) = {
+        let (epoch, pg_read_point, targets, hedge_after) = {
             let mut core = shared.core.lock();
             let fastest = core.fastest_read_latency().map(|micros| Duration::from_micros(4 * micros));
             let pg_read_point = core.pg_read_point(pg, read_point);
             let targets = core.read_targets(pg, pg_read_point);
-            (pg_read_point, targets, fastest.unwrap_or_default().max(shared.config.hedge_after_min))
+            (core.epoch(), pg_read_point, targets, fastest.unwrap_or_default().max(shared.config.hedge_after_min))
         };
         if targets.is_empty() {
             return Err(VolumeError::NoCompleteSegment { pg, read_point });
@@ -301,7 +297,6 @@ impl VolumeClient {
                 let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
                 shared.reads.lock().insert(request_id, reply_to.clone());
                 request_ids.push(request_id);
-                let epoch = shared.core.lock().epoch();
                 let request = ReadPageRequest { request_id, pg, epoch, page, read_point: pg_read_point };
                 if send_to(shared, node, Message::ReadPage(request).encode()) {
                     outstanding += 1;
@@ -490,26 +485,17 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
     match message {
         Message::AppendAck(ack) => {
             let Some(&replica) = replica_of.get(&ack.pg) else { return };
-            let mut core = shared.core.lock();
-            let before = core.points().volume_durable;
-            let woken = core.acknowledged(ack.pg, replica, ack.segment_complete_lsn, now);
-            let advanced = core.points().volume_durable > before;
-            drop(core);
-            shared.complete(woken, advanced);
+            let durable = shared.core.lock().acknowledged(ack.pg, replica, ack.segment_complete_lsn, now);
+            shared.complete(durable);
         }
         Message::Status(status) => {
             let Some(&replica) = replica_of.get(&status.pg) else { return };
             if status.needs_repair {
                 warn!(%node, pg = %status.pg, "segment reports corruption and needs repair");
             }
-            shared.opening.lock().insert((status.pg, replica), status.segment_complete_lsn);
+            let durable = shared.core.lock().segment_connected(status.pg, replica, status.segment_complete_lsn, now);
             shared.status_arrived.notify_waiters();
-            let mut core = shared.core.lock();
-            let before = core.points().volume_durable;
-            let woken = core.segment_connected(status.pg, replica, status.segment_complete_lsn, now);
-            let advanced = core.points().volume_durable > before;
-            drop(core);
-            shared.complete(woken, advanced);
+            shared.complete(durable);
             send_queued(shared);
         }
         Message::PageImage(image) => {

@@ -139,6 +139,29 @@ pub struct SegmentView {
     pub fell_behind: bool,
 }
 
+/// What an acknowledgement made durable.
+#[derive(Debug)]
+pub struct Durable<W> {
+    /// Commit waiters whose LSN VDL has now reached.
+    pub waiters: Vec<W>,
+    /// VDL moved: allocations blocked on the LSN allocation limit may retry.
+    pub volume_durable_advanced: bool,
+}
+
+impl<W> Durable<W> {
+    fn nothing() -> Self {
+        Durable { waiters: Vec::new(), volume_durable_advanced: false }
+    }
+}
+
+impl<W> IntoIterator for Durable<W> {
+    type Item = W;
+    type IntoIter = std::vec::IntoIter<W>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.waiters.into_iter()
+    }
+}
+
 /// The log owner. `W` is whatever the driver uses to wake a commit waiter.
 #[derive(Debug)]
 pub struct WriterCore<W> {
@@ -343,8 +366,8 @@ impl<W> WriterCore<W> {
 
     /// A segment acknowledged: its SCL is `complete`. Returns the commit
     /// waiters that are now durable.
-    pub fn acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Vec<W> {
-        let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Vec::new() };
+    pub fn acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
+        let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Durable::nothing() };
         let link = &mut log.links[replica.0 as usize];
         if complete > link.complete {
             link.complete = complete;
@@ -358,17 +381,15 @@ impl<W> WriterCore<W> {
             self.retained_bytes -= encoded.len();
         }
         let progress = self.tracker.segment_acknowledged(pg, replica, complete);
+        if progress.pg_complete_advanced {
+            self.enforce_retention_limit();
+        }
         if !progress.volume_durable_advanced {
-            return Vec::new();
+            return Durable::nothing();
         }
         let still_waiting = self.commit_waiters.split_off(&progress.volume_durable.next());
         let done = std::mem::replace(&mut self.commit_waiters, still_waiting);
-        let mut woken = Vec::new();
-        for (_, waiters) in done {
-            woken.extend(waiters);
-        }
-        self.enforce_retention_limit();
-        woken
+        Durable { waiters: done.into_values().flatten().collect(), volume_durable_advanced: true }
     }
 
     /// Drops the oldest retained records past `WRITER_RETAINED_BYTES_MAX`.
@@ -406,7 +427,7 @@ impl<W> WriterCore<W> {
     /// restart) reports a lower SCL than before; the writer believes the
     /// report and resends from there. If retention no longer holds the
     /// records it lost, it is marked as needing repair from its peers.
-    pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Vec<W> {
+    pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
         if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
             let oldest_retained = log.retained.front().map(|(lsn, _)| *lsn);
             let link = &mut log.links[replica.0 as usize];
