@@ -355,7 +355,13 @@ async fn lossy_run(seed: u64) {
     cluster.restart(2).await.expect("restart");
     tokio::time::sleep(Duration::from_millis(400)).await;
     stop.store(true, Ordering::Relaxed);
-    let commits = futures_total(writers).await;
+    let Ok(commits) = tokio::time::timeout(Duration::from_secs(20), futures_total(writers)).await else {
+        panic!(
+            "seed {seed}: a commit never completed; points {:?}, segments {:#?}",
+            client.points(),
+            client.segments()
+        );
+    };
     assert!(commits > 20, "the run committed only {commits} records");
     network.set_faults(FaultConfig::default());
     let pg_points = wait_until_all_segments_catch_up(&cluster, &client).await;

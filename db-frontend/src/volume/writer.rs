@@ -366,6 +366,11 @@ impl<W> WriterCore<W> {
 
     /// A segment acknowledged: its SCL is `complete`. Returns the commit
     /// waiters that are now durable.
+    ///
+    /// Acknowledgements can arrive out of order (a reordering network, or
+    /// answers to duplicated appends), so a lower SCL than one already seen
+    /// is stale news and changes nothing. Only a fresh connection's status
+    /// may lower a segment's SCL (see [`Self::segment_connected`]).
     pub fn acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
         let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Durable::nothing() };
         let link = &mut log.links[replica.0 as usize];
@@ -375,6 +380,14 @@ impl<W> WriterCore<W> {
         } else if link.sent_up_to <= link.complete {
             link.waiting_since = None;
         }
+        self.record_segment_complete(pg, replica)
+    }
+
+    /// Feeds the segment's SCL as the writer knows it to the quorum tracker,
+    /// trims retention, and returns what became durable.
+    fn record_segment_complete(&mut self, pg: PgId, replica: ReplicaIndex) -> Durable<W> {
+        let log = &mut self.pgs[pg.0 as usize];
+        let complete = log.links[replica.0 as usize].complete;
         let lowest = log.links.iter().map(|link| link.complete).min().expect("six links");
         while log.retained.front().is_some_and(|(lsn, _)| *lsn <= lowest) {
             let (_, encoded) = log.retained.pop_front().expect("checked");
@@ -427,23 +440,28 @@ impl<W> WriterCore<W> {
     /// restart) reports a lower SCL than before; the writer believes the
     /// report and resends from there. If retention no longer holds the
     /// records it lost, it is marked as needing repair from its peers.
+    ///
+    /// A status answer on a connection that already answered one (a
+    /// duplicated or retried request) is only an acknowledgement.
     pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
-        if let Some(log) = self.pgs.get_mut(pg.0 as usize) {
-            let oldest_retained = log.retained.front().map(|(lsn, _)| *lsn);
-            let link = &mut log.links[replica.0 as usize];
-            if complete < link.complete {
-                tracing::warn!(%pg, replica = replica.0, before = %link.complete, now = %complete, "segment came back with a lower SCL");
-                let resendable = oldest_retained.is_some_and(|oldest| oldest <= complete.next());
-                if !resendable {
-                    link.fell_behind = true;
-                }
-                link.complete = complete;
-            }
-            link.connected = true;
-            link.sent_up_to = link.complete;
-            link.waiting_since = None;
+        let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Durable::nothing() };
+        let oldest_retained = log.retained.front().map(|(lsn, _)| *lsn);
+        let link = &mut log.links[replica.0 as usize];
+        if link.connected {
+            return self.acknowledged(pg, replica, complete, now_micros);
         }
-        self.acknowledged(pg, replica, complete, now_micros)
+        if complete < link.complete {
+            tracing::warn!(%pg, replica = replica.0, before = %link.complete, now = %complete, "segment came back with a lower SCL");
+            let resendable = oldest_retained.is_some_and(|oldest| oldest <= complete.next());
+            if !resendable {
+                link.fell_behind = true;
+            }
+        }
+        link.complete = complete;
+        link.connected = true;
+        link.sent_up_to = link.complete;
+        link.waiting_since = None;
+        self.record_segment_complete(pg, replica)
     }
 
     /// Whether the segment answered a status request on its current connection.
@@ -608,7 +626,7 @@ mod tests {
         }
     }
 
-    fn connect_all(writer: &mut WriterCore<u32>, pg: u32) {
+    fn connect_all<W>(writer: &mut WriterCore<W>, pg: u32) {
         for replica in 0..6 {
             writer.segment_connected(PgId(pg), ReplicaIndex(replica), Lsn::ZERO, 0);
         }
@@ -640,9 +658,7 @@ mod tests {
     #[test]
     fn commit_waiters_complete_only_when_vdl_reaches_them() {
         let mut writer: WriterCore<&str> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
-        for replica in 0..6 {
-            writer.segment_connected(PgId(0), ReplicaIndex(replica), Lsn::ZERO, 0);
-        }
+        connect_all(&mut writer, 0);
         let first = writer.allocate(&[write(0, 1)]).expect("room");
         let second = writer.allocate(&[write(1, 1), write(2, 2)]).expect("room");
         assert_eq!(writer.wait_durable(first, "first"), None);
@@ -750,6 +766,30 @@ mod tests {
         assert!(view.fell_behind, "records 2-3 are no longer retained: repair must come from peers");
         assert!(writer.read_targets(PgId(0), Lsn(1)).iter().all(|(replica, _)| replica.0 != 2));
         assert_eq!(writer.pg_complete_lsn(PgId(0)), Lsn(3), "PGCL never goes back");
+    }
+
+    /// The lossy-network test once hung here: acknowledgements 2 then a
+    /// reordered, stale 1 from four segments left the tracker believing the
+    /// stale SCLs, with nothing outstanding to bring another ack. A stale
+    /// ack, and a duplicated status answer, must change nothing.
+    #[test]
+    fn stale_acknowledgements_and_repeated_status_do_not_lower_a_segment() {
+        let mut writer: WriterCore<&str> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        let first = writer.allocate(&[write(0, 1)]).expect("room");
+        let second = writer.allocate(&[write(0, 2)]).expect("room");
+        assert_eq!(writer.wait_durable(second, "second"), None);
+        writer.flush(0);
+        let mut woken = Vec::new();
+        for replica in 0..3 {
+            woken.extend(writer.acknowledged(PgId(0), ReplicaIndex(replica), second, 10));
+            woken.extend(writer.acknowledged(PgId(0), ReplicaIndex(replica), first, 11));
+        }
+        woken.extend(writer.segment_connected(PgId(0), ReplicaIndex(3), second, 12));
+        woken.extend(writer.segment_connected(PgId(0), ReplicaIndex(3), Lsn::ZERO, 13));
+        assert_eq!(woken, vec!["second"], "four segments hold LSN 2");
+        assert_eq!(writer.points().volume_durable, second);
+        assert!(writer.segments()[..4].iter().all(|view| view.complete == second && !view.fell_behind));
     }
 
     #[test]
