@@ -12,6 +12,12 @@ pub const FRAME_PAYLOAD_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest page size a volume may be configured with.
 pub const PAGE_BYTES_MAX: usize = 64 * 1024;
 
+/// Most pages in one protection group. A segment indexes its PG's pages
+/// with one 4-byte slot per page (`storage_node::page_index`), so this also
+/// bounds that index to 256 MiB. The default 10 GiB PG of 8 KiB pages is
+/// 1.25 Mi pages (5 MiB of slots).
+pub const PAGES_PER_PG_MAX: u64 = 64 * 1024 * 1024;
+
 /// Largest body of one redo record (the operation's bytes).
 pub const RECORD_BODY_BYTES_MAX: usize = PAGE_BYTES_MAX + 64;
 

@@ -21,6 +21,7 @@
 //!
 //! Layout:
 //! - [`segment`]: the segment as a pure state machine (no I/O, no clock).
+//! - [`page_index`]: the dense page -> chain index a segment keeps.
 //! - [`log_format`]: the on-disk log format and the recovery scan.
 //! - [`disk`]: the `LogDisk` trait with std-file, io_uring and memory backends.
 //! - [`node`]: the tokio driver that connects cores to the network and disks.
@@ -30,6 +31,7 @@
 pub mod disk;
 pub mod log_format;
 pub mod node;
+pub mod page_index;
 pub mod segment;
 
 pub use disk::DiskBackend;

@@ -39,13 +39,15 @@ use crate::log_format::{
     CHECKPOINT_ENTRY_BYTES, Checkpoint, ENTRY_HEADER_BYTES, Entry, LogPosition, PageVersion, ScanResult,
     encode_checkpoint_entry, encode_redo_entry, encode_versions_entry, redo_entry_bytes, version_item_bytes,
 };
+use crate::page_index::PageIndex;
 use bytes::{Bytes, BytesMut};
 use common::ids::{Epoch, IdHashMap, IdHashSet, Lsn, PageId, PgId};
-use common::limits::{ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, SEGMENT_QUEUED_BYTES_MAX};
+use common::limits::{
+    ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, PAGES_PER_PG_MAX, SEGMENT_QUEUED_BYTES_MAX,
+};
 use common::message::{AppendAck, AppendRequest, ErrorCode, ErrorResponse, SegmentStatus};
-use common::redo::RedoRecord;
+use common::redo::{PageOp, RedoRecord};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound::{Excluded, Included};
 
 /// Who waits for an acknowledgement (the driver's connection id).
 pub type ReplyTo = u64;
@@ -99,6 +101,9 @@ impl SegmentConfig {
         if self.pages_per_pg == 0 || self.log_files_target < 2 || self.coalesce_chain_records == 0 {
             return Err("pages_per_pg, coalesce_chain_records must be positive and log_files_target >= 2".into());
         }
+        if self.pages_per_pg > PAGES_PER_PG_MAX {
+            return Err(format!("pages_per_pg {} exceeds PAGES_PER_PG_MAX ({PAGES_PER_PG_MAX})", self.pages_per_pg));
+        }
         Ok(())
     }
 }
@@ -145,10 +150,15 @@ pub struct ReadRefusal {
     pub message: String,
 }
 
-/// A durable record and the log file that holds it.
+/// A durable record in its page's chain: what materialization reads, and
+/// the log file that holds it. Only these fields, not the whole decoded
+/// record: one lives in memory for every record not yet subsumed by a page
+/// version, so its size is the append path's memory traffic.
 #[derive(Debug)]
-struct StoredRecord {
-    record: RedoRecord,
+struct ChainRecord {
+    lsn: Lsn,
+    prev_page_lsn: Lsn,
+    op: PageOp,
     file: u64,
 }
 
@@ -159,14 +169,16 @@ struct StoredVersion {
     file: u64,
 }
 
-/// Everything the segment knows about one page.
+/// Everything the segment knows about one page. The page chains are the
+/// only index of durable records: one hash probe per record on the append
+/// path.
 #[derive(Debug, Default)]
 struct PageChain {
     versions: BTreeMap<Lsn, StoredVersion>,
     /// Durable records of this page (above SCL too), ascending. A sorted
     /// vector: chains are short (coalescing cuts them), and most pages have
     /// one or two records, for which a tree node would cost far more.
-    records: Vec<Lsn>,
+    records: Vec<ChainRecord>,
 }
 
 impl PageChain {
@@ -176,20 +188,32 @@ impl PageChain {
 
     /// Index of the first record above `lsn`.
     fn first_above(&self, lsn: Lsn) -> usize {
-        self.records.partition_point(|record| *record <= lsn)
+        self.records.partition_point(|record| record.lsn <= lsn)
     }
 
     /// The page's records in `(above, up_to]`.
-    fn records_between(&self, above: Lsn, up_to: Lsn) -> &[Lsn] {
+    fn records_between(&self, above: Lsn, up_to: Lsn) -> &[ChainRecord] {
         let start = self.first_above(above);
         &self.records[start..self.first_above(up_to).max(start)]
     }
 
-    fn insert_record(&mut self, lsn: Lsn) {
+    fn holds_record(&self, lsn: Lsn) -> bool {
         let at = self.first_above(lsn);
-        if at == 0 || self.records[at - 1] != lsn {
-            self.records.insert(at, lsn);
+        at > 0 && self.records[at - 1].lsn == lsn
+    }
+
+    /// Adds a record; false if the chain already holds its LSN.
+    fn insert_record(&mut self, record: ChainRecord) -> bool {
+        let at = self.first_above(record.lsn);
+        if at > 0 && self.records[at - 1].lsn == record.lsn {
+            return false;
         }
+        if self.records.capacity() == 0 {
+            // Most pages never get a second record: no room for four.
+            self.records.reserve_exact(1);
+        }
+        self.records.insert(at, record);
+        true
     }
 
     fn records_above_newest_version(&self) -> usize {
@@ -222,10 +246,13 @@ pub struct SegmentCore {
     needs_repair: bool,
     failed: Option<String>,
 
-    records: BTreeMap<Lsn, StoredRecord>,
-    /// Durable records above SCL, keyed by their segment backlink.
+    /// Durable records in page chains (not yet subsumed by a version).
+    record_count: usize,
+    /// Durable records above SCL, keyed by their segment backlink...
     parked_by_prev: IdHashMap<Lsn, Lsn>,
-    pages: IdHashMap<PageId, PageChain>,
+    /// ...and by their own LSN, to recognize duplicates.
+    parked_lsns: IdHashSet<Lsn>,
+    pages: PageIndex<PageChain>,
 
     queued: Vec<RedoRecord>,
     queued_bytes: usize,
@@ -244,7 +271,7 @@ pub struct SegmentCore {
     next_sequence: u64,
     /// Live items (records and versions) per log file.
     file_live: BTreeMap<u64, usize>,
-    file_records: BTreeMap<u64, Vec<Lsn>>,
+    file_records: BTreeMap<u64, Vec<(Lsn, PageId)>>,
     file_versions: BTreeMap<u64, Vec<(PageId, Lsn)>>,
     cleaning: Option<u64>,
     checkpoint_due: Vec<u64>,
@@ -253,6 +280,7 @@ pub struct SegmentCore {
 impl SegmentCore {
     fn empty(config: SegmentConfig, epoch: Epoch) -> Result<SegmentCore, String> {
         config.validate()?;
+        let pages = PageIndex::new(u64::from(config.pg.0) * config.pages_per_pg, config.pages_per_pg);
         Ok(SegmentCore {
             config,
             epoch,
@@ -262,9 +290,10 @@ impl SegmentCore {
             min_read_point: Lsn::ZERO,
             needs_repair: false,
             failed: None,
-            records: BTreeMap::new(),
+            record_count: 0,
             parked_by_prev: IdHashMap::default(),
-            pages: IdHashMap::default(),
+            parked_lsns: IdHashSet::default(),
+            pages,
             queued: Vec::new(),
             queued_bytes: 0,
             queued_waiters: BTreeSet::new(),
@@ -297,6 +326,7 @@ impl SegmentCore {
         let mut core = SegmentCore::empty(config, Epoch::INITIAL)?;
         let mut base = Lsn::ZERO;
         let mut saw_checkpoint = false;
+        let mut chain_links: Vec<(Lsn, Lsn)> = Vec::new();
         // A checkpoint logged after a corrupt entry may claim an SCL that covers
         // records lost in it: only checkpoints before the first corruption count.
         let first_corruption = scan.corruptions.first().map(|corruption| corruption.at);
@@ -317,10 +347,11 @@ impl SegmentCore {
                     core.min_read_point = core.min_read_point.max(checkpoint.min_read_point);
                 }
                 Entry::Redo(records) => {
-                    for record in records {
-                        if record.pg != core.config.pg || core.records.contains_key(&record.lsn) {
-                            continue;
-                        }
+                    let pg = core.config.pg;
+                    for record in records.into_iter().filter(|record| record.pg == pg) {
+                        // Every logged record was durable here, also one a
+                        // version has since subsumed: all of them link the chain.
+                        chain_links.push((record.prev_segment_lsn, record.lsn));
                         core.insert_durable_record(record, position.file);
                     }
                 }
@@ -331,26 +362,27 @@ impl SegmentCore {
                 }
             }
         }
-        if !saw_checkpoint && !core.records.is_empty() {
+        if !saw_checkpoint && !chain_links.is_empty() {
             return Err("log holds records but no checkpoint: not a segment log".into());
         }
         core.segment_complete_lsn = base;
-        for (lsn, stored) in core.records.range((Excluded(base), Included(Lsn(u64::MAX)))) {
-            core.parked_by_prev.insert(stored.record.prev_segment_lsn, *lsn);
+        core.highest_durable_lsn = base;
+        for (prev, lsn) in chain_links.into_iter().filter(|(_, lsn)| *lsn > base) {
+            core.park(prev, lsn);
+            core.highest_durable_lsn = core.highest_durable_lsn.max(lsn);
         }
         core.advance_segment_complete_lsn();
-        core.highest_durable_lsn = core.records.keys().next_back().copied().unwrap_or(Lsn::ZERO).max(base);
         core.coalesce_bound = core.min_read_point;
         core.needs_repair = !scan.corruptions.is_empty();
         core.position = scan.end;
         core.next_sequence = scan.last_sequence + 1;
-        let page_ids: Vec<PageId> = core.pages.keys().copied().collect();
+        let page_ids: Vec<PageId> = core.pages.pages().collect();
         for page in page_ids {
             core.collect_page(page);
             core.consider_for_coalescing(page);
         }
         let report = RecoveryReport {
-            records: core.records.len(),
+            records: core.record_count,
             page_versions: core.pages.values().map(|chain| chain.versions.len()).sum(),
             segment_complete_lsn: core.segment_complete_lsn,
             highest_durable_lsn: core.highest_durable_lsn,
@@ -393,7 +425,7 @@ impl SegmentCore {
 
     /// Records held in memory (durable, not yet garbage-collected).
     pub fn record_count(&self) -> usize {
-        self.records.len()
+        self.record_count
     }
 
     /// Log files that still hold something.
@@ -471,7 +503,7 @@ impl SegmentCore {
         let mut accepted = 0;
         for record in request.records {
             let lsn = record.lsn;
-            if lsn <= self.segment_complete_lsn || self.records.contains_key(&lsn) || self.pending_lsns.contains(&lsn) {
+            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) || self.pending_lsns.contains(&lsn) {
                 continue;
             }
             if record.prev_segment_lsn < self.segment_complete_lsn {
@@ -512,14 +544,19 @@ impl SegmentCore {
         for record in in_flight.redo {
             self.pending_lsns.remove(&record.lsn);
             let lsn = record.lsn;
-            if lsn <= self.segment_complete_lsn || self.records.contains_key(&lsn) {
+            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) {
                 continue;
             }
             let prev = record.prev_segment_lsn;
             let page = record.page;
             self.insert_durable_record(record, in_flight.file);
             self.highest_durable_lsn = self.highest_durable_lsn.max(lsn);
-            self.parked_by_prev.insert(prev, lsn);
+            if prev == self.segment_complete_lsn {
+                // In order, the common case: the chain continues at once.
+                self.segment_complete_lsn = lsn;
+            } else {
+                self.park(prev, lsn);
+            }
             self.consider_for_coalescing(page);
         }
         self.advance_segment_complete_lsn();
@@ -553,11 +590,21 @@ impl SegmentCore {
     }
 
     fn insert_durable_record(&mut self, record: RedoRecord, file: u64) {
-        let lsn = record.lsn;
-        self.pages.entry(record.page).or_default().insert_record(lsn);
-        self.records.insert(lsn, StoredRecord { record, file });
+        let (lsn, page) = (record.lsn, record.page);
+        let chain_record = ChainRecord { lsn, prev_page_lsn: record.prev_page_lsn, op: record.op, file };
+        if !self.pages.get_or_default(page).insert_record(chain_record) {
+            return;
+        }
+        self.record_count += 1;
         *self.file_live.entry(file).or_default() += 1;
-        self.file_records.entry(file).or_default().push(lsn);
+        self.file_records.entry(file).or_default().push((lsn, page));
+    }
+
+    /// A durable record above SCL whose chain predecessor `prev` is not
+    /// complete yet.
+    fn park(&mut self, prev: Lsn, lsn: Lsn) {
+        self.parked_by_prev.insert(prev, lsn);
+        self.parked_lsns.insert(lsn);
     }
 
     /// Adds a durable version (or moves a copied-forward one to its new
@@ -565,7 +612,7 @@ impl SegmentCore {
     fn insert_durable_version(&mut self, version: PageVersion, file: u64) {
         let page = version.page;
         let lsn = version.lsn;
-        let chain = self.pages.entry(page).or_default();
+        let chain = self.pages.get_or_default(page);
         if let Some(previous) = chain.versions.insert(lsn, StoredVersion { image: version.image, file }) {
             Self::release(&mut self.file_live, previous.file);
         }
@@ -584,13 +631,14 @@ impl SegmentCore {
 
     fn advance_segment_complete_lsn(&mut self) {
         while let Some(next) = self.parked_by_prev.remove(&self.segment_complete_lsn) {
+            self.parked_lsns.remove(&next);
             self.segment_complete_lsn = next;
         }
     }
 
     fn consider_for_coalescing(&mut self, page: PageId) {
         if !self.coalesce_queue.contains(&page)
-            && let Some(chain) = self.pages.get(&page)
+            && let Some(chain) = self.pages.get(page)
             && chain.records_above_newest_version() >= self.config.coalesce_chain_records
         {
             self.coalesce_queue.insert(page);
@@ -625,7 +673,7 @@ impl SegmentCore {
     }
 
     fn materialize(&self, page: PageId, read_point: Lsn) -> Result<(Lsn, Bytes), String> {
-        let Some(chain) = self.pages.get(&page) else {
+        let Some(chain) = self.pages.get(page) else {
             return Ok((Lsn::ZERO, Bytes::from(vec![0u8; self.config.page_bytes])));
         };
         let (base_lsn, mut image) = match chain.versions.range(..=read_point).next_back() {
@@ -633,16 +681,15 @@ impl SegmentCore {
             None => (Lsn::ZERO, vec![0u8; self.config.page_bytes]),
         };
         let mut applied = base_lsn;
-        for lsn in chain.records_between(base_lsn, read_point) {
-            let record = &self.records[lsn].record;
+        for record in chain.records_between(base_lsn, read_point) {
             if record.prev_page_lsn != applied {
                 return Err(format!(
-                    "page chain of {page} is broken at {lsn}: it links to {}, the last record applied is {applied}",
-                    record.prev_page_lsn
+                    "page chain of {page} is broken at {}: it links to {}, the last record applied is {applied}",
+                    record.lsn, record.prev_page_lsn
                 ));
             }
             record.op.apply(&mut image).map_err(|error| error.to_string())?;
-            applied = *lsn;
+            applied = record.lsn;
         }
         Ok((applied, Bytes::from(image)))
     }
@@ -659,7 +706,7 @@ impl SegmentCore {
     }
 
     fn collect_page(&mut self, page: PageId) {
-        let Some(chain) = self.pages.get_mut(&page) else { return };
+        let Some(chain) = self.pages.get_mut(page) else { return };
         let Some(keep) = chain.versions.range(..=self.min_read_point).next_back().map(|(lsn, _)| *lsn) else { return };
         let older: Vec<Lsn> = chain.versions.range(..keep).map(|(lsn, _)| *lsn).collect();
         for lsn in older {
@@ -667,9 +714,9 @@ impl SegmentCore {
             Self::release(&mut self.file_live, version.file);
         }
         let subsumed = chain.first_above(keep);
-        for lsn in chain.records.drain(..subsumed) {
-            let stored = self.records.remove(&lsn).expect("page chain lists only stored records");
-            Self::release(&mut self.file_live, stored.file);
+        for record in chain.records.drain(..subsumed) {
+            self.record_count -= 1;
+            Self::release(&mut self.file_live, record.file);
         }
     }
 
@@ -682,12 +729,12 @@ impl SegmentCore {
             if *budget < item {
                 break;
             }
-            let chain = &self.pages[&page];
+            let Some(chain) = self.pages.get(page) else { continue };
             let newest = chain.newest_version_lsn();
             if newest >= bound {
                 continue;
             }
-            let Some(&target) = chain.records_between(newest, bound).last() else {
+            let Some(target) = chain.records_between(newest, bound).last().map(|record| record.lsn) else {
                 continue;
             };
             self.coalesce_queue.remove(&page);
@@ -720,9 +767,9 @@ impl SegmentCore {
             return;
         }
         self.cleaning = Some(oldest);
-        for lsn in self.file_records.get(&oldest).cloned().unwrap_or_default() {
-            if let Some(stored) = self.records.get(&lsn) {
-                self.coalesce_queue.insert(stored.record.page);
+        for (lsn, page) in self.file_records.get(&oldest).cloned().unwrap_or_default() {
+            if self.pages.get(page).is_some_and(|chain| chain.holds_record(lsn)) {
+                self.coalesce_queue.insert(page);
             }
         }
         self.requeue_live_versions(oldest, budget);
@@ -734,7 +781,7 @@ impl SegmentCore {
             if *budget < item {
                 return;
             }
-            let Some(version) = self.pages.get(&page).and_then(|chain| chain.versions.get(&lsn)) else { continue };
+            let Some(version) = self.pages.get(page).and_then(|chain| chain.versions.get(&lsn)) else { continue };
             if version.file != file || self.pending_versions.iter().any(|pending| pending.page == page) {
                 continue;
             }

@@ -61,6 +61,13 @@ impl VolumeGeometry {
         if pg_bytes < page_bytes as u64 || !pg_bytes.is_multiple_of(page_bytes as u64) {
             return Err(format!("PG size {pg_bytes} must be a positive multiple of the page size {page_bytes}"));
         }
+        let pages_per_pg = pg_bytes / page_bytes as u64;
+        if pages_per_pg > common::limits::PAGES_PER_PG_MAX {
+            return Err(format!(
+                "a PG of {pg_bytes} bytes holds {pages_per_pg} pages of {page_bytes} bytes; PAGES_PER_PG_MAX is {}",
+                common::limits::PAGES_PER_PG_MAX
+            ));
+        }
         if pg_count == 0 {
             return Err("a volume needs at least one PG".into());
         }
@@ -173,5 +180,8 @@ mod tests {
         assert!(VolumeGeometry::place(&cluster(&[2, 2, 1]), 1, 1 << 20, 8192).is_err());
         assert!(VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, 1000, 8192).is_err());
         assert!(VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, 1 << 20, 1000).is_err());
+        let too_many_pages = (common::limits::PAGES_PER_PG_MAX + 1) * 512;
+        let error = VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, too_many_pages, 512).unwrap_err();
+        assert!(error.contains("PAGES_PER_PG_MAX"), "{error}");
     }
 }
