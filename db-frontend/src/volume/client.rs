@@ -223,13 +223,21 @@ impl VolumeClient {
             tokio::pin!(advanced);
             advanced.as_mut().enable();
             {
-                let allocated = self.shared.core.lock().allocate(changes);
+                let (allocated, others_in_flight) = {
+                    let mut core = self.shared.core.lock();
+                    let others_in_flight = !core.all_durable();
+                    (core.allocate(changes), others_in_flight)
+                };
                 match allocated {
                     Ok(lsn) => {
                         if !self.shared.sending.load(Ordering::Acquire) {
-                            // Let writers that are ready to run queue their
-                            // records first, so they share this send.
-                            tokio::task::yield_now().await;
+                            // While other commits are in flight, more writers
+                            // are likely ready to run: let them queue their
+                            // records first, so they share this send. A lone
+                            // writer sends at once.
+                            if others_in_flight {
+                                tokio::task::yield_now().await;
+                            }
                             send_queued(&self.shared);
                         }
                         return Ok(lsn);

@@ -210,6 +210,11 @@ impl<W> WriterCore<W> {
         self.epoch
     }
 
+    /// Whether every allocated LSN is durable (nothing is in flight).
+    pub fn all_durable(&self) -> bool {
+        self.tracker.highest_allocated() == self.tracker.volume_durable_lsn()
+    }
+
     pub fn points(&self) -> LogPoints {
         LogPoints {
             highest_allocated: self.tracker.highest_allocated(),
