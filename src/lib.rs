@@ -8,7 +8,9 @@
 //! - [`bench`]: `lab bench quorum-write`, its disk and network baselines,
 //!   and the table/JSON/SVG reports.
 //! - [`demo`]: `lab demo`, the guided tour of a running cluster.
+//! - [`locks`]: `lab locks sim`, the lock service's seeded simulation.
 
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod locks;

@@ -4,12 +4,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
 use lab::demo::{self, DemoOptions};
+use lab::locks::{self, SimOptions};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "lab",
     version,
-    about = "Research kit for Aurora-style shared storage",
+    about = "Research kit for Aurora-style shared storage and Frangipani-style locks",
     long_about = "Research kit for Aurora-style shared storage: six storage nodes taking log-only writes \
                   durable on 4 of 6 segment replicas, and the volume writer that owns the log.\n\n\
                   Set RUST_LOG (for example RUST_LOG=info) to see what the nodes and the writer do."
@@ -26,6 +27,17 @@ enum Command {
     /// Benchmarks, each with its baselines measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
+    /// The Frangipani lock service.
+    #[command(subcommand)]
+    Locks(Locks),
+}
+
+#[derive(Debug, Subcommand)]
+enum Locks {
+    /// Seeded simulation of a lock server and clerks over a lossy, reordering network with
+    /// crashes and lease expiries; checks safety, fencing and liveness after every event.
+    /// A failing seed replays exactly with --seed S --log.
+    Sim(SimOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +57,7 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Demo(options) => demo::run(options).await,
+            Command::Locks(Locks::Sim(options)) => locks::run(&options),
             Command::Bench(Bench::QuorumWrite(options)) => {
                 let report = quorum_write::run(options).await?;
                 println!("{}", quorum_write::render(&report));

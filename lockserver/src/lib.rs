@@ -1,6 +1,28 @@
-//! # lockserver (not built yet)
+//! # lockserver: Frangipani's lock service
 //!
-//! The Frangipani lock service: shared/exclusive locks with request, grant,
-//! revoke, release, leases and fencing. Its design is issue #3; this crate is
-//! an empty placeholder in the workspace layout until then. Nothing here is
-//! claimed to work.
+//! Multiple-reader / single-writer locks with request, grant, revoke and
+//! release, leases, and the dead-clerk sequence that closes the paper's
+//! "lease margin" hole: expire, fence the epoch in storage, recover the dead
+//! clerk's log under a recovery assignment, and only then release its locks.
+//!
+//! Layout:
+//! - [`protocol`]: names, modes, lease epochs, fencing tokens and messages.
+//! - [`server`]: the lock server as a pure state machine.
+//! - [`clerk`]: a workstation's clerk as a pure state machine (sticky
+//!   locks, flush-before-release, its own view of the lease).
+//! - [`sim`]: a seeded simulation of a server and clerks over a lossy,
+//!   reordering network with crashes and lease expiries, checking safety and
+//!   liveness after every event.
+//!
+//! Not built yet (issue #3 continues): the tokio driver and wire codec,
+//! fencing inside the storage nodes, server restart with a reclaim grace
+//! period, the replicated (openraft) mode, and `lab bench locks`.
+
+pub mod clerk;
+pub mod protocol;
+pub mod server;
+pub mod sim;
+
+pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
+pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+pub use server::{LockServerCore, ServerConfig, ServerOutput};

@@ -1,0 +1,689 @@
+//! The lock server as a pure state machine.
+//!
+//! [`LockServerCore`] does no I/O and reads no clock: the driver feeds it
+//! clerk messages, fence completions and ticks (with the time in
+//! microseconds) and carries out the [`ServerOutput`]s.
+//!
+//! ## Granting (F97 §5)
+//! Each lock has holders and a FIFO queue of waiters. The head of the queue
+//! is granted as soon as it is compatible with every other holder; waiters
+//! behind a conflicting head wait even if they would be compatible, so an
+//! exclusive request is never starved by a stream of shared ones. A head
+//! that conflicts makes the server revoke every conflicting holder (down to
+//! shared for a shared head, entirely for an exclusive one), once, then
+//! again every `retransmit_micros` until it answers.
+//!
+//! ## Leases and a dead clerk, in this order
+//! 1. At expiry the session stops counting: nothing more is granted to it,
+//!    its queued requests are dropped, and messages under its epoch are
+//!    answered with `LeaseLost`. Its locks stay held.
+//! 2. The server asks for its epoch to be fenced in storage
+//!    ([`ServerOutput::Fence`]) and waits for [`LockServerCore::fence_durable`].
+//! 3. It asks a live clerk to replay the dead one's log (`Recover`). The
+//!    recovery runs under the recoverer's own lease: if that lapses, another
+//!    clerk is asked.
+//! 4. Only when that clerk reports `RecoveryDone` are the dead session's
+//!    locks released and their waiters served.
+//!
+//! A session that held no locks needs no recovery: it ends once fenced.
+//!
+//! ## Invariants ([`LockServerCore::check_invariants`])
+//! Holders of a lock are pairwise compatible; every holder belongs to a known
+//! session that lists the lock; fencing tokens of a lock only grow.
+
+use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// Timing of a lock server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// A lease lasts this long after the server receives its opening or last renewal.
+    pub lease_micros: u64,
+    /// Unanswered revokes and recovery requests are sent again this often.
+    pub retransmit_micros: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { lease_micros: 30_000_000, retransmit_micros: 500_000 }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerOutput {
+    Send {
+        to: ClerkId,
+        message: ToClerk,
+    },
+    /// Make storage refuse every write carrying `epoch` (on a write quorum),
+    /// then call [`LockServerCore::fence_durable`].
+    Fence {
+        epoch: LeaseEpoch,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// Expired; the fence is being written.
+    Expired,
+    /// Fenced; its log is replayed by `recoverer` (asked at `asked_at`).
+    Fenced {
+        recoverer: Option<(LeaseEpoch, u64)>,
+    },
+}
+
+#[derive(Debug)]
+struct Session {
+    clerk: ClerkId,
+    /// The opening attempt this lease answered (retransmitted openings get
+    /// the same lease).
+    attempt: u64,
+    phase: Phase,
+    expires_at: u64,
+    held: BTreeSet<LockName>,
+    waiting: BTreeSet<LockName>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Holder {
+    epoch: LeaseEpoch,
+    mode: Mode,
+    token: FencingToken,
+    /// The revoke sent to it, if any: what it must keep, and when it was sent.
+    revoked: Option<(Option<Mode>, u64)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Waiter {
+    epoch: LeaseEpoch,
+    mode: Mode,
+}
+
+#[derive(Debug, Default)]
+struct LockState {
+    holders: Vec<Holder>,
+    queue: VecDeque<Waiter>,
+    last_token: u64,
+}
+
+/// How much a revoke asks: releasing entirely asks more than downgrading.
+fn demand(keep: Option<Mode>) -> u8 {
+    match keep {
+        None => 2,
+        Some(Mode::Shared) => 1,
+        Some(Mode::Exclusive) => 0,
+    }
+}
+
+/// The lock server's state.
+#[derive(Debug)]
+pub struct LockServerCore {
+    config: ServerConfig,
+    sessions: BTreeMap<LeaseEpoch, Session>,
+    live_by_clerk: HashMap<ClerkId, LeaseEpoch>,
+    /// The highest lease opening attempt seen from each clerk: a lower one
+    /// is a delayed message from an earlier run and is ignored.
+    highest_attempt: HashMap<ClerkId, u64>,
+    last_epoch: u64,
+    locks: BTreeMap<LockName, LockState>,
+}
+
+impl LockServerCore {
+    pub fn new(config: ServerConfig) -> Self {
+        LockServerCore {
+            config,
+            sessions: BTreeMap::new(),
+            live_by_clerk: HashMap::new(),
+            highest_attempt: HashMap::new(),
+            last_epoch: 0,
+            locks: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> ServerConfig {
+        self.config
+    }
+
+    fn is_live(&self, epoch: LeaseEpoch) -> bool {
+        self.sessions.get(&epoch).is_some_and(|session| session.phase == Phase::Live)
+    }
+
+    /// The live session `epoch` of clerk `from`, if it is one.
+    fn live_session(&self, from: ClerkId, epoch: LeaseEpoch) -> bool {
+        self.sessions.get(&epoch).is_some_and(|session| session.phase == Phase::Live && session.clerk == from)
+    }
+
+    /// A message from clerk `from`.
+    pub fn handle(&mut self, from: ClerkId, message: ToServer, now: u64) -> Vec<ServerOutput> {
+        let mut out = Vec::new();
+        match message {
+            ToServer::OpenLease { clerk, attempt } if clerk == from => self.open_lease(clerk, attempt, now, &mut out),
+            ToServer::OpenLease { .. } => {}
+            ToServer::RenewLease { epoch, sequence } => {
+                let message = if self.live_session(from, epoch) {
+                    let session = self.sessions.get_mut(&epoch).expect("live");
+                    session.expires_at = now + self.config.lease_micros;
+                    ToClerk::LeaseRenewed { epoch, sequence }
+                } else {
+                    ToClerk::LeaseLost { epoch }
+                };
+                out.push(ServerOutput::Send { to: from, message });
+            }
+            ToServer::Request { epoch, lock, mode } => {
+                if self.live_session(from, epoch) {
+                    self.request(epoch, lock, mode, now, &mut out);
+                } else {
+                    out.push(ServerOutput::Send { to: from, message: ToClerk::LeaseLost { epoch } });
+                }
+            }
+            ToServer::Release { epoch, lock, token, keep } => {
+                // A lapsed session's release is not trusted: its last writes
+                // may have been fenced, so its locks wait for recovery.
+                if self.live_session(from, epoch) {
+                    self.release(epoch, lock, token, keep, now, &mut out);
+                } else {
+                    out.push(ServerOutput::Send { to: from, message: ToClerk::LeaseLost { epoch } });
+                }
+            }
+            ToServer::RecoveryDone { epoch, dead } => {
+                if self.live_session(from, epoch) {
+                    self.recovery_done(epoch, dead, now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn open_lease(&mut self, clerk: ClerkId, attempt: u64, now: u64, out: &mut Vec<ServerOutput>) {
+        let highest = self.highest_attempt.entry(clerk).or_default();
+        if attempt < *highest {
+            return; // a delayed opening from an earlier run or lease
+        }
+        *highest = attempt;
+        if let Some(&epoch) = self.live_by_clerk.get(&clerk) {
+            let session = self.sessions.get_mut(&epoch).expect("live sessions are known");
+            if session.attempt == attempt {
+                // A retransmitted opening: the same lease again.
+                session.expires_at = now + self.config.lease_micros;
+                let message = ToClerk::LeaseGranted { attempt, epoch, duration_micros: self.config.lease_micros };
+                out.push(ServerOutput::Send { to: clerk, message });
+                return;
+            }
+            // The clerk restarted and lost its cache: its old lease ends now.
+            self.expire(epoch, out);
+        }
+        self.last_epoch += 1;
+        let epoch = LeaseEpoch(self.last_epoch);
+        self.sessions.insert(
+            epoch,
+            Session {
+                clerk,
+                attempt,
+                phase: Phase::Live,
+                expires_at: now + self.config.lease_micros,
+                held: BTreeSet::new(),
+                waiting: BTreeSet::new(),
+            },
+        );
+        self.live_by_clerk.insert(clerk, epoch);
+        let message = ToClerk::LeaseGranted { attempt, epoch, duration_micros: self.config.lease_micros };
+        out.push(ServerOutput::Send { to: clerk, message });
+        self.assign_recoveries(now, out);
+    }
+
+    fn request(&mut self, epoch: LeaseEpoch, lock: LockName, mode: Mode, now: u64, out: &mut Vec<ServerOutput>) {
+        let clerk = self.sessions[&epoch].clerk;
+        let state = self.locks.entry(lock).or_default();
+        if let Some(holder) = state.holders.iter().find(|holder| holder.epoch == epoch)
+            && holder.mode.covers(mode)
+        {
+            // Held already: the grant was lost, or this is a duplicate.
+            let message = ToClerk::Grant { epoch, lock, mode: holder.mode, token: holder.token };
+            out.push(ServerOutput::Send { to: clerk, message });
+            return;
+        }
+        match state.queue.iter_mut().find(|waiter| waiter.epoch == epoch) {
+            Some(waiter) => waiter.mode = waiter.mode.max(mode),
+            None => state.queue.push_back(Waiter { epoch, mode }),
+        }
+        self.sessions.get_mut(&epoch).expect("live").waiting.insert(lock);
+        self.serve(lock, now, out);
+    }
+
+    fn release(
+        &mut self,
+        epoch: LeaseEpoch,
+        lock: LockName,
+        token: FencingToken,
+        keep: Option<Mode>,
+        now: u64,
+        out: &mut Vec<ServerOutput>,
+    ) {
+        let Some(state) = self.locks.get_mut(&lock) else { return };
+        let Some(index) = state.holders.iter().position(|holder| holder.epoch == epoch && holder.token == token) else {
+            return; // stale: a release of an older grant
+        };
+        match keep {
+            None => {
+                state.holders.swap_remove(index);
+                self.sessions.get_mut(&epoch).expect("live").held.remove(&lock);
+            }
+            Some(Mode::Shared) => {
+                let holder = &mut state.holders[index];
+                holder.mode = Mode::Shared;
+                holder.revoked = None;
+            }
+            Some(Mode::Exclusive) => return,
+        }
+        self.serve(lock, now, out);
+    }
+
+    /// Grants from the head of `lock`'s queue while it is compatible; else
+    /// revokes what conflicts with the head.
+    fn serve(&mut self, lock: LockName, now: u64, out: &mut Vec<ServerOutput>) {
+        loop {
+            let state = self.locks.get_mut(&lock).expect("served locks exist");
+            let Some(head) = state.queue.front().copied() else { break };
+            let head_live = self.sessions.get(&head.epoch).is_some_and(|session| session.phase == Phase::Live);
+            if !head_live {
+                state.queue.pop_front();
+                continue;
+            }
+            let conflicting =
+                state.holders.iter().any(|holder| holder.epoch != head.epoch && !holder.mode.compatible(head.mode));
+            if !conflicting {
+                state.queue.pop_front();
+                state.last_token += 1;
+                let token = FencingToken(state.last_token);
+                match state.holders.iter_mut().find(|holder| holder.epoch == head.epoch) {
+                    Some(holder) => {
+                        holder.mode = head.mode;
+                        holder.token = token;
+                        holder.revoked = None;
+                    }
+                    None => state.holders.push(Holder { epoch: head.epoch, mode: head.mode, token, revoked: None }),
+                }
+                let session = self.sessions.get_mut(&head.epoch).expect("live");
+                session.held.insert(lock);
+                session.waiting.remove(&lock);
+                let message = ToClerk::Grant { epoch: head.epoch, lock, mode: head.mode, token };
+                out.push(ServerOutput::Send { to: session.clerk, message });
+                continue;
+            }
+            let keep = (head.mode == Mode::Shared).then_some(Mode::Shared);
+            let mut revokes = Vec::new();
+            for holder in state.holders.iter_mut() {
+                if holder.epoch == head.epoch || holder.mode.compatible(head.mode) {
+                    continue;
+                }
+                if holder.revoked.is_some_and(|(sent, _)| demand(sent) >= demand(keep)) {
+                    continue;
+                }
+                holder.revoked = Some((keep, now));
+                revokes.push(*holder);
+            }
+            for holder in revokes {
+                self.send_revoke(lock, &holder, keep, out);
+            }
+            break;
+        }
+    }
+
+    fn send_revoke(&self, lock: LockName, holder: &Holder, keep: Option<Mode>, out: &mut Vec<ServerOutput>) {
+        // A dead session's locks wait for recovery; nobody to ask.
+        if let Some(session) = self.sessions.get(&holder.epoch)
+            && session.phase == Phase::Live
+        {
+            let message = ToClerk::Revoke { epoch: holder.epoch, lock, token: holder.token, held: holder.mode, keep };
+            out.push(ServerOutput::Send { to: session.clerk, message });
+        }
+    }
+
+    /// Ends a live session: step 1 of the dead-clerk sequence, then asks
+    /// for the fence (step 2).
+    fn expire(&mut self, epoch: LeaseEpoch, out: &mut Vec<ServerOutput>) {
+        let Some(session) = self.sessions.get_mut(&epoch) else { return };
+        if session.phase != Phase::Live {
+            return;
+        }
+        session.phase = Phase::Expired;
+        if self.live_by_clerk.get(&session.clerk) == Some(&epoch) {
+            self.live_by_clerk.remove(&session.clerk);
+        }
+        let waiting: Vec<LockName> = std::mem::take(&mut session.waiting).into_iter().collect();
+        for lock in waiting {
+            if let Some(state) = self.locks.get_mut(&lock) {
+                state.queue.retain(|waiter| waiter.epoch != epoch);
+            }
+        }
+        out.push(ServerOutput::Fence { epoch });
+    }
+
+    /// The fence for `epoch` is durable in storage: recovery may start.
+    pub fn fence_durable(&mut self, epoch: LeaseEpoch, now: u64) -> Vec<ServerOutput> {
+        let mut out = Vec::new();
+        let Some(session) = self.sessions.get_mut(&epoch) else { return out };
+        if session.phase != Phase::Expired {
+            return out;
+        }
+        if session.held.is_empty() {
+            // Nothing held: nothing unflushed to replay.
+            self.sessions.remove(&epoch);
+        } else {
+            session.phase = Phase::Fenced { recoverer: None };
+            self.assign_recoveries(now, &mut out);
+        }
+        // Waiters that queued behind this session's requests may proceed.
+        self.serve_all(now, &mut out);
+        out
+    }
+
+    /// Asks a live clerk to replay every fenced session that has nobody on it.
+    fn assign_recoveries(&mut self, now: u64, out: &mut Vec<ServerOutput>) {
+        let Some((&recoverer, recoverer_clerk)) = self
+            .sessions
+            .iter()
+            .find(|(_, session)| session.phase == Phase::Live)
+            .map(|(epoch, session)| (epoch, session.clerk))
+        else {
+            return; // nobody alive: the first clerk to open a lease is asked
+        };
+        let unassigned: Vec<LeaseEpoch> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| match session.phase {
+                Phase::Fenced { recoverer: None } => true,
+                Phase::Fenced { recoverer: Some((epoch, _)) } => !self.is_live(epoch),
+                _ => false,
+            })
+            .map(|(epoch, _)| *epoch)
+            .collect();
+        for dead in unassigned {
+            let session = self.sessions.get_mut(&dead).expect("listed");
+            session.phase = Phase::Fenced { recoverer: Some((recoverer, now)) };
+            let message = ToClerk::Recover { epoch: recoverer, dead, dead_clerk: session.clerk };
+            out.push(ServerOutput::Send { to: recoverer_clerk, message });
+        }
+    }
+
+    fn recovery_done(&mut self, recoverer: LeaseEpoch, dead: LeaseEpoch, now: u64, out: &mut Vec<ServerOutput>) {
+        let assigned = self.sessions.get(&dead).is_some_and(
+            |session| matches!(session.phase, Phase::Fenced { recoverer: Some((epoch, _)) } if epoch == recoverer),
+        );
+        if !assigned {
+            return;
+        }
+        let session = self.sessions.remove(&dead).expect("checked");
+        for lock in session.held {
+            if let Some(state) = self.locks.get_mut(&lock) {
+                state.holders.retain(|holder| holder.epoch != dead);
+            }
+            self.serve(lock, now, out);
+        }
+    }
+
+    fn serve_all(&mut self, now: u64, out: &mut Vec<ServerOutput>) {
+        let queued: Vec<LockName> =
+            self.locks.iter().filter(|(_, state)| !state.queue.is_empty()).map(|(lock, _)| *lock).collect();
+        for lock in queued {
+            self.serve(lock, now, out);
+        }
+    }
+
+    /// Expires lapsed leases, repeats unanswered revokes and recovery
+    /// requests, and reassigns recoveries whose recoverer died.
+    pub fn tick(&mut self, now: u64) -> Vec<ServerOutput> {
+        let mut out = Vec::new();
+        let lapsed: Vec<LeaseEpoch> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| session.phase == Phase::Live && session.expires_at <= now)
+            .map(|(epoch, _)| *epoch)
+            .collect();
+        for epoch in lapsed {
+            self.expire(epoch, &mut out);
+        }
+        let retransmit = self.config.retransmit_micros;
+        let mut revokes = Vec::new();
+        for (lock, state) in self.locks.iter_mut() {
+            for holder in state.holders.iter_mut() {
+                if let Some((keep, sent)) = holder.revoked
+                    && now.saturating_sub(sent) >= retransmit
+                {
+                    holder.revoked = Some((keep, now));
+                    revokes.push((*lock, *holder, keep));
+                }
+            }
+        }
+        for (lock, holder, keep) in revokes {
+            self.send_revoke(lock, &holder, keep, &mut out);
+        }
+        let mut resend = Vec::new();
+        for (dead, session) in self.sessions.iter_mut() {
+            if let Phase::Fenced { recoverer: Some((recoverer, asked)) } = session.phase
+                && now.saturating_sub(asked) >= retransmit
+            {
+                session.phase = Phase::Fenced { recoverer: Some((recoverer, now)) };
+                resend.push((recoverer, *dead, session.clerk));
+            }
+        }
+        for (recoverer, dead, dead_clerk) in resend {
+            if let Some(session) = self.sessions.get(&recoverer)
+                && session.phase == Phase::Live
+            {
+                let message = ToClerk::Recover { epoch: recoverer, dead, dead_clerk };
+                out.push(ServerOutput::Send { to: session.clerk, message });
+            }
+        }
+        self.assign_recoveries(now, &mut out);
+        self.serve_all(now, &mut out);
+        out
+    }
+
+    /// Holders of `lock`: (epoch, mode, token).
+    pub fn holders(&self, lock: LockName) -> Vec<(LeaseEpoch, Mode, FencingToken)> {
+        self.locks
+            .get(&lock)
+            .map(|state| state.holders.iter().map(|holder| (holder.epoch, holder.mode, holder.token)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The live lease of `clerk`, if any.
+    pub fn live_lease(&self, clerk: ClerkId) -> Option<LeaseEpoch> {
+        self.live_by_clerk.get(&clerk).copied()
+    }
+
+    /// Sessions that ended but whose locks are not released yet.
+    pub fn dead_sessions(&self) -> usize {
+        self.sessions.values().filter(|session| session.phase != Phase::Live).count()
+    }
+
+    /// Requests waiting in any queue.
+    pub fn queued_requests(&self) -> usize {
+        self.locks.values().map(|state| state.queue.len()).sum()
+    }
+
+    /// Checks the server's invariants; the first broken one as an error.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (lock, state) in &self.locks {
+            for (index, first) in state.holders.iter().enumerate() {
+                for second in &state.holders[index + 1..] {
+                    if first.epoch == second.epoch || !first.mode.compatible(second.mode) {
+                        return Err(format!("{lock}: holders {first:?} and {second:?} conflict"));
+                    }
+                }
+                let Some(session) = self.sessions.get(&first.epoch) else {
+                    return Err(format!("{lock}: holder {:?} has no session", first.epoch));
+                };
+                if !session.held.contains(lock) {
+                    return Err(format!("{lock}: session {:?} does not list it", first.epoch));
+                }
+                if first.token.0 > state.last_token {
+                    return Err(format!("{lock}: token {:?} above the last issued", first.token));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCK: LockName = LockName { table: 1, id: 7 };
+    const LEASE: u64 = 1_000_000;
+
+    fn server() -> LockServerCore {
+        LockServerCore::new(ServerConfig { lease_micros: LEASE, retransmit_micros: 100_000 })
+    }
+
+    fn open(server: &mut LockServerCore, clerk: u64, now: u64) -> LeaseEpoch {
+        let out = server.handle(ClerkId(clerk), ToServer::OpenLease { clerk: ClerkId(clerk), attempt: 1 }, now);
+        match &out[..] {
+            [ServerOutput::Send { message: ToClerk::LeaseGranted { epoch, .. }, .. }, ..] => *epoch,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn request(server: &mut LockServerCore, clerk: u64, epoch: LeaseEpoch, mode: Mode) -> Vec<ServerOutput> {
+        server.handle(ClerkId(clerk), ToServer::Request { epoch, lock: LOCK, mode }, 0)
+    }
+
+    fn grants(out: &[ServerOutput]) -> Vec<(ClerkId, Mode, FencingToken)> {
+        out.iter()
+            .filter_map(|output| match output {
+                ServerOutput::Send { to, message: ToClerk::Grant { mode, token, .. } } => Some((*to, *mode, *token)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn revokes(out: &[ServerOutput]) -> Vec<(ClerkId, Option<Mode>)> {
+        out.iter()
+            .filter_map(|output| match output {
+                ServerOutput::Send { to, message: ToClerk::Revoke { keep, .. } } => Some((*to, *keep)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_holders_coexist_and_an_exclusive_request_revokes_them_all() {
+        let mut server = server();
+        let (a, b, c) = (open(&mut server, 1, 0), open(&mut server, 2, 0), open(&mut server, 3, 0));
+        assert_eq!(
+            grants(&request(&mut server, 1, a, Mode::Shared)),
+            vec![(ClerkId(1), Mode::Shared, FencingToken(1))]
+        );
+        assert_eq!(
+            grants(&request(&mut server, 2, b, Mode::Shared)),
+            vec![(ClerkId(2), Mode::Shared, FencingToken(2))]
+        );
+        let out = request(&mut server, 3, c, Mode::Exclusive);
+        assert!(grants(&out).is_empty());
+        assert_eq!(revokes(&out), vec![(ClerkId(1), None), (ClerkId(2), None)]);
+        let out = server.handle(
+            ClerkId(1),
+            ToServer::Release { epoch: a, lock: LOCK, token: FencingToken(1), keep: None },
+            0,
+        );
+        assert!(grants(&out).is_empty(), "clerk 2 still holds it");
+        let out = server.handle(
+            ClerkId(2),
+            ToServer::Release { epoch: b, lock: LOCK, token: FencingToken(2), keep: None },
+            0,
+        );
+        assert_eq!(grants(&out), vec![(ClerkId(3), Mode::Exclusive, FencingToken(3))]);
+        server.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_waiting_exclusive_request_is_not_starved_by_later_shared_ones() {
+        let mut server = server();
+        let (a, b, c) = (open(&mut server, 1, 0), open(&mut server, 2, 0), open(&mut server, 3, 0));
+        request(&mut server, 1, a, Mode::Shared);
+        request(&mut server, 2, b, Mode::Exclusive);
+        let out = request(&mut server, 3, c, Mode::Shared);
+        assert!(
+            grants(&out).is_empty(),
+            "shared would be compatible with the holder, but an exclusive request is ahead"
+        );
+        let out = server.handle(
+            ClerkId(1),
+            ToServer::Release { epoch: a, lock: LOCK, token: FencingToken(1), keep: None },
+            0,
+        );
+        assert_eq!(grants(&out), vec![(ClerkId(2), Mode::Exclusive, FencingToken(2))]);
+        assert_eq!(revokes(&out), vec![(ClerkId(2), Some(Mode::Shared))], "the shared waiter asks for a downgrade");
+        let out = server.handle(
+            ClerkId(2),
+            ToServer::Release { epoch: b, lock: LOCK, token: FencingToken(2), keep: Some(Mode::Shared) },
+            0,
+        );
+        assert_eq!(grants(&out), vec![(ClerkId(3), Mode::Shared, FencingToken(3))]);
+        assert_eq!(server.holders(LOCK).len(), 2);
+    }
+
+    #[test]
+    fn stale_releases_and_duplicate_requests_change_nothing() {
+        let mut server = server();
+        let a = open(&mut server, 1, 0);
+        request(&mut server, 1, a, Mode::Exclusive);
+        let again = request(&mut server, 1, a, Mode::Shared);
+        assert_eq!(grants(&again), vec![(ClerkId(1), Mode::Exclusive, FencingToken(1))], "the grant is repeated");
+        let out = server.handle(
+            ClerkId(1),
+            ToServer::Release { epoch: a, lock: LOCK, token: FencingToken(9), keep: None },
+            0,
+        );
+        assert!(out.is_empty());
+        assert_eq!(server.holders(LOCK), vec![(a, Mode::Exclusive, FencingToken(1))]);
+    }
+
+    #[test]
+    fn a_dead_clerk_is_fenced_then_recovered_and_only_then_released() {
+        let mut server = server();
+        let (a, b) = (open(&mut server, 1, 0), open(&mut server, 2, 0));
+        request(&mut server, 1, a, Mode::Exclusive);
+        request(&mut server, 2, b, Mode::Exclusive);
+        // Clerk 2 renews; clerk 1 goes silent.
+        server.handle(ClerkId(2), ToServer::RenewLease { epoch: b, sequence: 1 }, LEASE / 2);
+        let out = server.tick(LEASE);
+        assert_eq!(out, vec![ServerOutput::Fence { epoch: a }], "(a) stop granting, (b) fence first");
+        assert!(grants(&server.tick(LEASE + 1)).is_empty(), "nothing is released before recovery");
+        let out = server.handle(ClerkId(1), ToServer::Request { epoch: a, lock: LOCK, mode: Mode::Shared }, LEASE + 2);
+        assert_eq!(out, vec![ServerOutput::Send { to: ClerkId(1), message: ToClerk::LeaseLost { epoch: a } }]);
+        let out = server.fence_durable(a, LEASE + 3);
+        assert_eq!(
+            out,
+            vec![ServerOutput::Send {
+                to: ClerkId(2),
+                message: ToClerk::Recover { epoch: b, dead: a, dead_clerk: ClerkId(1) }
+            }],
+            "(c) a live clerk replays the log"
+        );
+        let out = server.handle(ClerkId(2), ToServer::RecoveryDone { epoch: b, dead: a }, LEASE + 4);
+        assert_eq!(grants(&out), vec![(ClerkId(2), Mode::Exclusive, FencingToken(2))], "(d) then the lock moves");
+        assert_eq!(server.dead_sessions(), 0);
+        server.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_restarted_clerk_gets_a_new_epoch_and_its_old_lease_is_fenced() {
+        let mut server = server();
+        let first = open(&mut server, 1, 0);
+        request(&mut server, 1, first, Mode::Exclusive);
+        let out = server.handle(ClerkId(1), ToServer::OpenLease { clerk: ClerkId(1), attempt: 2 }, 10);
+        assert!(out.contains(&ServerOutput::Fence { epoch: first }));
+        let second = server.live_lease(ClerkId(1)).expect("a new lease");
+        assert!(second > first);
+        let out = server.fence_durable(first, 20);
+        assert!(out.iter().any(|output| matches!(
+            output,
+            ServerOutput::Send { message: ToClerk::Recover { dead, .. }, .. } if *dead == first
+        )));
+    }
+}
