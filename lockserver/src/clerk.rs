@@ -85,16 +85,9 @@ pub enum Acquire {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lease {
     /// Opening `attempt`, first sent at `sent_at`.
-    Opening {
-        attempt: u64,
-        sent_at: u64,
-    },
-    Live {
-        epoch: LeaseEpoch,
-        duration: u64,
-        valid_until: u64,
-        next_renew_at: u64,
-    },
+    Opening { attempt: u64, sent_at: u64 },
+    /// The lease `epoch`, answering opening `attempt`.
+    Live { attempt: u64, epoch: LeaseEpoch, duration: u64, valid_until: u64, next_renew_at: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +166,16 @@ impl ClerkCore {
     pub fn holds(&self, lock: LockName, now: u64) -> Option<(Mode, FencingToken)> {
         self.lease(now)?;
         self.locks.get(&lock).and_then(|state| state.held)
+    }
+
+    /// The message that introduces this clerk on a new connection: its
+    /// current opening again (the server answers a repeated opening with the
+    /// same lease, and now knows where the clerk is).
+    pub fn hello(&self) -> ToServer {
+        let attempt = match self.lease {
+            Lease::Opening { attempt, .. } | Lease::Live { attempt, .. } => attempt,
+        };
+        ToServer::OpenLease { clerk: self.clerk, attempt }
     }
 
     /// The clerk's state of `lock`, for diagnostics.
@@ -293,6 +296,7 @@ impl ClerkCore {
             {
                 let valid_until = (sent_at + duration_micros).saturating_sub(self.config.lease_margin_micros);
                 self.lease = Lease::Live {
+                    attempt,
                     epoch,
                     duration: duration_micros,
                     valid_until,
@@ -408,12 +412,13 @@ impl ClerkCore {
                 self.lose_lease(now, &mut out);
                 return out;
             }
-            Lease::Live { epoch, duration, valid_until, next_renew_at } => {
+            Lease::Live { attempt, epoch, duration, valid_until, next_renew_at } => {
                 if now >= next_renew_at {
                     let sequence = self.next_renewal;
                     self.next_renewal += 1;
                     self.renewals.insert(sequence, now);
                     self.lease = Lease::Live {
+                        attempt,
                         epoch,
                         duration,
                         valid_until,

@@ -10,19 +10,24 @@
 //! - [`server`]: the lock server as a pure state machine.
 //! - [`clerk`]: a workstation's clerk as a pure state machine (sticky
 //!   locks, flush-before-release, its own view of the lease).
+//! - [`net`]: the tokio drivers, `LockServer` and `Clerk`, over the kit's
+//!   transport.
+//! - [`wire`]: the messages as frames (kinds 32–45 of the kit's framing).
 //! - [`sim`]: a seeded simulation of a server and clerks over a lossy,
 //!   reordering network with crashes and lease expiries, checking safety and
 //!   liveness after every event.
 //!
-//! Not built yet (issue #3 continues): the tokio driver and wire codec,
-//! fencing inside the storage nodes, server restart with a reclaim grace
+//! Not built yet (issue #3 continues): fencing inside the storage nodes, server restart with a reclaim grace
 //! period, the replicated (openraft) mode, and `lab bench locks`.
 
 pub mod clerk;
+pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod sim;
+pub mod wire;
 
 pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
+pub use net::{Clerk, ClerkError, Fencer, LockGuard, LockServer, Workstation};
 pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
 pub use server::{LockServerCore, ServerConfig, ServerOutput};

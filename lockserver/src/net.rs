@@ -1,0 +1,396 @@
+//! The tokio drivers: a lock server and clerks over the kit's transport.
+//!
+//! They only move messages: every decision is in [`LockServerCore`] and
+//! [`ClerkCore`], called under a mutex with the time in microseconds.
+//!
+//! - [`LockServer`] accepts connections; a connection belongs to the clerk
+//!   whose `OpenLease` arrived on it (the newest connection wins). Fences go
+//!   to the embedder's [`Fencer`]; a timer drives leases and retransmission.
+//! - [`Clerk`] keeps one connection to the server (reconnecting with
+//!   backoff), drives its lease with a timer, and calls the embedder's
+//!   [`Workstation`] to flush before a release and to replay dead logs.
+//!   [`Clerk::acquire`] returns a [`LockGuard`]; dropping it ends the
+//!   operation, and the lock stays cached until the server revokes it.
+
+use crate::clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
+use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use crate::server::{LockServerCore, ServerConfig, ServerOutput};
+use common::transport::{BoxFuture, Connection, FrameSender, Transport};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+/// How often the server and clerks run their timers.
+const TICK_INTERVAL: Duration = Duration::from_millis(5);
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Makes shared storage refuse every write stamped with a lease epoch.
+pub trait Fencer: Send + Sync + fmt::Debug {
+    /// Resolves once the fence is durable (on a write quorum of storage).
+    fn fence(&self, epoch: LeaseEpoch) -> BoxFuture<'static, ()>;
+}
+
+/// What a clerk asks of its workstation.
+pub trait Workstation: Send + Sync + fmt::Debug {
+    /// Flush the log, then the dirty data `lock` covers; afterwards only
+    /// `keep` is held (drop cached data it no longer covers).
+    fn flush(&self, lock: LockName, keep: Option<Mode>) -> BoxFuture<'static, ()>;
+    /// Replay the log of the dead lease `dead` of `dead_clerk`.
+    fn recover(&self, dead: LeaseEpoch, dead_clerk: ClerkId) -> BoxFuture<'static, ()>;
+    /// The lease is gone: drop every cached block; dirty data is lost.
+    fn lease_lost(&self);
+}
+
+fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+#[derive(Debug)]
+struct ServerShared {
+    core: Mutex<LockServerCore>,
+    clerks: Mutex<HashMap<ClerkId, FrameSender>>,
+    fencer: Arc<dyn Fencer>,
+    start: Instant,
+}
+
+impl ServerShared {
+    fn now(&self) -> u64 {
+        micros_since(self.start)
+    }
+
+    fn carry_out(self: &Arc<Self>, outputs: Vec<ServerOutput>) {
+        for output in outputs {
+            match output {
+                ServerOutput::Send { to, message } => {
+                    let sender = self.clerks.lock().get(&to).cloned();
+                    if let Some(sender) = sender
+                        && let Err(error) = sender.try_send(message.encode())
+                    {
+                        debug!(clerk = to.0, %error, "message to clerk dropped (it is retransmitted)");
+                    }
+                }
+                ServerOutput::Fence { epoch } => {
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        shared.fencer.fence(epoch).await;
+                        let outputs = shared.core.lock().fence_durable(epoch, shared.now());
+                        shared.carry_out(outputs);
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A lock server on the transport.
+#[derive(Debug)]
+pub struct LockServer {
+    shared: Arc<ServerShared>,
+    local_address: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LockServer {
+    /// Listens at `address` ("127.0.0.1:0" for any port).
+    pub async fn start(
+        config: ServerConfig,
+        transport: Arc<dyn Transport>,
+        address: String,
+        fencer: Arc<dyn Fencer>,
+    ) -> io::Result<LockServer> {
+        let mut listener = transport.bind(address).await?;
+        let local_address = listener.local_address().to_string();
+        let shared = Arc::new(ServerShared {
+            core: Mutex::new(LockServerCore::new(config)),
+            clerks: Mutex::new(HashMap::new()),
+            fencer,
+            start: Instant::now(),
+        });
+        let accept_shared = shared.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok(connection) = listener.accept().await {
+                let shared = accept_shared.clone();
+                tokio::spawn(async move { serve_clerk(shared, connection).await });
+            }
+        });
+        let tick_shared = shared.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK_INTERVAL);
+            loop {
+                interval.tick().await;
+                let outputs = tick_shared.core.lock().tick(tick_shared.now());
+                tick_shared.carry_out(outputs);
+            }
+        });
+        Ok(LockServer { shared, local_address, tasks: vec![accept, ticker] })
+    }
+
+    pub fn local_address(&self) -> &str {
+        &self.local_address
+    }
+
+    /// Holders of `lock`, as the server sees them.
+    pub fn holders(&self, lock: LockName) -> Vec<(LeaseEpoch, Mode, FencingToken)> {
+        self.shared.core.lock().holders(lock)
+    }
+
+    /// Stops accepting and timing (connections already open end with their clerks).
+    pub fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for LockServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve_clerk(shared: Arc<ServerShared>, mut connection: Connection) {
+    let mut clerk: Option<ClerkId> = None;
+    while let Some(frame) = connection.receiver.recv().await {
+        let message = match frame
+            .map_err(|error| error.to_string())
+            .and_then(|frame| ToServer::decode(&frame).map_err(|error| error.to_string()))
+        {
+            Ok(message) => message,
+            Err(reason) => {
+                warn!(peer = %connection.peer, reason, "closing lock connection: bad frame");
+                break;
+            }
+        };
+        if let ToServer::OpenLease { clerk: opening, .. } = message {
+            clerk = Some(opening);
+            shared.clerks.lock().insert(opening, connection.sender.clone());
+        }
+        let Some(from) = clerk else {
+            warn!(peer = %connection.peer, "closing lock connection: a message before OpenLease");
+            break;
+        };
+        let outputs = shared.core.lock().handle(from, message, shared.now());
+        shared.carry_out(outputs);
+    }
+}
+
+/// Why a clerk call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClerkError {
+    #[error("{lock} was not granted within {waited:?}")]
+    Timeout { lock: LockName, waited: Duration },
+    #[error("no lease from the lock server within {0:?}")]
+    NoLease(Duration),
+}
+
+#[derive(Debug)]
+struct ClerkShared {
+    core: Mutex<ClerkCore>,
+    sender: Mutex<Option<FrameSender>>,
+    workstation: Arc<dyn Workstation>,
+    /// Signalled on every grant and on a new lease: waiting acquires retry.
+    changed: Notify,
+    start: Instant,
+}
+
+impl ClerkShared {
+    fn now(&self) -> u64 {
+        micros_since(self.start)
+    }
+
+    fn carry_out(self: &Arc<Self>, outputs: Vec<ClerkOutput>) {
+        for output in outputs {
+            match output {
+                ClerkOutput::Send(message) => {
+                    let sender = self.sender.lock().clone();
+                    if let Some(sender) = sender
+                        && let Err(error) = sender.try_send(message.encode())
+                    {
+                        debug!(%error, "message to the lock server dropped (it is retransmitted)");
+                    }
+                }
+                ClerkOutput::LeaseReady { .. } | ClerkOutput::Granted { .. } => self.changed.notify_waiters(),
+                ClerkOutput::Flush { lock, keep } => {
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        shared.workstation.flush(lock, keep).await;
+                        let outputs = shared.core.lock().flush_done(lock, shared.now());
+                        shared.carry_out(outputs);
+                    });
+                }
+                ClerkOutput::Recover { dead, dead_clerk } => {
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        shared.workstation.recover(dead, dead_clerk).await;
+                        let outputs = shared.core.lock().recovery_done(dead, shared.now());
+                        shared.carry_out(outputs);
+                    });
+                }
+                ClerkOutput::LeaseLost => {
+                    self.workstation.lease_lost();
+                    self.changed.notify_waiters();
+                }
+            }
+        }
+    }
+}
+
+/// A clerk connected to a lock server.
+#[derive(Debug)]
+pub struct Clerk {
+    shared: Arc<ClerkShared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// One operation's hold of a lock; dropping it ends the operation (the lock
+/// itself stays cached).
+#[derive(Debug)]
+pub struct LockGuard {
+    shared: Arc<ClerkShared>,
+    pub lock: LockName,
+    pub mode: Mode,
+    /// Stamp both on every write to shared storage made under this lock.
+    pub token: FencingToken,
+    pub epoch: LeaseEpoch,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let outputs = self.shared.core.lock().finish(self.lock, self.mode);
+        self.shared.carry_out(outputs);
+    }
+}
+
+impl Clerk {
+    /// Connects clerk `clerk` to the server at `address` and waits for its
+    /// lease (at most `lease_timeout`).
+    pub async fn connect(
+        clerk: ClerkId,
+        config: ClerkConfig,
+        transport: Arc<dyn Transport>,
+        address: String,
+        workstation: Arc<dyn Workstation>,
+        lease_timeout: Duration,
+    ) -> Result<Clerk, ClerkError> {
+        // Openings must grow across restarts of this clerk: start from the clock.
+        let first_attempt =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+        let start = Instant::now();
+        let (core, opening) = ClerkCore::new(clerk, config, first_attempt, 0);
+        let shared = Arc::new(ClerkShared {
+            core: Mutex::new(core),
+            sender: Mutex::new(None),
+            workstation,
+            changed: Notify::new(),
+            start,
+        });
+        let link_shared = shared.clone();
+        let link = tokio::spawn(async move { run_link(link_shared, transport, address, opening).await });
+        let tick_shared = shared.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK_INTERVAL);
+            loop {
+                interval.tick().await;
+                let outputs = tick_shared.core.lock().tick(tick_shared.now());
+                tick_shared.carry_out(outputs);
+            }
+        });
+        let clerk = Clerk { shared: shared.clone(), tasks: vec![link, ticker] };
+        let deadline = tokio::time::Instant::now() + lease_timeout;
+        loop {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if clerk.lease().is_some() {
+                return Ok(clerk);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(ClerkError::NoLease(lease_timeout));
+            }
+        }
+    }
+
+    /// The current lease, if valid.
+    pub fn lease(&self) -> Option<LeaseEpoch> {
+        self.shared.core.lock().lease(self.shared.now())
+    }
+
+    /// Holds `lock` in `mode` for one operation, waiting at most `timeout`.
+    pub async fn acquire(&self, lock: LockName, mode: Mode, timeout: Duration) -> Result<LockGuard, ClerkError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (acquired, outputs) = self.shared.core.lock().acquire(lock, mode, self.shared.now());
+            self.shared.carry_out(outputs);
+            if let Acquire::Held { token, epoch } = acquired {
+                return Ok(LockGuard { shared: self.shared.clone(), lock, mode, token, epoch });
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(ClerkError::Timeout { lock, waited: timeout });
+            }
+        }
+    }
+
+    /// Stops the clerk as a crash would: no more renewals, releases or answers.
+    pub fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.shared.sender.lock().take();
+    }
+}
+
+impl Drop for Clerk {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Keeps the clerk connected; the first connection carries `opening`.
+async fn run_link(shared: Arc<ClerkShared>, transport: Arc<dyn Transport>, address: String, opening: Vec<ClerkOutput>) {
+    let mut opening = Some(opening);
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    loop {
+        match transport.connect(address.clone()).await {
+            Ok(mut connection) => {
+                backoff = RECONNECT_BACKOFF_MIN;
+                *shared.sender.lock() = Some(connection.sender.clone());
+                match opening.take() {
+                    Some(opening) => shared.carry_out(opening),
+                    None => {
+                        let hello = shared.core.lock().hello();
+                        shared.carry_out(vec![ClerkOutput::Send(hello)]);
+                    }
+                }
+                while let Some(frame) = connection.receiver.recv().await {
+                    let message = match frame
+                        .map_err(|error| error.to_string())
+                        .and_then(|frame| ToClerk::decode(&frame).map_err(|error| error.to_string()))
+                    {
+                        Ok(message) => message,
+                        Err(reason) => {
+                            warn!(reason, "closing the lock-server connection: bad frame");
+                            break;
+                        }
+                    };
+                    let outputs = shared.core.lock().on_message(message, shared.now());
+                    shared.carry_out(outputs);
+                }
+                shared.sender.lock().take();
+                warn!(%address, "connection to the lock server lost; reconnecting");
+            }
+            Err(error) => debug!(%address, %error, "lock server connect failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}

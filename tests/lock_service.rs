@@ -1,0 +1,141 @@
+//! The lock service over real loopback TCP: a `LockServer` and `Clerk`s.
+//!
+//! - Locks are sticky, and a revoke makes the holder's workstation flush
+//!   before the lock moves on.
+//! - A clerk that dies holding a lock: its lease runs out, its epoch is
+//!   fenced, a live clerk replays its log, and only then is the lock granted
+//!   again, in that order.
+
+use common::transport::{BoxFuture, TcpTransport};
+use lockserver::protocol::{ClerkId, LeaseEpoch, LockName, Mode};
+use lockserver::{Clerk, ClerkConfig, Fencer, LockServer, ServerConfig, Workstation};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+const LOCK: LockName = LockName { table: 1, id: 42 };
+
+/// What happened, in order, across the server's fencer and the workstations.
+type Events = Arc<Mutex<Vec<String>>>;
+
+#[derive(Debug)]
+struct RecordingFencer(Events);
+
+impl Fencer for RecordingFencer {
+    fn fence(&self, epoch: LeaseEpoch) -> BoxFuture<'static, ()> {
+        self.0.lock().push(format!("fence {}", epoch.0));
+        Box::pin(async {})
+    }
+}
+
+#[derive(Debug)]
+struct RecordingWorkstation {
+    name: &'static str,
+    events: Events,
+}
+
+impl Workstation for RecordingWorkstation {
+    fn flush(&self, lock: LockName, keep: Option<Mode>) -> BoxFuture<'static, ()> {
+        self.events.lock().push(format!("{} flush {} keep {keep:?}", self.name, lock.id));
+        Box::pin(tokio::time::sleep(Duration::from_millis(5)))
+    }
+
+    fn recover(&self, dead: LeaseEpoch, _dead_clerk: ClerkId) -> BoxFuture<'static, ()> {
+        self.events.lock().push(format!("{} recover {}", self.name, dead.0));
+        Box::pin(tokio::time::sleep(Duration::from_millis(5)))
+    }
+
+    fn lease_lost(&self) {
+        self.events.lock().push(format!("{} lease lost", self.name));
+    }
+}
+
+async fn start_server(lease: Duration, events: &Events) -> LockServer {
+    let config = ServerConfig { lease_micros: lease.as_micros() as u64, retransmit_micros: 50_000 };
+    LockServer::start(
+        config,
+        Arc::new(TcpTransport::new()),
+        "127.0.0.1:0".into(),
+        Arc::new(RecordingFencer(events.clone())),
+    )
+    .await
+    .expect("lock server")
+}
+
+async fn clerk(server: &LockServer, id: u64, name: &'static str, config: ClerkConfig, events: &Events) -> Clerk {
+    let workstation = Arc::new(RecordingWorkstation { name, events: events.clone() });
+    Clerk::connect(
+        ClerkId(id),
+        config,
+        Arc::new(TcpTransport::new()),
+        server.local_address().to_string(),
+        workstation,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a lease")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_lock_moves_only_after_its_holder_flushed() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let server = start_server(Duration::from_secs(10), &events).await;
+        let config = ClerkConfig::default();
+        let a = clerk(&server, 1, "a", config, &events).await;
+        let b = clerk(&server, 2, "b", config, &events).await;
+        let first = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("cold acquire");
+        let token = first.token;
+        drop(first);
+        let again = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("cached acquire");
+        assert_eq!(again.token, token, "a sticky lock is reused without a new grant");
+        drop(again);
+        assert!(events.lock().is_empty(), "nothing was flushed yet: {:?}", events.lock());
+
+        let moved = b.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("b gets it after a's flush");
+        assert!(moved.token > token);
+        assert_eq!(events.lock().clone(), vec!["a flush 42 keep None".to_string()]);
+        assert_eq!(server.holders(LOCK).len(), 1, "a released it entirely");
+
+        // Readers share: b downgrades to shared and both hold it.
+        drop(moved);
+        let reader = a.acquire(LOCK, Mode::Shared, Duration::from_secs(5)).await.expect("a reads");
+        assert_eq!(events.lock().last().map(String::as_str), Some("b flush 42 keep Some(Shared)"));
+        let other_reader = b.acquire(LOCK, Mode::Shared, Duration::from_secs(5)).await.expect("b still reads");
+        assert_eq!(server.holders(LOCK).len(), 2);
+        drop((reader, other_reader));
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_is_fenced_and_recovered_before_its_lock_moves() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let lease = Duration::from_millis(400);
+        let server = start_server(lease, &events).await;
+        let config =
+            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let a = clerk(&server, 1, "a", config, &events).await;
+        let b = clerk(&server, 2, "b", config, &events).await;
+        let held = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it");
+        let dead_epoch = held.epoch;
+        std::mem::forget(held); // a crashes in the middle of an operation
+        a.stop();
+        let started = std::time::Instant::now();
+        let taken = b.acquire(LOCK, Mode::Exclusive, Duration::from_secs(10)).await.expect("b gets it in the end");
+        assert!(started.elapsed() >= lease / 2, "the lock moved before a's lease could have run out");
+        assert!(taken.epoch != dead_epoch);
+        let events = events.lock().clone();
+        let fence = format!("fence {}", dead_epoch.0);
+        let recover = format!("b recover {}", dead_epoch.0);
+        let fenced_at = events.iter().position(|event| *event == fence).expect("a's epoch was fenced");
+        let recovered_at = events.iter().position(|event| *event == recover).expect("b replayed a's log");
+        assert!(fenced_at < recovered_at, "recovery started before the fence: {events:?}");
+        assert!(!events.iter().any(|event| event.starts_with("a flush")), "a never flushed: it was dead");
+    })
+    .await
+    .expect("in time");
+}
