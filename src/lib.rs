@@ -5,11 +5,13 @@
 //!
 //! - [`cluster`]: an in-process cluster of storage nodes on loopback, with
 //!   kill/restart and per-node injected delay.
-//! - [`bench`]: `lab bench quorum-write`, its disk and network baselines,
-//!   and the table/JSON/SVG reports.
+//! - [`bench`]: `lab bench quorum-write` and `lab bench locks`, their
+//!   baselines, and the table/JSON/SVG reports.
+//! - [`alloc_count`]: the counting allocator behind memory figures.
 //! - [`demo`]: `lab demo`, the guided tour of a running cluster.
 //! - [`locks`]: `lab locks sim`, the lock service's seeded simulation.
 
+pub mod alloc_count;
 pub mod bench;
 pub mod cluster;
 pub mod demo;

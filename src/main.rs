@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use lab::bench::locks::{self as lock_bench, LocksOptions};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
 use lab::demo::{self, DemoOptions};
 use lab::locks::{self, SimOptions};
@@ -45,7 +46,14 @@ enum Bench {
     /// Commit latency of redo records on a six-node loopback cluster, against the
     /// one-disk fdatasync floors: (a) one fdatasync, (b) the 4th of six concurrent ones.
     QuorumWrite(QuorumWriteOptions),
+    /// Lock service costs against a loopback round trip: cached and cold acquires, revoke
+    /// ping-pong, throughput of N clerks, and server memory per lock and per clerk.
+    Locks(LocksOptions),
 }
+
+/// Counts heap bytes only while a memory figure is being measured.
+#[global_allocator]
+static ALLOCATOR: lab::alloc_count::CountingAllocator = lab::alloc_count::CountingAllocator;
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -58,6 +66,14 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Demo(options) => demo::run(options).await,
             Command::Locks(Locks::Sim(options)) => locks::run(&options),
+            Command::Bench(Bench::Locks(options)) => {
+                let report = lock_bench::run(options).await?;
+                println!("{}", lock_bench::render(&report));
+                if let Some(path) = &report.options.json {
+                    println!("JSON: {}", path.display());
+                }
+                Ok(())
+            }
             Command::Bench(Bench::QuorumWrite(options)) => {
                 let report = quorum_write::run(options).await?;
                 println!("{}", quorum_write::render(&report));

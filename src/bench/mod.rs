@@ -1,5 +1,6 @@
 //! `lab bench`: measurements with their baselines taken in the same run.
 
 pub mod baselines;
+pub mod locks;
 pub mod quorum_write;
 pub mod report;
