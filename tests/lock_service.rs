@@ -55,7 +55,7 @@ async fn start_server(lease: Duration, events: &Events) -> LockServer {
     let config = ServerConfig { lease_micros: lease.as_micros() as u64, retransmit_micros: 50_000 };
     LockServer::start(
         config,
-        Arc::new(TcpTransport::new()),
+        Arc::new(TcpTransport::with_direct_writes()),
         "127.0.0.1:0".into(),
         Arc::new(RecordingFencer(events.clone())),
     )
@@ -68,7 +68,7 @@ async fn clerk(server: &LockServer, id: u64, name: &'static str, config: ClerkCo
     Clerk::connect(
         ClerkId(id),
         config,
-        Arc::new(TcpTransport::new()),
+        Arc::new(TcpTransport::with_direct_writes()),
         server.local_address().to_string(),
         workstation,
         Duration::from_secs(5),

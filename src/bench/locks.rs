@@ -103,7 +103,7 @@ fn nanosecond_histogram() -> Histogram<u64> {
 }
 
 async fn connect(server: &LockServer, id: u64) -> Result<Clerk> {
-    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
+    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::with_direct_writes());
     Clerk::connect(
         ClerkId(id),
         ClerkConfig::default(),
@@ -145,7 +145,7 @@ pub async fn run(options: LocksOptions) -> Result<LocksReport> {
     let loopback_p50_ns = loopback.value_at_quantile(0.5) * 1000;
     bar.inc(1);
 
-    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
+    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::with_direct_writes());
     let server =
         LockServer::start(ServerConfig::default(), transport, "127.0.0.1:0".into(), Arc::new(NoStorage)).await?;
     let a = connect(&server, 1).await?;

@@ -10,7 +10,7 @@
 //! that error once and then ends: only that connection is closed.
 
 mod memory;
-mod tcp;
+pub(crate) mod tcp;
 
 pub use memory::{FaultConfig, MemoryNetwork};
 pub use tcp::TcpTransport;
@@ -88,35 +88,61 @@ pub enum SendError {
 #[derive(Clone, Debug)]
 pub struct FrameSender {
     queue: mpsc::Sender<Outbound>,
+    /// The socket itself, when this connection writes frames at once (see
+    /// [`TcpTransport::with_direct_writes`]).
+    direct: Option<Arc<tcp::DirectSocket>>,
     traffic: Arc<TrafficCounters>,
 }
 
 impl FrameSender {
     pub(crate) fn new(traffic: Arc<TrafficCounters>) -> (FrameSender, mpsc::Receiver<Outbound>) {
-        let (queue, receiver) = mpsc::channel(CONNECTION_SEND_QUEUE_FRAMES_MAX);
-        (FrameSender { queue, traffic }, receiver)
+        Self::with_direct_socket(None, traffic)
     }
 
-    /// Queues an encoded frame without waiting. A full queue is reported,
-    /// never waited on: the caller decides what a slow peer means.
+    pub(crate) fn with_direct_socket(
+        direct: Option<Arc<tcp::DirectSocket>>,
+        traffic: Arc<TrafficCounters>,
+    ) -> (FrameSender, mpsc::Receiver<Outbound>) {
+        let (queue, receiver) = mpsc::channel(CONNECTION_SEND_QUEUE_FRAMES_MAX);
+        (FrameSender { queue, direct, traffic }, receiver)
+    }
+
+    /// Sends an encoded frame without waiting: on a direct-write connection
+    /// it is written to the socket at once when nothing is queued ahead of
+    /// it and the socket takes it; otherwise it is queued for the
+    /// connection's writer task. A full queue is reported, never waited on:
+    /// the caller decides what a slow peer means.
     pub fn try_send(&self, frame: Bytes) -> Result<(), SendError> {
         let length = frame.len() as u64;
-        match self.queue.try_send(Outbound { frame, queued_at: Instant::now() }) {
-            Ok(()) => {
-                self.count(length);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        let outbound = Outbound { frame, queued_at: Instant::now() };
+        let result = match &self.direct {
+            Some(direct) => direct.write_or_queue(outbound, &self.queue),
+            None => Self::queue(&self.queue, outbound),
+        };
+        if result.is_ok() {
+            self.count(length);
         }
+        result
     }
 
-    /// Queues an encoded frame, waiting for room.
+    fn queue(queue: &mpsc::Sender<Outbound>, outbound: Outbound) -> Result<(), SendError> {
+        queue.try_send(outbound).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Sends an encoded frame, waiting for room in the queue if it is full.
     pub async fn send(&self, frame: Bytes) -> Result<(), SendError> {
-        let length = frame.len() as u64;
-        self.queue.send(Outbound { frame, queued_at: Instant::now() }).await.map_err(|_| SendError::Closed)?;
-        self.count(length);
-        Ok(())
+        loop {
+            match self.try_send(frame.clone()) {
+                Err(SendError::Full) => {
+                    // Wait until the writer task took a frame, then try again.
+                    drop(self.queue.reserve().await.map_err(|_| SendError::Closed)?);
+                }
+                done => return done,
+            }
+        }
     }
 
     fn count(&self, length: u64) {
