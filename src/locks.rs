@@ -157,8 +157,9 @@ fn render(summary: &SimSummary) -> String {
         format!("  writes accepted       {:>12}", summary.writes_accepted),
         format!("  writes fenced off     {:>12}", summary.writes_refused),
         "  checked after every event: no conflicting holders within valid leases, server invariants,".into(),
-        "  no fenced write accepted, no release before the fence; at the end: every request granted,".into(),
-        "  nothing queued, every dead lease recovered.".into(),
+        "  no fenced write accepted, no release before the fence, exact use counts, bounded waits once".into(),
+        "  faults stop (except many-clerks); at the end: every request granted, nothing queued, every".into(),
+        "  dead lease recovered.".into(),
     ]
     .join("\n")
 }

@@ -2,6 +2,8 @@
 //!
 //! - Locks are sticky, and a revoke makes the holder's workstation flush
 //!   before the lock moves on.
+//! - Two clerks taking overlapping lock sets, listed in opposite orders,
+//!   never deadlock (`acquire_all` sorts).
 //! - A clerk that dies holding a lock: its lease runs out, its epoch is
 //!   fenced, a live clerk replays its log, and only then is the lock granted
 //!   again, in that order.
@@ -135,6 +137,48 @@ async fn a_dead_holder_is_fenced_and_recovered_before_its_lock_moves() {
         let recovered_at = events.iter().position(|event| *event == recover).expect("b replayed a's log");
         assert!(fenced_at < recovered_at, "recovery started before the fence: {events:?}");
         assert!(!events.iter().any(|event| event.starts_with("a flush")), "a never flushed: it was dead");
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_lock_sets_in_opposite_orders_do_not_deadlock() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let server = start_server(Duration::from_secs(10), &events).await;
+        let config = ClerkConfig::default();
+        let a = Arc::new(clerk(&server, 1, "a", config, &events).await);
+        let b = Arc::new(clerk(&server, 2, "b", config, &events).await);
+        let (first, second) = (LockName { table: 1, id: 1 }, LockName { table: 1, id: 2 });
+        let run = |clerk: Arc<Clerk>, order: [LockName; 2]| {
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let set = [(order[0], Mode::Exclusive), (order[1], Mode::Exclusive), (order[0], Mode::Shared)];
+                    let guards = match clerk.acquire_all(&set, Duration::from_secs(5)).await {
+                        Ok(guards) => guards,
+                        Err(error) => {
+                            return Err(format!(
+                                "{error}: {} | {}",
+                                clerk.describe(LockName { table: 1, id: 1 }),
+                                clerk.describe(LockName { table: 1, id: 2 })
+                            ));
+                        }
+                    };
+                    assert_eq!(guards.len(), 2, "a lock listed twice is held once");
+                    assert!(guards.iter().all(|guard| guard.mode == Mode::Exclusive));
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                Ok(())
+            })
+        };
+        let (from_a, from_b) = (run(a.clone(), [first, second]), run(b.clone(), [second, first]));
+        let results = [from_a.await.expect("clerk a's task"), from_b.await.expect("clerk b's task")];
+        for result in results {
+            if let Err(error) = result {
+                panic!("{error}; server: {:?} {:?}", server.holders(first), server.holders(second));
+            }
+        }
     })
     .await
     .expect("in time");

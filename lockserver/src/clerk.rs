@@ -108,6 +108,13 @@ struct ClerkLock {
     revoke: Option<(FencingToken, Option<Mode>)>,
     /// A flush for a revoke is running; the release follows `flush_done`.
     flushing: Option<Option<Mode>>,
+    /// When it was granted while operations waited for it, until one of
+    /// them has used it: a revoke that comes right behind the grant (the
+    /// lock is wanted elsewhere too) must not take it away before they ran
+    /// once, or a clerk could be granted a busy lock forever without using
+    /// it. If nobody comes for it within `retransmit_micros`, the revoke
+    /// goes ahead.
+    fresh_grant: Option<u64>,
 }
 
 impl ClerkLock {
@@ -183,12 +190,17 @@ impl ClerkCore {
         format!("{:?} {:?}", self.lease, self.locks.get(&lock))
     }
 
+    /// Operations counted as using `lock`: (shared, exclusive).
+    pub fn users(&self, lock: LockName) -> (u32, u32) {
+        self.locks.get(&lock).map_or((0, 0), |state| (state.shared_users, state.exclusive_users))
+    }
+
     /// An operation wants `lock` in `mode`.
     pub fn acquire(&mut self, lock: LockName, mode: Mode, now: u64) -> (Acquire, Vec<ClerkOutput>) {
         let mut out = Vec::new();
         let lease = self.lease(now);
         let state = self.locks.entry(lock).or_default();
-        let settling = state.revoke.is_some() || state.flushing.is_some();
+        let settling = (state.revoke.is_some() && state.fresh_grant.is_none()) || state.flushing.is_some();
         if let (Some(epoch), Some((held, token))) = (lease, state.held)
             && held.covers(mode)
             && !settling
@@ -220,6 +232,7 @@ impl ClerkCore {
             Mode::Shared => state.shared_users = state.shared_users.saturating_sub(1),
             Mode::Exclusive => state.exclusive_users = state.exclusive_users.saturating_sub(1),
         }
+        state.fresh_grant = None;
         let mut out = Vec::new();
         Self::start_flush_if_free(lock, state, &mut out);
         out
@@ -234,7 +247,7 @@ impl ClerkCore {
             None => state.in_use(),
             Some(_) => state.exclusive_users > 0,
         };
-        if !blocked {
+        if !blocked && state.fresh_grant.is_none() {
             state.revoke = None;
             state.flushing = Some(keep);
             out.push(ClerkOutput::Flush { lock, keep });
@@ -343,6 +356,7 @@ impl ClerkCore {
                 }
                 state.newest_token = token;
                 state.held = Some((mode, token));
+                state.fresh_grant = state.wanted.is_some().then_some(now);
                 if state.revoke.is_some_and(|(revoked, _)| revoked < token) {
                     state.revoke = None;
                 }
@@ -358,6 +372,7 @@ impl ClerkCore {
                     // its way). The server counts it as ours, so it is.
                     state.newest_token = token;
                     state.held = Some((revoked_mode, token));
+                    state.fresh_grant = state.wanted.is_some().then_some(now);
                     if state.wanted.is_some_and(|(wanted, _)| revoked_mode.covers(wanted)) {
                         state.wanted = None;
                     }
@@ -427,6 +442,14 @@ impl ClerkCore {
                     out.push(ClerkOutput::Send(ToServer::RenewLease { epoch, sequence }));
                 }
                 for (lock, state) in self.locks.iter_mut() {
+                    if state
+                        .fresh_grant
+                        .is_some_and(|granted| now.saturating_sub(granted) >= self.config.retransmit_micros)
+                    {
+                        // Nobody came for it: let a pending revoke proceed.
+                        state.fresh_grant = None;
+                        Self::start_flush_if_free(*lock, state, &mut out);
+                    }
                     if let Some((wanted, asked)) = state.wanted
                         && state.flushing.is_none()
                         && now.saturating_sub(asked) >= self.config.retransmit_micros

@@ -317,6 +317,11 @@ impl Clerk {
         }
     }
 
+    /// The clerk's state of `lock`, for diagnostics.
+    pub fn describe(&self, lock: LockName) -> String {
+        self.shared.core.lock().describe(lock)
+    }
+
     /// The current lease, if valid.
     pub fn lease(&self) -> Option<LeaseEpoch> {
         self.shared.core.lock().lease(self.shared.now())
@@ -338,6 +343,31 @@ impl Clerk {
                 return Err(ClerkError::Timeout { lock, waited: timeout });
             }
         }
+    }
+
+    /// Holds every lock of `locks` for one operation (a lock listed twice is
+    /// taken in the stronger mode). They are taken in sorted order, so
+    /// clerks taking overlapping sets never deadlock (F97 §5, phase 2). An
+    /// operation that read anything before locking must re-check it once
+    /// this returns, and start over (drop the guards, call again) if it
+    /// changed.
+    pub async fn acquire_all(
+        &self,
+        locks: &[(LockName, Mode)],
+        timeout: Duration,
+    ) -> Result<Vec<LockGuard>, ClerkError> {
+        let mut sorted: std::collections::BTreeMap<LockName, Mode> = std::collections::BTreeMap::new();
+        for (lock, mode) in locks {
+            let entry = sorted.entry(*lock).or_insert(*mode);
+            *entry = (*entry).max(*mode);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut guards = Vec::with_capacity(sorted.len());
+        for (lock, mode) in sorted {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            guards.push(self.acquire(lock, mode, left).await?);
+        }
+        Ok(guards)
     }
 
     /// Stops the clerk as a crash would: no more renewals, releases or answers.

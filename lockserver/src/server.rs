@@ -238,12 +238,17 @@ impl LockServerCore {
         let state = self.locks.entry(lock).or_default();
         if let Some(holder) = state.holders.iter().find(|holder| holder.epoch == epoch)
             && holder.mode.covers(mode)
+            && holder.revoked.is_none()
         {
             // Held already: the grant was lost, or this is a duplicate.
             let message = ToClerk::Grant { epoch, lock, mode: holder.mode, token: holder.token };
             out.push(ServerOutput::Send { to: clerk, message });
             return;
         }
+        // A holder being revoked that asks again is giving the lock up (its
+        // release may still be on the way) and wants it back afterwards: it
+        // queues like everyone else.
+
         match state.queue.iter_mut().find(|waiter| waiter.epoch == epoch) {
             Some(waiter) => waiter.mode = waiter.mode.max(mode),
             None => state.queue.push_back(Waiter { epoch, mode }),
@@ -291,6 +296,16 @@ impl LockServerCore {
                 state.queue.pop_front();
                 continue;
             }
+            if state
+                .holders
+                .iter()
+                .any(|holder| holder.epoch == head.epoch && holder.revoked.is_some() && holder.mode.covers(head.mode))
+            {
+                // The head is a holder asking again while it gives the lock
+                // up: granting now would change its hold behind its back.
+                // Its release comes first.
+                break;
+            }
             let conflicting =
                 state.holders.iter().any(|holder| holder.epoch != head.epoch && !holder.mode.compatible(head.mode));
             if !conflicting {
@@ -303,7 +318,13 @@ impl LockServerCore {
                         holder.token = token;
                         holder.revoked = None;
                     }
-                    None => state.holders.push(Holder { epoch: head.epoch, mode: head.mode, token, revoked: None }),
+                    None => {
+                        if state.holders.capacity() == 0 {
+                            // Most locks have one holder: no room for four.
+                            state.holders.reserve_exact(1);
+                        }
+                        state.holders.push(Holder { epoch: head.epoch, mode: head.mode, token, revoked: None })
+                    }
                 }
                 let session = self.sessions.get_mut(&head.epoch).expect("live");
                 session.held.insert(lock);
@@ -487,6 +508,14 @@ impl LockServerCore {
         self.locks
             .get(&lock)
             .map(|state| state.holders.iter().map(|holder| (holder.epoch, holder.mode, holder.token)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Requests queued for `lock`, in order: (epoch, mode).
+    pub fn queue(&self, lock: LockName) -> Vec<(LeaseEpoch, Mode)> {
+        self.locks
+            .get(&lock)
+            .map(|state| state.queue.iter().map(|waiter| (waiter.epoch, waiter.mode)).collect())
             .unwrap_or_default()
     }
 

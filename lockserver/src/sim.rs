@@ -45,6 +45,11 @@ pub struct SimConfig {
     pub faults_until: u64,
     pub operations_until: u64,
     pub end: u64,
+    /// Once the faults have stopped and their leases have run out, no
+    /// operation may wait longer than this. `None` for shapes that offer
+    /// more load than the locks can serve (queues then grow until the
+    /// operations stop; only the final drain is checked).
+    pub max_wait: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -61,8 +66,9 @@ impl Default for SimConfig {
             long_delay_max: 300_000,
             crash_probability: 0.004,
             faults_until: 1_000_000,
-            operations_until: 1_400_000,
-            end: 2_500_000,
+            operations_until: 2_400_000,
+            end: 3_200_000,
+            max_wait: Some(600_000),
         }
     }
 }
@@ -82,9 +88,11 @@ impl SimConfig {
         }
     }
 
-    /// Eight clerks over sixteen locks: less contention, more traffic.
+    /// Eight clerks over sixteen locks: more traffic than the locks can
+    /// serve while operations keep coming, so waits are only checked to
+    /// drain once they stop.
     pub fn many_clerks() -> Self {
-        SimConfig { clerks: 8, locks: 16, ..SimConfig::default() }
+        SimConfig { clerks: 8, locks: 16, max_wait: None, ..SimConfig::default() }
     }
 }
 
@@ -114,8 +122,7 @@ enum Event {
     OperationEnd {
         clerk: ClerkId,
         incarnation: u64,
-        lock: LockName,
-        mode: Mode,
+        operation: u64,
     },
     FlushDone {
         clerk: ClerkId,
@@ -165,12 +172,25 @@ impl Ord for Scheduled {
     }
 }
 
+/// A workstation operation: it takes its locks in sorted order (F97 §5,
+/// phase 2), holding the earlier ones while it waits for the next.
+#[derive(Clone, Debug)]
+struct Operation {
+    id: u64,
+    locks: Vec<(LockName, Mode)>,
+    /// How many of `locks` it holds.
+    held: usize,
+    started: u64,
+}
+
 #[derive(Debug)]
 struct Workstation {
     core: Option<ClerkCore>,
     incarnation: u64,
-    /// Operations waiting for a lock.
-    waiting: Vec<(LockName, Mode)>,
+    /// Operations waiting for their next lock.
+    waiting: Vec<Operation>,
+    /// Operations holding all their locks, until they end.
+    running: BTreeMap<u64, Operation>,
 }
 
 /// Shared storage as far as fencing goes.
@@ -225,7 +245,8 @@ fn run_with_log(seed: u64, config: &SimConfig, mut log: Option<&mut Vec<String>>
     sim.schedule(0, Event::ServerTick);
     for index in 0..config.clerks {
         let clerk = ClerkId(index);
-        sim.workstations.insert(clerk, Workstation { core: None, incarnation: 0, waiting: Vec::new() });
+        sim.workstations
+            .insert(clerk, Workstation { core: None, incarnation: 0, waiting: Vec::new(), running: BTreeMap::new() });
         sim.start_clerk(clerk);
         sim.schedule(index * 1_000, Event::ClerkTick(clerk));
         sim.schedule(5_000 + index * 1_700, Event::OperationStart(clerk));
@@ -243,6 +264,8 @@ fn run_with_log(seed: u64, config: &SimConfig, mut log: Option<&mut Vec<String>>
         }
         sim.process(event)?;
         sim.check_safety()?;
+        sim.check_users()?;
+        sim.check_progress()?;
     }
     sim.check_liveness()?;
     Ok(sim.report)
@@ -293,6 +316,7 @@ impl Sim {
         workstation.core = Some(core);
         workstation.incarnation += 1;
         workstation.waiting.clear();
+        workstation.running.clear();
         self.clerk_outputs(clerk, out);
     }
 
@@ -348,11 +372,16 @@ impl Sim {
                     self.schedule(0, Event::Crash(victim));
                 }
             }
-            Event::OperationEnd { clerk, incarnation, lock, mode } => {
+            Event::OperationEnd { clerk, incarnation, operation } => {
                 if self.incarnation(clerk) == Some(incarnation)
-                    && let Some(out) = self.with_core(clerk, |core, _| core.finish(lock, mode))
+                    && let Some(operation) =
+                        self.workstations.get_mut(&clerk).expect("known").running.remove(&operation)
                 {
-                    self.clerk_outputs(clerk, out);
+                    for (lock, mode) in operation.locks {
+                        if let Some(out) = self.with_core(clerk, |core, _| core.finish(lock, mode)) {
+                            self.clerk_outputs(clerk, out);
+                        }
+                    }
                 }
             }
             Event::FlushDone { clerk, incarnation, lock } => {
@@ -385,6 +414,7 @@ impl Sim {
                 let workstation = self.workstations.get_mut(&clerk).expect("known clerk");
                 if workstation.core.take().is_some() {
                     workstation.waiting.clear();
+                    workstation.running.clear();
                     self.report.crashes += 1;
                     let downtime = self.rng.below(3 * self.config.server.lease_micros) + 1;
                     self.schedule(downtime, Event::Restart(clerk));
@@ -405,41 +435,52 @@ impl Sim {
         self.workstations.get_mut(&clerk).and_then(|workstation| workstation.core.as_mut()).map(|core| act(core, now))
     }
 
+    /// A new operation on one lock, or (a third of the time) two.
     fn start_operation(&mut self, clerk: ClerkId) {
-        let lock = LockName { table: 1, id: self.rng.below(self.config.locks) };
-        let mode = if self.rng.chance(0.6) { Mode::Shared } else { Mode::Exclusive };
-        self.try_operation(clerk, lock, mode, true);
+        let mut locks: BTreeMap<LockName, Mode> = BTreeMap::new();
+        let count = if self.config.locks > 1 && self.rng.chance(0.33) { 2 } else { 1 };
+        while locks.len() < count {
+            let lock = LockName { table: 1, id: self.rng.below(self.config.locks) };
+            let mode = if self.rng.chance(0.6) { Mode::Shared } else { Mode::Exclusive };
+            locks.insert(lock, mode);
+        }
+        self.report.operations += 1;
+        let operation =
+            Operation { id: self.report.operations, locks: locks.into_iter().collect(), held: 0, started: self.now };
+        self.advance(clerk, operation);
     }
 
-    /// Tries to run an operation; a new one that must wait is queued.
-    fn try_operation(&mut self, clerk: ClerkId, lock: LockName, mode: Mode, new: bool) -> bool {
-        let Some((acquired, out)) = self.with_core(clerk, |core, now| core.acquire(lock, mode, now)) else {
-            return false;
-        };
-        if new {
-            self.report.operations += 1;
+    /// Takes the operation's next locks, in order; parks it on the first
+    /// one that must wait, or runs it once it holds them all.
+    fn advance(&mut self, clerk: ClerkId, mut operation: Operation) {
+        while operation.held < operation.locks.len() {
+            let (lock, mode) = operation.locks[operation.held];
+            let Some((acquired, out)) = self.with_core(clerk, |core, now| core.acquire(lock, mode, now)) else {
+                return;
+            };
+            let held = match acquired {
+                Acquire::Held { token, epoch } => {
+                    if mode == Mode::Exclusive {
+                        // The operation writes under the lock; the write may
+                        // be delayed past the lease.
+                        self.transmit(Event::Write { lock, epoch, token });
+                    }
+                    true
+                }
+                Acquire::Wait => false,
+            };
+            self.clerk_outputs(clerk, out);
+            if !held {
+                self.workstations.get_mut(&clerk).expect("known").waiting.push(operation);
+                return;
+            }
+            operation.held += 1;
         }
         let incarnation = self.incarnation(clerk).expect("running");
-        let held = match acquired {
-            Acquire::Held { token, epoch } => {
-                if mode == Mode::Exclusive {
-                    // The operation writes under the lock; the write may be
-                    // delayed past the lease.
-                    self.transmit(Event::Write { lock, epoch, token });
-                }
-                let duration = self.rng.below(4_000) + 100;
-                self.schedule(duration, Event::OperationEnd { clerk, incarnation, lock, mode });
-                true
-            }
-            Acquire::Wait => {
-                if new {
-                    self.workstations.get_mut(&clerk).expect("known").waiting.push((lock, mode));
-                }
-                false
-            }
-        };
-        self.clerk_outputs(clerk, out);
-        held
+        let duration = self.rng.below(4_000) + 100;
+        let id = operation.id;
+        self.workstations.get_mut(&clerk).expect("known").running.insert(id, operation);
+        self.schedule(duration, Event::OperationEnd { clerk, incarnation, operation: id });
     }
 
     fn clerk_outputs(&mut self, clerk: ClerkId, out: Vec<ClerkOutput>) {
@@ -449,15 +490,13 @@ impl Sim {
                 ClerkOutput::LeaseReady { .. } => {}
                 ClerkOutput::Granted { lock, .. } => {
                     self.report.grants += 1;
-                    let waiting: Vec<(LockName, Mode)> =
-                        std::mem::take(&mut self.workstations.get_mut(&clerk).expect("known").waiting);
-                    let mut still = Vec::new();
-                    for (wanted, mode) in waiting {
-                        if wanted != lock || !self.try_operation(clerk, wanted, mode, false) {
-                            still.push((wanted, mode));
-                        }
-                    }
+                    let waiting = std::mem::take(&mut self.workstations.get_mut(&clerk).expect("known").waiting);
+                    let (ready, still): (Vec<Operation>, Vec<Operation>) =
+                        waiting.into_iter().partition(|operation| operation.locks[operation.held].0 == lock);
                     self.workstations.get_mut(&clerk).expect("known").waiting.extend(still);
+                    for operation in ready {
+                        self.advance(clerk, operation);
+                    }
                 }
                 ClerkOutput::Flush { lock, .. } => {
                     let incarnation = self.incarnation(clerk).expect("running");
@@ -470,8 +509,11 @@ impl Sim {
                     self.schedule(duration, Event::RecoveryDone { clerk, incarnation, dead });
                 }
                 ClerkOutput::LeaseLost => {
+                    // Every operation fails: its locks are gone.
                     self.report.leases_lost += 1;
-                    self.workstations.get_mut(&clerk).expect("known").waiting.clear();
+                    let workstation = self.workstations.get_mut(&clerk).expect("known");
+                    workstation.waiting.clear();
+                    workstation.running.clear();
                 }
             }
         }
@@ -519,23 +561,110 @@ impl Sim {
         Ok(())
     }
 
+    /// The clerk counts exactly the operations that hold each lock.
+    fn check_users(&self) -> Result<(), String> {
+        for (clerk, workstation) in &self.workstations {
+            let Some(core) = &workstation.core else { continue };
+            let mut expected: BTreeMap<LockName, (u32, u32)> = BTreeMap::new();
+            let holding = workstation
+                .waiting
+                .iter()
+                .flat_map(|operation| &operation.locks[..operation.held])
+                .chain(workstation.running.values().flat_map(|operation| &operation.locks));
+            for (lock, mode) in holding {
+                let entry = expected.entry(*lock).or_default();
+                match mode {
+                    Mode::Shared => entry.0 += 1,
+                    Mode::Exclusive => entry.1 += 1,
+                }
+            }
+            for id in 0..self.config.locks {
+                let lock = LockName { table: 1, id };
+                let counted = core.users(lock);
+                let wanted = expected.get(&lock).copied().unwrap_or_default();
+                if counted != wanted {
+                    return Err(format!(
+                        "at {} µs {clerk:?} counts {counted:?} users of {lock}, its operations hold {wanted:?}",
+                        self.now
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the network is clean and every lease from the faulty period has
+    /// had time to end, no operation waits longer than `max_wait`.
+    fn check_progress(&self) -> Result<(), String> {
+        let settled = self.config.faults_until + 3 * self.config.server.lease_micros;
+        let Some(patience) = self.config.max_wait else { return Ok(()) };
+        if self.now < settled {
+            return Ok(());
+        }
+        for (clerk, workstation) in &self.workstations {
+            if let Some(operation) =
+                workstation.waiting.iter().find(|operation| self.now - operation.started.max(settled) > patience)
+            {
+                let (lock, _) = operation.locks[operation.held];
+                return Err(format!(
+                    "at {} µs {clerk:?}'s operation {operation:?} has waited over {patience} µs; server: {:?}; clerks: {}\nwaits:\n{}",
+                    self.now,
+                    self.server.holders(lock),
+                    self.describe_clerks(lock),
+                    self.wait_graph()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every running clerk's state of `lock`, and its operations' progress.
+    fn describe_clerks(&self, lock: LockName) -> String {
+        let clerks: Vec<String> = self
+            .workstations
+            .iter()
+            .filter_map(|(id, workstation)| {
+                workstation.core.as_ref().map(|core| {
+                    let running: Vec<&Operation> = workstation.running.values().collect();
+                    format!("{id:?}: {} running {running:?} waiting {:?}", core.describe(lock), workstation.waiting)
+                })
+            })
+            .collect();
+        clerks.join("; ")
+    }
+
+    /// Who waits for whom: every waiting operation, the lock it waits for,
+    /// that lock's holders and queue at the server.
+    pub fn wait_graph(&self) -> String {
+        let mut lines = Vec::new();
+        for (clerk, workstation) in &self.workstations {
+            let Some(core) = &workstation.core else { continue };
+            let epoch = core.lease(self.now);
+            for operation in &workstation.waiting {
+                let (lock, mode) = operation.locks[operation.held];
+                lines.push(format!(
+                    "{clerk:?} {epoch:?} op {} holds {:?} waits {lock} {mode:?}: server holders {:?} queue {:?}",
+                    operation.id,
+                    &operation.locks[..operation.held],
+                    self.server.holders(lock),
+                    self.server.queue(lock)
+                ));
+            }
+        }
+        lines.join("\n")
+    }
+
     fn check_liveness(&self) -> Result<(), String> {
         for (clerk, workstation) in &self.workstations {
             if workstation.core.is_some()
-                && let Some((lock, mode)) = workstation.waiting.first()
+                && let Some(operation) = workstation.waiting.first()
             {
-                let clerks: Vec<String> = self
-                    .workstations
-                    .iter()
-                    .filter_map(|(id, other)| {
-                        other.core.as_ref().map(|core| format!("{id:?}: {}", core.describe(*lock)))
-                    })
-                    .collect();
+                let (lock, mode) = &operation.locks[operation.held];
                 return Err(format!(
                     "{clerk:?} still waits for {lock} ({mode:?}, and {} more) after the faults stopped; server: {:?}; clerks: {}",
                     workstation.waiting.len() - 1,
                     self.server.holders(*lock),
-                    clerks.join("; ")
+                    self.describe_clerks(*lock)
                 ));
             }
         }
