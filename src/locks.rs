@@ -62,13 +62,8 @@ pub struct SimSummary {
     pub preset: Preset,
     pub seeds: u64,
     pub first_failure: Option<(u64, String)>,
-    pub events: u64,
-    pub operations: u64,
-    pub crashes: u64,
-    pub leases_lost: u64,
-    pub recoveries: u64,
-    pub writes_accepted: u64,
-    pub writes_refused: u64,
+    /// Counts over every seed that passed (`log_hash` unused).
+    pub totals: SimReport,
 }
 
 pub fn run(options: &SimOptions) -> Result<()> {
@@ -96,22 +91,12 @@ pub fn run(options: &SimOptions) -> Result<()> {
     }
     let bar = ProgressBar::new(options.seeds);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} seeds {msg} ({eta})")?);
-    let mut summary = SimSummary {
-        preset: options.preset,
-        seeds: 0,
-        first_failure: None,
-        events: 0,
-        operations: 0,
-        crashes: 0,
-        leases_lost: 0,
-        recoveries: 0,
-        writes_accepted: 0,
-        writes_refused: 0,
-    };
+    let mut summary =
+        SimSummary { preset: options.preset, seeds: 0, first_failure: None, totals: SimReport::default() };
     for seed in options.first_seed..options.first_seed + options.seeds {
         summary.seeds += 1;
         match sim::run(seed, &config) {
-            Ok(report) => add(&mut summary, &report),
+            Ok(report) => summary.totals.add(&report),
             Err(error) => {
                 summary.first_failure = Some((seed, error));
                 break;
@@ -132,16 +117,6 @@ pub fn run(options: &SimOptions) -> Result<()> {
     Ok(())
 }
 
-fn add(summary: &mut SimSummary, report: &SimReport) {
-    summary.events += report.events;
-    summary.operations += report.operations;
-    summary.crashes += report.crashes;
-    summary.leases_lost += report.leases_lost;
-    summary.recoveries += report.recoveries;
-    summary.writes_accepted += report.writes_accepted;
-    summary.writes_refused += report.writes_refused;
-}
-
 fn render(summary: &SimSummary) -> String {
     let verdict = match &summary.first_failure {
         None => "every property held".to_string(),
@@ -149,13 +124,14 @@ fn render(summary: &SimSummary) -> String {
     };
     [
         format!("{} seeds ({:?}): {verdict}", summary.seeds, summary.preset),
-        format!("  events processed      {:>12}", summary.events),
-        format!("  operations            {:>12}", summary.operations),
-        format!("  clerk crashes         {:>12}", summary.crashes),
-        format!("  leases lost (clerk)   {:>12}", summary.leases_lost),
-        format!("  dead leases recovered {:>12}", summary.recoveries),
-        format!("  writes accepted       {:>12}", summary.writes_accepted),
-        format!("  writes fenced off     {:>12}", summary.writes_refused),
+        format!("  events processed      {:>12}", summary.totals.events),
+        format!("  operations            {:>12}", summary.totals.operations),
+        format!("  grants                {:>12}", summary.totals.grants),
+        format!("  clerk crashes         {:>12}", summary.totals.crashes),
+        format!("  leases lost (clerk)   {:>12}", summary.totals.leases_lost),
+        format!("  dead leases recovered {:>12}", summary.totals.recoveries),
+        format!("  writes accepted       {:>12}", summary.totals.writes_accepted),
+        format!("  writes fenced off     {:>12}", summary.totals.writes_refused),
         "  checked after every event: no conflicting holders within valid leases, server invariants,".into(),
         "  no fenced write accepted, no release before the fence, exact use counts, bounded waits once".into(),
         "  faults stop (except many-clerks); at the end: every request granted, nothing queued, every".into(),

@@ -52,6 +52,17 @@ fn micros_since(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
+/// Runs `tick` every `TICK_INTERVAL` until the task is aborted.
+fn spawn_ticker(mut tick: impl FnMut() + Send + 'static) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TICK_INTERVAL);
+        loop {
+            interval.tick().await;
+            tick();
+        }
+    })
+}
+
 #[derive(Debug)]
 struct ServerShared {
     core: Mutex<LockServerCore>,
@@ -121,13 +132,9 @@ impl LockServer {
             }
         });
         let tick_shared = shared.clone();
-        let ticker = tokio::spawn(async move {
-            let mut interval = tokio::time::interval(TICK_INTERVAL);
-            loop {
-                interval.tick().await;
-                let outputs = tick_shared.core.lock().tick(tick_shared.now());
-                tick_shared.carry_out(outputs);
-            }
+        let ticker = spawn_ticker(move || {
+            let outputs = tick_shared.core.lock().tick(tick_shared.now());
+            tick_shared.carry_out(outputs);
         });
         Ok(LockServer { shared, local_address, tasks: vec![accept, ticker] })
     }
@@ -294,13 +301,9 @@ impl Clerk {
         let link_shared = shared.clone();
         let link = tokio::spawn(async move { run_link(link_shared, transport, address, opening).await });
         let tick_shared = shared.clone();
-        let ticker = tokio::spawn(async move {
-            let mut interval = tokio::time::interval(TICK_INTERVAL);
-            loop {
-                interval.tick().await;
-                let outputs = tick_shared.core.lock().tick(tick_shared.now());
-                tick_shared.carry_out(outputs);
-            }
+        let ticker = spawn_ticker(move || {
+            let outputs = tick_shared.core.lock().tick(tick_shared.now());
+            tick_shared.carry_out(outputs);
         });
         let clerk = Clerk { shared: shared.clone(), tasks: vec![link, ticker] };
         let deadline = tokio::time::Instant::now() + lease_timeout;

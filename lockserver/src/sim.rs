@@ -97,7 +97,7 @@ impl SimConfig {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SimReport {
     pub events: u64,
     pub operations: u64,
@@ -107,8 +107,24 @@ pub struct SimReport {
     pub recoveries: u64,
     pub writes_accepted: u64,
     pub writes_refused: u64,
-    /// FNV-1a over every processed event: equal for equal seeds.
+    /// FNV-1a over every processed event: equal for equal seeds. (Not in
+    /// summaries of many runs, where it means nothing.)
+    #[serde(skip)]
     pub log_hash: u64,
+}
+
+impl SimReport {
+    /// Adds another run's counts (not its hash) to these.
+    pub fn add(&mut self, other: &SimReport) {
+        self.events += other.events;
+        self.operations += other.operations;
+        self.grants += other.grants;
+        self.crashes += other.crashes;
+        self.leases_lost += other.leases_lost;
+        self.recoveries += other.recoveries;
+        self.writes_accepted += other.writes_accepted;
+        self.writes_refused += other.writes_refused;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -688,12 +704,7 @@ mod tests {
         let mut totals = SimReport::default();
         for seed in 0..1_000 {
             let report = run(seed, &config).unwrap_or_else(|error| panic!("seed {seed}: {error}"));
-            totals.operations += report.operations;
-            totals.crashes += report.crashes;
-            totals.leases_lost += report.leases_lost;
-            totals.recoveries += report.recoveries;
-            totals.writes_refused += report.writes_refused;
-            totals.writes_accepted += report.writes_accepted;
+            totals.add(&report);
         }
         // The faults really happened.
         assert!(totals.crashes > 100, "{totals:?}");
