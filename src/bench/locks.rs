@@ -12,8 +12,14 @@
 //! - **memory**: heap bytes per lock and per clerk on the server, and per
 //!   lock on a clerk, counted by the process's allocator while a pure
 //!   `LockServerCore` / `ClerkCore` takes on many of them.
+//!
+//! The same loops then run against etcd (see [`super::etcd`]) if an `etcd`
+//! binary is installed: lock then unlock, on fresh names, on one name, and
+//! alternating between two clients on one name (etcd has no sticky locks,
+//! so its "cached" and "ping-pong" loops pay a full lock each time).
 
 use super::baselines::loopback_round_trip;
+use super::etcd::{Etcd, EtcdClient};
 use super::report::{ratio, render_table};
 use crate::alloc_count::Counting;
 use anyhow::{Context, Result, bail};
@@ -36,6 +42,8 @@ const MEMORY_LOCKS: u64 = 100_000;
 const MEMORY_CLERKS: u64 = 10_000;
 /// How long one acquire may wait before the benchmark gives up.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// etcd fsyncs every lock: its loops are capped at this many locks.
+const ETCD_ITERATIONS_MAX: u64 = 1_000;
 
 #[derive(Debug, Args, Serialize)]
 pub struct LocksOptions {
@@ -63,6 +71,9 @@ pub struct LatencyRow {
     pub mean_ns: f64,
     /// p50 as loopback round trips.
     pub p50_round_trips: f64,
+    /// The same loop against etcd, if it ran.
+    pub etcd_p50_ns: Option<u64>,
+    pub etcd_p99_ns: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +82,7 @@ pub struct LocksReport {
     pub loopback_round_trip_p50_ns: u64,
     pub latencies: Vec<LatencyRow>,
     pub throughput_acquires_per_s: f64,
+    pub etcd_throughput_locks_per_s: Option<f64>,
     pub server_bytes_per_lock: f64,
     pub server_bytes_per_clerk: f64,
     pub clerk_bytes_per_lock: f64,
@@ -134,7 +146,7 @@ pub async fn run(options: LocksOptions) -> Result<LocksReport> {
     if !(options.duration > 0.0 && options.duration <= 600.0) {
         bail!("--duration must be above 0 and at most 600 seconds, not {}", options.duration);
     }
-    let bar = ProgressBar::new(6);
+    let bar = ProgressBar::new(7);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     // First, while nothing else runs: the counter is process-wide.
     bar.set_message("memory");
@@ -177,24 +189,33 @@ pub async fn run(options: LocksOptions) -> Result<LocksReport> {
 
     bar.set_message("throughput");
     let throughput = measure_throughput(&server, &options).await?;
+    bar.inc(1);
+
+    bar.set_message("etcd");
+    let etcd_iterations = options.iterations.min(ETCD_ITERATIONS_MAX);
+    let (etcd_clerks, etcd_duration) = (options.clerks, Duration::from_secs_f64(options.duration));
+    let etcd = tokio::task::spawn_blocking(move || measure_etcd(etcd_iterations, etcd_clerks, etcd_duration)).await??;
     bar.finish_and_clear();
 
-    let row = |name: &str, histogram: &Histogram<u64>| LatencyRow {
+    let row = |name: &str, histogram: &Histogram<u64>, etcd: Option<&Histogram<u64>>| LatencyRow {
         name: name.to_string(),
         count: histogram.len(),
         p50_ns: histogram.value_at_quantile(0.5),
         p99_ns: histogram.value_at_quantile(0.99),
         mean_ns: histogram.mean(),
         p50_round_trips: ratio(histogram.value_at_quantile(0.5) as f64, loopback_p50_ns as f64),
+        etcd_p50_ns: etcd.map(|histogram| histogram.value_at_quantile(0.5)),
+        etcd_p99_ns: etcd.map(|histogram| histogram.value_at_quantile(0.99)),
     };
     let report = LocksReport {
         loopback_round_trip_p50_ns: loopback_p50_ns,
         latencies: vec![
-            row("cached acquire (sticky)", &cached),
-            row("cold acquire", &cold),
-            row("revoke ping-pong acquire", &ping_pong),
+            row("cached acquire (sticky)", &cached, etcd.as_ref().map(|etcd| &etcd.cached)),
+            row("cold acquire", &cold, etcd.as_ref().map(|etcd| &etcd.cold)),
+            row("revoke ping-pong acquire", &ping_pong, etcd.as_ref().map(|etcd| &etcd.ping_pong)),
         ],
         throughput_acquires_per_s: throughput,
+        etcd_throughput_locks_per_s: etcd.as_ref().map(|etcd| etcd.throughput),
         server_bytes_per_lock,
         server_bytes_per_clerk,
         clerk_bytes_per_lock,
@@ -234,6 +255,67 @@ async fn measure_throughput(server: &LockServer, options: &LocksOptions) -> Resu
         task.await??;
     }
     Ok(acquired.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// etcd's lock latencies for the same three loops, and its throughput.
+struct EtcdFigures {
+    cold: Histogram<u64>,
+    cached: Histogram<u64>,
+    ping_pong: Histogram<u64>,
+    throughput: f64,
+}
+
+fn timed_etcd_lock(client: &mut EtcdClient, name: &str, histogram: &mut Histogram<u64>) -> Result<()> {
+    let started = Instant::now();
+    let key = client.lock(name)?;
+    histogram.saturating_record(started.elapsed().as_nanos() as u64);
+    client.unlock(&key)
+}
+
+/// `None` when there is no etcd on this machine.
+fn measure_etcd(iterations: u64, clients: u64, duration: Duration) -> Result<Option<EtcdFigures>> {
+    let directory = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(directory.path())? else { return Ok(None) };
+    let port = etcd.client_port;
+    let (mut a, mut b) = (EtcdClient::with_lease(port)?, EtcdClient::with_lease(port)?);
+    let mut figures = EtcdFigures {
+        cold: nanosecond_histogram(),
+        cached: nanosecond_histogram(),
+        ping_pong: nanosecond_histogram(),
+        throughput: 0.0,
+    };
+    for id in 0..iterations {
+        timed_etcd_lock(&mut a, &format!("cold/{id}"), &mut figures.cold)?;
+    }
+    for _ in 0..iterations {
+        timed_etcd_lock(&mut a, "sticky", &mut figures.cached)?;
+    }
+    for round in 0..iterations {
+        let client = if round % 2 == 0 { &mut b } else { &mut a };
+        timed_etcd_lock(client, "contended", &mut figures.ping_pong)?;
+    }
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|index| {
+            std::thread::spawn(move || -> Result<u64> {
+                let mut client = EtcdClient::with_lease(port)?;
+                let mut locked = 0;
+                while started.elapsed() < duration {
+                    let key = client.lock(&format!("throughput/{index}/{locked}"))?;
+                    client.unlock(&key)?;
+                    locked += 1;
+                }
+                Ok(locked)
+            })
+        })
+        .collect();
+    let mut locked = 0;
+    for thread in threads {
+        locked += thread.join().map_err(|_| anyhow::anyhow!("an etcd client thread panicked"))??;
+    }
+    figures.throughput = locked as f64 / started.elapsed().as_secs_f64();
+    drop(etcd);
+    Ok(Some(figures))
 }
 
 /// Heap bytes per lock and per clerk of the pure cores (no I/O buffers).
@@ -278,7 +360,7 @@ fn measure_memory() -> (f64, f64, f64) {
 }
 
 pub fn render(report: &LocksReport) -> String {
-    let headers = ["measurement", "p50 ns", "p99 ns", "mean ns", "p50 in RTTs", "target"];
+    let headers = ["measurement", "p50 ns", "p99 ns", "mean ns", "p50 in RTTs", "target", "etcd p50 ns", "etcd p99 ns"];
     let targets = ["< 1 µs", "≤ 2 RTT", "≤ 3 RTT + flush"];
     let rows: Vec<Vec<String>> = report
         .latencies
@@ -292,6 +374,8 @@ pub fn render(report: &LocksReport) -> String {
                 format!("{:.0}", row.mean_ns),
                 format!("{:.2}", row.p50_round_trips),
                 target.to_string(),
+                row.etcd_p50_ns.map_or("-".to_string(), |ns| ns.to_string()),
+                row.etcd_p99_ns.map_or("-".to_string(), |ns| ns.to_string()),
             ]
         })
         .collect();
@@ -300,11 +384,16 @@ pub fn render(report: &LocksReport) -> String {
         report.loopback_round_trip_p50_ns,
         render_table(&headers, &rows)
     );
+    let etcd_throughput = match report.etcd_throughput_locks_per_s {
+        Some(locks) => format!("{locks:.0} locks/s"),
+        None => "not measured: no etcd binary (Debian: apt install etcd-server)".to_string(),
+    };
     text.push_str(&format!(
-        "\n\nthroughput: {:.0} acquires/s ({} clerks, each taking fresh locks of its own)\n\
+        "\n\nthroughput: {:.0} acquires/s ({} clerks, each taking fresh locks of its own); etcd: {etcd_throughput}\n\
          server memory: {:.0} B per lock, {:.0} B per clerk (F97: 112 B and 104 B)\n\
          clerk memory: {:.0} B per lock (F97: 232 B)\n\
-         etcd side by side: not measured (no etcd on this machine yet)",
+         etcd runs with its defaults: each lock and unlock is fsync'ed to its WAL; the kit's lock\n\
+         server keeps its state in memory (F97's first design), so the columns compare designs too.",
         report.throughput_acquires_per_s,
         report.options.clerks,
         report.server_bytes_per_lock,

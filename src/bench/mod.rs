@@ -1,6 +1,7 @@
 //! `lab bench`: measurements with their baselines taken in the same run.
 
 pub mod baselines;
+pub mod etcd;
 pub mod locks;
 pub mod quorum_write;
 pub mod report;
