@@ -4,6 +4,8 @@
 //!   before the lock moves on.
 //! - Two clerks taking overlapping lock sets, listed in opposite orders,
 //!   never deadlock (`acquire_all` sorts).
+//! - A clerk whose server is gone drops its locks when its own lease view
+//!   runs out.
 //! - A clerk that dies holding a lock: its lease runs out, its epoch is
 //!   fenced, a live clerk replays its log, and only then is the lock granted
 //!   again, in that order.
@@ -179,6 +181,32 @@ async fn overlapping_lock_sets_in_opposite_orders_do_not_deadlock() {
                 panic!("{error}; server: {:?} {:?}", server.holders(first), server.holders(second));
             }
         }
+    })
+    .await
+    .expect("in time");
+}
+
+/// The server dies: renewals stop being answered, so the clerk's own view
+/// of its lease runs out, it drops every lock (the workstation hears
+/// `lease_lost`) and it holds nothing, without any message from the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clerk_whose_server_is_gone_drops_its_locks_when_its_lease_runs_out() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let server = start_server(Duration::from_millis(400), &events).await;
+        let config =
+            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let a = clerk(&server, 1, "a", config, &events).await;
+        drop(a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it"));
+        server.stop();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !events.lock().iter().any(|event| event == "a lease lost") {
+            assert!(tokio::time::Instant::now() < deadline, "the clerk kept its lease without a server");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.lease(), None);
+        let error = a.acquire(LOCK, Mode::Shared, Duration::from_millis(200)).await.expect_err("no server, no lock");
+        assert!(matches!(error, lockserver::ClerkError::Timeout { .. }), "{error}");
     })
     .await
     .expect("in time");

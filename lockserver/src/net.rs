@@ -23,7 +23,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, warn};
 
 /// How often the server and clerks run their timers.
@@ -68,6 +68,8 @@ struct ServerShared {
     core: Mutex<LockServerCore>,
     clerks: Mutex<HashMap<ClerkId, FrameSender>>,
     fencer: Arc<dyn Fencer>,
+    /// Every task of the server, so that `stop` ends them all.
+    tasks: Mutex<Vec<AbortHandle>>,
     start: Instant,
 }
 
@@ -105,7 +107,6 @@ impl ServerShared {
 pub struct LockServer {
     shared: Arc<ServerShared>,
     local_address: String,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl LockServer {
@@ -122,13 +123,17 @@ impl LockServer {
             core: Mutex::new(LockServerCore::new(config)),
             clerks: Mutex::new(HashMap::new()),
             fencer,
+            tasks: Mutex::new(Vec::new()),
             start: Instant::now(),
         });
         let accept_shared = shared.clone();
         let accept = tokio::spawn(async move {
             while let Ok(connection) = listener.accept().await {
                 let shared = accept_shared.clone();
-                tokio::spawn(async move { serve_clerk(shared, connection).await });
+                let task = tokio::spawn(async move { serve_clerk(shared, connection).await });
+                let mut tasks = accept_shared.tasks.lock();
+                tasks.retain(|task| !task.is_finished());
+                tasks.push(task.abort_handle());
             }
         });
         let tick_shared = shared.clone();
@@ -136,7 +141,8 @@ impl LockServer {
             let outputs = tick_shared.core.lock().tick(tick_shared.now());
             tick_shared.carry_out(outputs);
         });
-        Ok(LockServer { shared, local_address, tasks: vec![accept, ticker] })
+        shared.tasks.lock().extend([accept.abort_handle(), ticker.abort_handle()]);
+        Ok(LockServer { shared, local_address })
     }
 
     pub fn local_address(&self) -> &str {
@@ -148,11 +154,13 @@ impl LockServer {
         self.shared.core.lock().holders(lock)
     }
 
-    /// Stops accepting and timing (connections already open end with their clerks).
+    /// Stops the server as a crash would: every connection closes, and
+    /// all lock and lease state is gone with it.
     pub fn stop(&self) {
-        for task in &self.tasks {
+        for task in self.shared.tasks.lock().drain(..) {
             task.abort();
         }
+        self.shared.clerks.lock().clear();
     }
 }
 
