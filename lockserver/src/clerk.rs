@@ -157,10 +157,6 @@ impl ClerkCore {
         (core, vec![ClerkOutput::Send(ToServer::OpenLease { clerk, attempt: first_attempt })])
     }
 
-    pub fn clerk(&self) -> ClerkId {
-        self.clerk
-    }
-
     /// The lease, if it is valid at `now`.
     pub fn lease(&self, now: u64) -> Option<LeaseEpoch> {
         match self.lease {

@@ -142,10 +142,6 @@ impl LockServerCore {
         }
     }
 
-    pub fn config(&self) -> ServerConfig {
-        self.config
-    }
-
     fn is_live(&self, epoch: LeaseEpoch) -> bool {
         self.sessions.get(&epoch).is_some_and(|session| session.phase == Phase::Live)
     }

@@ -651,7 +651,7 @@ impl Sim {
 
     /// Who waits for whom: every waiting operation, the lock it waits for,
     /// that lock's holders and queue at the server.
-    pub fn wait_graph(&self) -> String {
+    fn wait_graph(&self) -> String {
         let mut lines = Vec::new();
         for (clerk, workstation) in &self.workstations {
             let Some(core) = &workstation.core else { continue };
