@@ -29,5 +29,5 @@ pub mod wire;
 
 pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
 pub use net::{Clerk, ClerkError, Fencer, LockGuard, LockServer, Workstation};
-pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, LockTable, Mode, ToClerk, ToServer};
 pub use server::{LockServerCore, ServerConfig, ServerOutput};

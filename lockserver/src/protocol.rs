@@ -36,6 +36,50 @@ pub struct LockName {
 /// the clerk replaying a dead clerk's log, under that clerk's own lease.
 pub const RECOVERY_TABLE: u32 = u32::MAX;
 
+/// A lock table: a namespace of locks (inodes, log regions, bitmap
+/// segments), named by a string. On the wire and in memory a table is the
+/// CRC32C of its name, 4 bytes, the same in every process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LockTable(pub u32);
+
+/// Two table names with the same 32-bit id in one process.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("lock table {name:?} has id {id:#010x}, which {other:?} already uses")]
+pub struct TableNameCollision {
+    pub name: String,
+    pub other: String,
+    pub id: u32,
+}
+
+impl LockTable {
+    /// The table called `name`. Refuses a name whose id another name (or
+    /// the recovery table) already has in this process.
+    pub fn named(name: &str) -> Result<LockTable, TableNameCollision> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static NAMES: OnceLock<Mutex<HashMap<u32, String>>> = OnceLock::new();
+        let id = crc32c::crc32c(name.as_bytes());
+        let collision = |other: &str| TableNameCollision { name: name.to_string(), other: other.to_string(), id };
+        if id == RECOVERY_TABLE {
+            return Err(collision("the recovery table"));
+        }
+        let mut names = NAMES.get_or_init(Mutex::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match names.get(&id) {
+            Some(other) if other != name => Err(collision(other)),
+            Some(_) => Ok(LockTable(id)),
+            None => {
+                names.insert(id, name.to_string());
+                Ok(LockTable(id))
+            }
+        }
+    }
+
+    /// Lock `id` of this table.
+    pub fn lock(self, id: u64) -> LockName {
+        LockName { table: self.0, id }
+    }
+}
+
 impl fmt::Display for LockName {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(formatter, "lock {}/{}", self.table, self.id)
@@ -119,6 +163,15 @@ impl ToClerk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_name_gives_the_same_id_every_time_and_names_its_locks() {
+        let inodes = LockTable::named("inodes").expect("a fresh name");
+        assert_eq!(LockTable::named("inodes"), Ok(inodes));
+        assert_eq!(inodes.0, crc32c::crc32c(b"inodes"), "the id is the CRC32C of the name, in every process");
+        assert_ne!(LockTable::named("logs").expect("a fresh name"), inodes);
+        assert_eq!(inodes.lock(7), LockName { table: inodes.0, id: 7 });
+    }
 
     #[test]
     fn only_shared_with_shared_is_compatible() {
