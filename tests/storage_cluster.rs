@@ -9,6 +9,7 @@
 //!   served: the segment refuses reads above the hole instead.
 //! - Malformed, oversized and wrong-version frames close only their own
 //!   connection; the writer's connection to the same node keeps working.
+//! - Commits that must wait for the LSN allocation limit all complete.
 //! - Over a simulated network that drops, duplicates, reorders and delays
 //!   frames (seeded), the writer's retransmission still gets every
 //!   acknowledged record onto all six segments.
@@ -406,6 +407,40 @@ async fn a_slow_read_is_hedged_to_a_second_segment() {
             }
         }
         assert!(hedged >= 1, "the slow node was never tried first, so hedging was not exercised");
+    })
+    .await
+    .expect("in time");
+}
+
+/// Sixteen concurrent commits through a writer whose LSN allocation limit
+/// is 2: most must wait for VDL to move before they can allocate, and every
+/// one of them still completes (its durability waiter survives the wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_that_wait_for_the_allocation_limit_all_complete() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let mut config = db_frontend::VolumeConfig::new(cluster.geometry().clone());
+        config.lsn_allocation_limit = 2;
+        let client = Arc::new(VolumeClient::open(config, Arc::new(TcpTransport::new())).await.expect("volume"));
+        let commits: Vec<_> = (0..16u64)
+            .map(|index| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let data = Bytes::copy_from_slice(&index.to_le_bytes());
+                    let change = PageChange { page: PageId(index % 8), op: PageOp::Write { offset: 0, data } };
+                    client.commit(&[change]).await.expect("commit")
+                })
+            })
+            .collect();
+        let mut lsns = Vec::new();
+        for commit in commits {
+            lsns.push(commit.await.expect("commit task"));
+        }
+        lsns.sort();
+        lsns.dedup();
+        assert_eq!(lsns.len(), 16, "sixteen distinct LSNs");
+        assert!(client.points().volume_durable >= *lsns.last().expect("sixteen"), "every commit is durable");
     })
     .await
     .expect("in time");

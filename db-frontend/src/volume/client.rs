@@ -218,6 +218,13 @@ impl VolumeClient {
     /// CPL's LSN without waiting for durability. Waits while the LSN
     /// allocation limit is reached.
     pub async fn write(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
+        self.log(changes, None).await
+    }
+
+    /// [`Self::write`]; with `waiter`, it is registered for the CPL's
+    /// durability under the same lock as the allocation.
+    async fn log(&self, changes: &[PageChange], waiter: Option<oneshot::Sender<()>>) -> Result<Lsn, VolumeError> {
+        let mut waiter = waiter;
         loop {
             let advanced = self.shared.durable_advanced.notified();
             tokio::pin!(advanced);
@@ -226,7 +233,15 @@ impl VolumeClient {
                 let (allocated, others_in_flight) = {
                     let mut core = self.shared.core.lock();
                     let others_in_flight = !core.all_durable();
-                    (core.allocate(changes), others_in_flight)
+                    let allocated = core.allocate(changes);
+                    if let Ok(lsn) = &allocated
+                        && let Some(waiter) = waiter.take()
+                    {
+                        // Not durable yet: it was only just allocated.
+                        let early = core.wait_durable(*lsn, waiter);
+                        debug_assert!(early.is_none(), "a new LSN is above VDL");
+                    }
+                    (allocated, others_in_flight)
                 };
                 match allocated {
                     Ok(lsn) => {
@@ -261,8 +276,9 @@ impl VolumeClient {
 
     /// Logs a mini-transaction and waits until it is durable (VDL >= its CPL).
     pub async fn commit(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
-        let lsn = self.write(changes).await?;
-        self.wait_durable(lsn).await?;
+        let (sender, receiver) = oneshot::channel();
+        let lsn = self.log(changes, Some(sender)).await?;
+        receiver.await.map_err(|_| VolumeError::Closed)?;
         Ok(lsn)
     }
 
