@@ -52,6 +52,16 @@ fn micros_since(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
+/// Sends a frame if connected; a frame that cannot go is dropped, which is
+/// safe: both sides retransmit whatever they still wait for.
+fn send_or_drop(sender: Option<FrameSender>, frame: bytes::Bytes) {
+    if let Some(sender) = sender
+        && let Err(error) = sender.try_send(frame)
+    {
+        debug!(%error, "lock message dropped (it is retransmitted)");
+    }
+}
+
 /// Runs `tick` every `TICK_INTERVAL` until the task is aborted.
 fn spawn_ticker(mut tick: impl FnMut() + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -83,11 +93,7 @@ impl ServerShared {
             match output {
                 ServerOutput::Send { to, message } => {
                     let sender = self.clerks.lock().get(&to).cloned();
-                    if let Some(sender) = sender
-                        && let Err(error) = sender.try_send(message.encode())
-                    {
-                        debug!(clerk = to.0, %error, "message to clerk dropped (it is retransmitted)");
-                    }
+                    send_or_drop(sender, message.encode());
                 }
                 ServerOutput::Fence { epoch } => {
                     let shared = self.clone();
@@ -225,11 +231,7 @@ impl ClerkShared {
             match output {
                 ClerkOutput::Send(message) => {
                     let sender = self.sender.lock().clone();
-                    if let Some(sender) = sender
-                        && let Err(error) = sender.try_send(message.encode())
-                    {
-                        debug!(%error, "message to the lock server dropped (it is retransmitted)");
-                    }
+                    send_or_drop(sender, message.encode());
                 }
                 ClerkOutput::LeaseReady { .. } | ClerkOutput::Granted { .. } => self.changed.notify_waiters(),
                 ClerkOutput::Flush { lock, keep } => {

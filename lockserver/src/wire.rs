@@ -311,6 +311,30 @@ mod tests {
         assert_eq!(&encoded[12..], &payload[..]);
     }
 
+    /// The payload sizes in the table of docs/wire-format.md §6.
+    #[test]
+    fn payload_sizes_are_the_documented_ones() {
+        let (epoch, lock, token) = (LeaseEpoch(1), LockName { table: 1, id: 2 }, FencingToken(3));
+        let to_server = [
+            (ToServer::OpenLease { clerk: ClerkId(1), attempt: 1 }.encode(), 16),
+            (ToServer::RenewLease { epoch, sequence: 1 }.encode(), 16),
+            (ToServer::Request { epoch, lock, mode: Mode::Shared }.encode(), 21),
+            (ToServer::Release { epoch, lock, token, keep: None }.encode(), 29),
+            (ToServer::RecoveryDone { epoch, dead: epoch }.encode(), 16),
+        ];
+        let to_clerk = [
+            (ToClerk::LeaseGranted { attempt: 1, epoch, duration_micros: 1 }.encode(), 24),
+            (ToClerk::LeaseRenewed { epoch, sequence: 1 }.encode(), 16),
+            (ToClerk::LeaseLost { epoch }.encode(), 8),
+            (ToClerk::Grant { epoch, lock, mode: Mode::Shared, token }.encode(), 29),
+            (ToClerk::Revoke { epoch, lock, token, held: Mode::Exclusive, keep: None }.encode(), 30),
+            (ToClerk::Recover { epoch, dead: epoch, dead_clerk: ClerkId(2) }.encode(), 24),
+        ];
+        for (frame, payload_bytes) in to_server.into_iter().chain(to_clerk) {
+            assert_eq!(frame.len() - common::frame::FRAME_HEADER_BYTES, payload_bytes, "kind {}", frame[3]);
+        }
+    }
+
     #[test]
     fn bad_modes_trailing_bytes_and_foreign_kinds_are_refused() {
         let request =

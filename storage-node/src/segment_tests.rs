@@ -450,3 +450,10 @@ proptest! {
         }
     }
 }
+
+/// ARCHITECTURE.md §11 quotes what each in-memory record costs: keep it true.
+#[test]
+fn a_record_in_memory_costs_what_the_docs_say() {
+    assert_eq!(std::mem::size_of::<super::ChainRecord>(), 64, "a record in its page chain");
+    assert_eq!(std::mem::size_of::<(Lsn, PageId)>(), 16, "its entry in its log file's list");
+}

@@ -192,9 +192,13 @@ mod tests {
     use crate::frame::encode_frame;
     use tokio::io::AsyncWriteExt;
 
-    /// Direct writes from several tasks, into a socket a slow reader keeps
-    /// full (so writes go partial and the writer task takes over): every
-    /// frame arrives whole, and each sender's frames in order.
+    /// Direct writes from several tasks into a socket nobody reads until
+    /// they are done: 26 MB of frames cannot fit in loopback socket buffers
+    /// (send at most 4 MB by default `tcp_wmem`; the receive buffer grows
+    /// only as the reader reads), so writes go partial or block and the
+    /// writer task takes
+    /// over, then hands the socket back. Every frame arrives whole, and each
+    /// sender's frames in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_writes_never_interleave_or_reorder_frames() {
         const SENDERS: u32 = 4;
@@ -212,7 +216,8 @@ mod tests {
                         let mut payload = vec![(sequence % 251) as u8; 16 * 1024];
                         payload[..4].copy_from_slice(&sender_id.to_le_bytes());
                         payload[4..8].copy_from_slice(&sequence.to_le_bytes());
-                        sender.send(encode_frame(9, &payload)).await.unwrap();
+                        // The queue (CONNECTION_SEND_QUEUE_FRAMES_MAX) holds them all.
+                        sender.try_send(encode_frame(9, &payload)).unwrap();
                         if sequence % 50 == 0 {
                             tokio::task::yield_now().await;
                         }
@@ -220,20 +225,17 @@ mod tests {
                 })
             })
             .collect();
+        for sender in senders {
+            sender.await.unwrap();
+        }
         let mut next = [0u32; SENDERS as usize];
-        for received in 0..SENDERS * FRAMES {
-            if received % 100 == 0 {
-                tokio::time::sleep(Duration::from_millis(2)).await; // a slow reader
-            }
+        for _ in 0..SENDERS * FRAMES {
             let frame = served.receiver.recv().await.unwrap().expect("a whole, checksummed frame");
             let sender_id = u32::from_le_bytes(frame.payload[..4].try_into().unwrap()) as usize;
             let sequence = u32::from_le_bytes(frame.payload[4..8].try_into().unwrap());
             assert_eq!(sequence, next[sender_id], "sender {sender_id}'s frames out of order");
             assert!(frame.payload[8..].iter().all(|byte| *byte == (sequence % 251) as u8));
             next[sender_id] += 1;
-        }
-        for sender in senders {
-            sender.await.unwrap();
         }
     }
 
