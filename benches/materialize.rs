@@ -15,7 +15,7 @@ use common::message::AppendRequest;
 use common::redo::{PageOp, RecordFields, RedoRecord};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use storage_node::disk::{LogDisk, MemoryDisk};
+use storage_node::disk::MemoryDisk;
 use storage_node::segment::{Action, SegmentConfig, SegmentCore};
 
 const PG: PgId = PgId(0);
@@ -25,26 +25,11 @@ const CHAIN_LENGTHS: [usize; 4] = [1, 8, 32, 128];
 
 /// Runs actions against a memory disk until none are left.
 fn complete_all(core: &mut SegmentCore, disk: &MemoryDisk, actions: Vec<Action>) {
-    let mut pending = actions;
-    while !pending.is_empty() {
-        let mut next = Vec::new();
-        for action in pending {
-            match action {
-                Action::Write(write) => {
-                    let id = write.id;
-                    match disk.write_durable(write, Box::new(|_| {})) {
-                        Some(Ok(())) => next.extend(core.write_done(id)),
-                        Some(Err(error)) => panic!("memory disk write failed: {error}"),
-                        None => panic!("the memory disk completes writes synchronously"),
-                    }
-                }
-                Action::Ack { .. } => {}
-                Action::Refuse { error, .. } => panic!("segment refused the append: {error:?}"),
-                Action::DeleteFile(file) => disk.delete_file(file).expect("memory disk delete"),
-            }
+    disk.run_until_idle(core, actions, |action| {
+        if let Action::Refuse { error, .. } = action {
+            panic!("segment refused the append: {error:?}");
         }
-        pending = next;
-    }
+    });
 }
 
 /// A segment holding page `index + 1` with a chain of `CHAIN_LENGTHS[index]`

@@ -85,27 +85,14 @@ impl Harness {
 
     /// Runs actions, completing each write at once, until none are left.
     fn complete_all(&mut self, actions: Vec<Action>) {
-        let mut pending = actions;
-        while !pending.is_empty() {
-            let mut next = Vec::new();
-            for action in pending {
-                match action {
-                    Action::Write(write) => {
-                        self.writes.push(write.clone());
-                        let id = write.id;
-                        assert!(self.disk.write_durable(write, Box::new(|_| {})).unwrap().is_ok());
-                        next.extend(self.core.write_done(id));
-                    }
-                    Action::Ack { to, ack } => self.acks.push((to, ack)),
-                    Action::Refuse { to, error } => self.refusals.push((to, error)),
-                    Action::DeleteFile(file) => {
-                        self.disk.delete_file(file).unwrap();
-                        self.deleted.push(file);
-                    }
-                }
-            }
-            pending = next;
-        }
+        let (writes, acks, refusals, deleted) =
+            (&mut self.writes, &mut self.acks, &mut self.refusals, &mut self.deleted);
+        self.disk.run_until_idle(&mut self.core, actions, |action| match action {
+            Action::Write(write) => writes.push(write.clone()),
+            Action::Ack { to, ack } => acks.push((*to, *ack)),
+            Action::Refuse { to, error } => refusals.push((*to, error.clone())),
+            Action::DeleteFile(file) => deleted.push(*file),
+        });
     }
 
     fn append(&mut self, records: Vec<RedoRecord>, from: ReplyTo) {

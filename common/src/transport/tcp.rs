@@ -196,9 +196,8 @@ mod tests {
     /// they are done: 26 MB of frames cannot fit in loopback socket buffers
     /// (send at most 4 MB by default `tcp_wmem`; the receive buffer grows
     /// only as the reader reads), so writes go partial or block and the
-    /// writer task takes
-    /// over, then hands the socket back. Every frame arrives whole, and each
-    /// sender's frames in order.
+    /// writer task takes over, then hands the socket back. Every frame
+    /// arrives whole, and each sender's frames in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_writes_never_interleave_or_reorder_frames() {
         const SENDERS: u32 = 4;

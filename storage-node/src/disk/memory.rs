@@ -9,7 +9,7 @@
 
 use super::{LogDisk, WriteDone};
 use crate::log_format::LogPosition;
-use crate::segment::LogWrite;
+use crate::segment::{Action, LogWrite, SegmentCore};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -54,6 +54,34 @@ impl MemoryDisk {
 
     /// Power loss in the middle of `torn`: only its first `kept_bytes` reach
     /// the medium (a torn tail for the next recovery to find).
+    /// Carries out `actions` for `core` on this disk, feeding every write's
+    /// follow-ups back, until none are left (tests and benches: the memory
+    /// disk completes each write before returning). `observe` sees every
+    /// action first; writes and file deletions are then done here.
+    ///
+    /// # Panics
+    /// If a write or a deletion fails.
+    pub fn run_until_idle(&self, core: &mut SegmentCore, actions: Vec<Action>, mut observe: impl FnMut(&Action)) {
+        let mut pending = actions;
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for action in pending {
+                observe(&action);
+                match action {
+                    Action::Write(write) => {
+                        let id = write.id;
+                        let result = self.write_durable(write, Box::new(|_| {})).expect("completes at once");
+                        result.expect("memory disk write");
+                        next.extend(core.write_done(id));
+                    }
+                    Action::DeleteFile(file) => self.delete_file(file).expect("memory disk delete"),
+                    Action::Ack { .. } | Action::Refuse { .. } => {}
+                }
+            }
+            pending = next;
+        }
+    }
+
     pub fn crash_during(&self, torn: &LogWrite, kept_bytes: usize) {
         let kept = kept_bytes.min(torn.bytes.len());
         Self::apply(&mut self.files.lock(), torn.position, &torn.bytes[..kept]);
