@@ -208,7 +208,7 @@ impl LockServerCore {
                 return;
             }
             // The clerk restarted and lost its cache: its old lease ends now.
-            self.expire(epoch, out);
+            self.expire(epoch, now, out);
         }
         self.last_epoch += 1;
         let epoch = LeaseEpoch(self.last_epoch);
@@ -359,8 +359,8 @@ impl LockServerCore {
     }
 
     /// Ends a live session: step 1 of the dead-clerk sequence, then asks
-    /// for the fence (step 2).
-    fn expire(&mut self, epoch: LeaseEpoch, out: &mut Vec<ServerOutput>) {
+    /// for the fence (step 2). Requests queued behind its own may proceed.
+    fn expire(&mut self, epoch: LeaseEpoch, now: u64, out: &mut Vec<ServerOutput>) {
         let Some(session) = self.sessions.get_mut(&epoch) else { return };
         if session.phase != Phase::Live {
             return;
@@ -370,12 +370,13 @@ impl LockServerCore {
             self.live_by_clerk.remove(&session.clerk);
         }
         let waiting: Vec<LockName> = std::mem::take(&mut session.waiting).into_iter().collect();
+        out.push(ServerOutput::Fence { epoch });
         for lock in waiting {
             if let Some(state) = self.locks.get_mut(&lock) {
                 state.queue.retain(|waiter| waiter.epoch != epoch);
             }
+            self.serve(lock, now, out);
         }
-        out.push(ServerOutput::Fence { epoch });
     }
 
     /// The fence for `epoch` is durable in storage: recovery may start.
@@ -392,8 +393,6 @@ impl LockServerCore {
             session.phase = Phase::Fenced { recoverer: None };
             self.assign_recoveries(now, &mut out);
         }
-        // Waiters that queued behind this session's requests may proceed.
-        self.serve_all(now, &mut out);
         out
     }
 
@@ -441,14 +440,6 @@ impl LockServerCore {
         }
     }
 
-    fn serve_all(&mut self, now: u64, out: &mut Vec<ServerOutput>) {
-        let queued: Vec<LockName> =
-            self.locks.iter().filter(|(_, state)| !state.queue.is_empty()).map(|(lock, _)| *lock).collect();
-        for lock in queued {
-            self.serve(lock, now, out);
-        }
-    }
-
     /// Expires lapsed leases, repeats unanswered revokes and recovery
     /// requests, and reassigns recoveries whose recoverer died.
     pub fn tick(&mut self, now: u64) -> Vec<ServerOutput> {
@@ -460,7 +451,7 @@ impl LockServerCore {
             .map(|(epoch, _)| *epoch)
             .collect();
         for epoch in lapsed {
-            self.expire(epoch, &mut out);
+            self.expire(epoch, now, &mut out);
         }
         let retransmit = self.config.retransmit_micros;
         let mut revokes = Vec::new();
@@ -495,7 +486,6 @@ impl LockServerCore {
             }
         }
         self.assign_recoveries(now, &mut out);
-        self.serve_all(now, &mut out);
         out
     }
 
