@@ -128,6 +128,9 @@ pub struct LockServerCore {
     highest_attempt: HashMap<ClerkId, u64>,
     last_epoch: u64,
     locks: BTreeMap<LockName, LockState>,
+    /// Locks with a revoke outstanding, so that the timer repeats revokes
+    /// without visiting every lock (entries go once nothing is revoked).
+    revoking: BTreeSet<LockName>,
 }
 
 impl LockServerCore {
@@ -139,6 +142,7 @@ impl LockServerCore {
             highest_attempt: HashMap::new(),
             last_epoch: 0,
             locks: BTreeMap::new(),
+            revoking: BTreeSet::new(),
         }
     }
 
@@ -341,6 +345,9 @@ impl LockServerCore {
                 holder.revoked = Some((keep, now));
                 revokes.push(*holder);
             }
+            if !revokes.is_empty() {
+                self.revoking.insert(lock);
+            }
             for holder in revokes {
                 self.send_revoke(lock, &holder, keep, out);
             }
@@ -455,16 +462,21 @@ impl LockServerCore {
         }
         let retransmit = self.config.retransmit_micros;
         let mut revokes = Vec::new();
-        for (lock, state) in self.locks.iter_mut() {
+        let locks = &mut self.locks;
+        self.revoking.retain(|lock| {
+            let Some(state) = locks.get_mut(lock) else { return false };
+            let mut outstanding = false;
             for holder in state.holders.iter_mut() {
-                if let Some((keep, sent)) = holder.revoked
-                    && now.saturating_sub(sent) >= retransmit
-                {
-                    holder.revoked = Some((keep, now));
-                    revokes.push((*lock, *holder, keep));
+                if let Some((keep, sent)) = holder.revoked {
+                    outstanding = true;
+                    if now.saturating_sub(sent) >= retransmit {
+                        holder.revoked = Some((keep, now));
+                        revokes.push((*lock, *holder, keep));
+                    }
                 }
             }
-        }
+            outstanding
+        });
         for (lock, holder, keep) in revokes {
             self.send_revoke(lock, &holder, keep, &mut out);
         }
