@@ -41,6 +41,12 @@ id_type!(
     "page:"
 );
 id_type!(
+    /// A block of a block volume (the shared disk of the file system). Block
+    /// `b` lives in PG `b / blocks_per_pg`; the block space is sparse.
+    BlockId(u64),
+    "block:"
+);
+id_type!(
     /// A storage node of the cluster.
     NodeId(u32),
     "node:"

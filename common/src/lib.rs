@@ -26,6 +26,7 @@
 //! - Little-endian, fixed-width fields everywhere; no varints, so the formats
 //!   can be drawn byte by byte.
 
+pub mod block_message;
 pub mod codec;
 pub mod frame;
 pub mod ids;

@@ -56,3 +56,20 @@ pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;
 
 /// Slack reserved in every log write for entry headers and padding.
 pub const ENTRY_OVERHEAD_GUARD: usize = 256;
+
+/// Largest block of a block volume (the file system's large blocks).
+pub const BLOCK_BYTES_MAX: usize = 64 * 1024;
+
+/// Versions of one block a block segment keeps: the newest under each of
+/// the last few fencing tokens. A read that must skip a version written by
+/// a fenced lease after its fence falls back to an older one (see
+/// `storage_node::block_segment`).
+pub const BLOCK_HISTORY_MAX: usize = 4;
+
+/// Most lease epochs one block segment records as fenced. A fence beyond it
+/// is refused, so a dead workstation's recovery waits rather than run
+/// unfenced.
+pub const FENCED_EPOCHS_MAX: usize = 4096;
+
+/// Most blocks one fence acknowledgement lists; a longer list is paged.
+pub const FENCE_ACK_BLOCKS_MAX: usize = 16 * 1024;

@@ -6,6 +6,10 @@
 //! [`AppendAck`] carrying its SCL, which covers every record at or below it.
 //! The writer needs nothing more to advance PGCL, VCL and VDL.
 
+use crate::block_message as block;
+pub use crate::block_message::{
+    BlockImage, BlockRead, BlockVersionInfo, BlockWrite, BlockWriteAck, FenceAck, FencePhase, FenceRequest, FencedBlock,
+};
 use crate::codec::{CodecError, Reader, read_length_prefixed};
 use crate::frame::{Frame, FrameBuilder, encode_frame};
 use crate::ids::{Epoch, Lsn, PageId, PgId};
@@ -25,6 +29,12 @@ pub enum MessageKind {
     StatusRequest = 5,
     Status = 6,
     Error = 7,
+    BlockWrite = 8,
+    BlockWriteAck = 9,
+    BlockRead = 10,
+    BlockImage = 11,
+    Fence = 12,
+    FenceAck = 13,
 }
 
 /// Bytes of the fixed part of an append payload, before the records.
@@ -120,6 +130,11 @@ pub enum ErrorCode {
     Busy = 7,
     /// The segment could not write to its disk.
     DiskFailure = 8,
+    /// A block write carries a fenced lease epoch.
+    FencedEpoch = 9,
+    /// A block write carries a fencing token older than one the segment holds
+    /// for that block.
+    StaleFencingToken = 10,
 }
 
 impl ErrorCode {
@@ -133,6 +148,8 @@ impl ErrorCode {
             6 => ErrorCode::InvalidRequest,
             7 => ErrorCode::Busy,
             8 => ErrorCode::DiskFailure,
+            9 => ErrorCode::FencedEpoch,
+            10 => ErrorCode::StaleFencingToken,
             other => return Err(CodecError::Invalid { field: "error code", detail: other.to_string() }),
         })
     }
@@ -157,6 +174,12 @@ pub enum Message {
     StatusRequest(StatusRequest),
     Status(SegmentStatus),
     Error(ErrorResponse),
+    BlockWrite(BlockWrite),
+    BlockWriteAck(BlockWriteAck),
+    BlockRead(BlockRead),
+    BlockImage(BlockImage),
+    Fence(FenceRequest),
+    FenceAck(FenceAck),
 }
 
 /// Why a frame's payload is not a valid message.
@@ -273,6 +296,30 @@ impl Message {
                 payload.put_slice(message);
                 MessageKind::Error
             }
+            Message::BlockWrite(write) => {
+                block::encode_block_write(write, &mut payload);
+                MessageKind::BlockWrite
+            }
+            Message::BlockWriteAck(ack) => {
+                block::encode_block_write_ack(ack, &mut payload);
+                MessageKind::BlockWriteAck
+            }
+            Message::BlockRead(read) => {
+                block::encode_block_read(read, &mut payload);
+                MessageKind::BlockRead
+            }
+            Message::BlockImage(image) => {
+                block::encode_block_image(image, &mut payload);
+                MessageKind::BlockImage
+            }
+            Message::Fence(fence) => {
+                block::encode_fence(fence, &mut payload);
+                MessageKind::Fence
+            }
+            Message::FenceAck(ack) => {
+                block::encode_fence_ack(ack, &mut payload);
+                MessageKind::FenceAck
+            }
         };
         encode_frame(kind as u8, &payload)
     }
@@ -375,6 +422,18 @@ impl Message {
                 let message = String::from_utf8_lossy(reader.take(length)?).into_owned();
                 Message::Error(ErrorResponse { request_id, pg, code, message })
             }
+            kind if kind == MessageKind::BlockWrite as u8 => {
+                Message::BlockWrite(block::decode_block_write(&mut reader, payload)?)
+            }
+            kind if kind == MessageKind::BlockWriteAck as u8 => {
+                Message::BlockWriteAck(block::decode_block_write_ack(&mut reader)?)
+            }
+            kind if kind == MessageKind::BlockRead as u8 => Message::BlockRead(block::decode_block_read(&mut reader)?),
+            kind if kind == MessageKind::BlockImage as u8 => {
+                Message::BlockImage(block::decode_block_image(&mut reader, payload)?)
+            }
+            kind if kind == MessageKind::Fence as u8 => Message::Fence(block::decode_fence(&mut reader)?),
+            kind if kind == MessageKind::FenceAck as u8 => Message::FenceAck(block::decode_fence_ack(&mut reader)?),
             other => return Err(MessageError::UnknownKind(other)),
         };
         reader.finish()?;
@@ -455,9 +514,53 @@ mod tests {
         }));
     }
 
+    #[test]
+    fn every_block_message_round_trips() {
+        use crate::ids::BlockId;
+        let (pg, block) = (PgId(3), BlockId(77));
+        round_trip(Message::BlockWrite(BlockWrite {
+            request_id: 1,
+            pg,
+            block,
+            version: 4,
+            lease_epoch: 9,
+            fencing_token: 12,
+            repair: true,
+            data: Bytes::from_static(b"block bytes"),
+        }));
+        round_trip(Message::BlockWriteAck(BlockWriteAck { request_id: 1, pg, block }));
+        round_trip(Message::BlockRead(BlockRead { request_id: 2, pg, block, want_token: 12, sealed_cursor: 1 }));
+        let version = BlockVersionInfo { version: 4, lease_epoch: 9, fencing_token: 12, fenced_here: true };
+        round_trip(Message::BlockImage(BlockImage {
+            request_id: 2,
+            pg,
+            block,
+            history: vec![version, BlockVersionInfo { fenced_here: false, fencing_token: 3, ..version }],
+            data_token: 12,
+            data: Bytes::from_static(b"block bytes"),
+            sealed_cursor: 1,
+            sealed: vec![9, 10],
+        }));
+        round_trip(Message::Fence(FenceRequest {
+            request_id: 3,
+            pg,
+            lease_epoch: 9,
+            phase: FencePhase::Sealed,
+            from_block: block,
+        }));
+        round_trip(Message::FenceAck(FenceAck {
+            request_id: 3,
+            pg,
+            lease_epoch: 9,
+            phase: FencePhase::Fence,
+            blocks: vec![FencedBlock { block, version: 4, fencing_token: 12 }],
+            complete: false,
+        }));
+    }
+
     proptest! {
         #[test]
-        fn decode_never_panics(kind in 0u8..10, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_never_panics(kind in 0u8..16, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let frame = Frame { kind, payload: Bytes::from(payload) };
             let _ = Message::decode(&frame);
         }

@@ -8,7 +8,8 @@
 //! offset  size  field
 //!      0     4  magic      "ASEG"
 //!      4     2  version    LOG_FORMAT_VERSION (1)
-//!      6     2  kind       1 = redo batch, 2 = page versions, 3 = checkpoint
+//!      6     2  kind       1 = redo batch, 2 = page versions, 3 = checkpoint,
+//!                          4 = block versions, 5 = block checkpoint
 //!      8     4  body_len   bytes of body, u32 LE
 //!     12     4  count      items in the body
 //!     16     8  sequence   entry sequence number, +1 per entry, never reused
@@ -27,6 +28,14 @@
 //!   pg u32, page_bytes u32`: the segment chain is complete through
 //!   `segment_complete_lsn`, so records at or below it that are absent were
 //!   subsumed by page versions and garbage-collected.
+//! - block versions (block segments only): `count` items of `block u64,
+//!   version u64, lease_epoch u64, fencing_token u64, length u32, crc32c u32
+//!   (over the data), data` (each item padded to 8 bytes).
+//! - block checkpoint (block segments only): `pg u32, block_bytes_max u32,
+//!   fenced_count u32, sealed_count u32`, then `fenced_count` fenced lease
+//!   epochs and `sealed_count` sealed ones, u64 each, in the order the
+//!   segment learned them. Each checkpoint lists every fence so far, so old
+//!   files can be deleted without losing one.
 //!
 //! Reading the log back ([`scan_log`]) tells three cases apart:
 //! - a clean end: zeros (or the end of the file) where the next entry would be;
@@ -41,8 +50,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::codec::Reader;
-use common::ids::{Epoch, Lsn, PageId, PgId};
-use common::limits::{LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX};
+use common::ids::{BlockId, Epoch, Lsn, PageId, PgId};
+use common::limits::{BLOCK_BYTES_MAX, FENCED_EPOCHS_MAX, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX};
 use common::redo::RedoRecord;
 
 pub const ENTRY_MAGIC: [u8; 4] = *b"ASEG";
@@ -53,6 +62,9 @@ pub const ENTRY_BODY_BYTES_MAX: usize = LOG_BATCH_BYTES_MAX + PAGE_BYTES_MAX;
 const KIND_REDO: u16 = 1;
 const KIND_PAGE_VERSIONS: u16 = 2;
 const KIND_CHECKPOINT: u16 = 3;
+const KIND_BLOCK_VERSIONS: u16 = 4;
+const KIND_BLOCK_CHECKPOINT: u16 = 5;
+const BLOCK_ITEM_HEADER_BYTES: usize = 40;
 const VERSION_ITEM_HEADER_BYTES: usize = 24;
 const CHECKPOINT_BODY_BYTES: usize = 32;
 
@@ -86,12 +98,33 @@ pub struct Checkpoint {
     pub min_read_point: Lsn,
 }
 
+/// One logged version of a block (a block segment's write or repair).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockVersion {
+    pub block: BlockId,
+    pub version: u64,
+    pub lease_epoch: u64,
+    pub fencing_token: u64,
+    pub data: Bytes,
+}
+
+/// A block segment's durable metadata: every fence it has taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockCheckpoint {
+    pub pg: PgId,
+    pub block_bytes_max: u32,
+    pub fenced: Vec<u64>,
+    pub sealed: Vec<u64>,
+}
+
 /// One decoded log entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
     Redo(Vec<RedoRecord>),
     PageVersions(Vec<PageVersion>),
     Checkpoint(Checkpoint),
+    BlockVersions(Vec<BlockVersion>),
+    BlockCheckpoint(BlockCheckpoint),
 }
 
 fn put_header(out: &mut BytesMut, kind: u16, count: u32, sequence: u64) -> usize {
@@ -158,6 +191,54 @@ pub fn encode_checkpoint_entry(out: &mut BytesMut, sequence: u64, checkpoint: &C
     seal(out, start);
 }
 
+/// Appends a block-versions entry.
+pub fn encode_block_versions_entry<'a>(
+    out: &mut BytesMut,
+    sequence: u64,
+    versions: impl Iterator<Item = &'a BlockVersion>,
+) {
+    let start = put_header(out, KIND_BLOCK_VERSIONS, 0, sequence);
+    let mut count = 0u32;
+    for version in versions {
+        let item_start = out.len();
+        out.put_u64_le(version.block.0);
+        out.put_u64_le(version.version);
+        out.put_u64_le(version.lease_epoch);
+        out.put_u64_le(version.fencing_token);
+        out.put_u32_le(version.data.len() as u32);
+        out.put_u32_le(crc32c::crc32c(&version.data));
+        out.put_slice(&version.data);
+        let padded = aligned(out.len() - item_start);
+        out.put_bytes(0, padded - (out.len() - item_start));
+        count += 1;
+    }
+    out[start + 12..start + 16].copy_from_slice(&count.to_le_bytes());
+    seal(out, start);
+}
+
+/// Appends a block checkpoint entry.
+pub fn encode_block_checkpoint_entry(out: &mut BytesMut, sequence: u64, checkpoint: &BlockCheckpoint) {
+    let start = put_header(out, KIND_BLOCK_CHECKPOINT, 1, sequence);
+    out.put_u32_le(checkpoint.pg.0);
+    out.put_u32_le(checkpoint.block_bytes_max);
+    out.put_u32_le(checkpoint.fenced.len() as u32);
+    out.put_u32_le(checkpoint.sealed.len() as u32);
+    for epoch in checkpoint.fenced.iter().chain(&checkpoint.sealed) {
+        out.put_u64_le(*epoch);
+    }
+    seal(out, start);
+}
+
+/// Encoded size of one block version item.
+pub fn block_item_bytes(data_bytes: usize) -> usize {
+    aligned(BLOCK_ITEM_HEADER_BYTES + data_bytes)
+}
+
+/// Encoded size of a block checkpoint entry listing `epochs` fences and seals.
+pub fn block_checkpoint_entry_bytes(epochs: usize) -> usize {
+    aligned(ENTRY_HEADER_BYTES + 16 + 8 * epochs)
+}
+
 /// Encoded size of a redo entry holding records of `record_bytes` in total.
 pub fn redo_entry_bytes(record_bytes: usize) -> usize {
     aligned(ENTRY_HEADER_BYTES + record_bytes)
@@ -192,7 +273,7 @@ fn parse_header(bytes: &[u8]) -> Option<Header> {
     let sequence = reader.u64().ok()?;
     let checksum = reader.u32().ok()?;
     if version != LOG_FORMAT_VERSION
-        || !(KIND_REDO..=KIND_CHECKPOINT).contains(&kind)
+        || !(KIND_REDO..=KIND_BLOCK_CHECKPOINT).contains(&kind)
         || body_len > ENTRY_BODY_BYTES_MAX
     {
         return None;
@@ -246,8 +327,54 @@ fn decode_body(header: &Header, body: &Bytes) -> Option<Entry> {
             reader.finish().ok()?;
             Some(Entry::Checkpoint(checkpoint))
         }
+        KIND_BLOCK_VERSIONS => {
+            let mut versions = Vec::with_capacity(header.count as usize);
+            let mut offset = 0;
+            for _ in 0..header.count {
+                let (version, next) = decode_block_version(body, offset)?;
+                versions.push(version);
+                offset = next;
+            }
+            (offset == body.len()).then_some(Entry::BlockVersions(versions))
+        }
+        KIND_BLOCK_CHECKPOINT => {
+            let mut reader = Reader::new(body);
+            let pg = PgId(reader.u32().ok()?);
+            let block_bytes_max = reader.u32().ok()?;
+            let fenced_count = reader.u32().ok()? as usize;
+            let sealed_count = reader.u32().ok()? as usize;
+            if fenced_count > FENCED_EPOCHS_MAX || sealed_count > FENCED_EPOCHS_MAX {
+                return None;
+            }
+            let mut epochs = |count: usize| (0..count).map(|_| reader.u64().ok()).collect::<Option<Vec<u64>>>();
+            let fenced = epochs(fenced_count)?;
+            let sealed = epochs(sealed_count)?;
+            reader.finish().ok()?;
+            Some(Entry::BlockCheckpoint(BlockCheckpoint { pg, block_bytes_max, fenced, sealed }))
+        }
         _ => None,
     }
+}
+
+fn decode_block_version(body: &Bytes, offset: usize) -> Option<(BlockVersion, usize)> {
+    let mut reader = Reader::new(body.get(offset..)?);
+    let block = BlockId(reader.u64().ok()?);
+    let version = reader.u64().ok()?;
+    let lease_epoch = reader.u64().ok()?;
+    let fencing_token = reader.u64().ok()?;
+    let length = reader.u32().ok()? as usize;
+    let checksum = reader.u32().ok()?;
+    if length > BLOCK_BYTES_MAX {
+        return None;
+    }
+    let start = offset + BLOCK_ITEM_HEADER_BYTES;
+    let data = body.get(start..start + length)?;
+    if crc32c::crc32c(data) != checksum {
+        return None;
+    }
+    let next = offset + aligned(BLOCK_ITEM_HEADER_BYTES + length);
+    let data = body.slice(start..start + length);
+    Some((BlockVersion { block, version, lease_epoch, fencing_token, data }, next.min(body.len())))
 }
 
 fn decode_version(body: &Bytes, offset: usize) -> Option<(PageVersion, usize)> {

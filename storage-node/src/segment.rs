@@ -360,6 +360,9 @@ impl SegmentCore {
                         core.insert_durable_version(version, position.file);
                     }
                 }
+                Entry::BlockVersions(_) | Entry::BlockCheckpoint(_) => {
+                    return Err("log holds block-volume entries: it belongs to a block segment".into());
+                }
             }
         }
         if !saw_checkpoint && !chain_links.is_empty() {
