@@ -94,6 +94,7 @@ impl LocalCluster {
                 disk: options.disk,
                 memory_store: memory_store.clone(),
                 segments: Vec::new(),
+                block_segments: Vec::new(),
             };
             specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
             slots.push(NodeSlot { config, transport, running: None });

@@ -316,3 +316,64 @@ pub(crate) fn decode_fence_ack(reader: &mut Reader<'_>) -> Result<FenceAck, Code
     }
     Ok(FenceAck { request_id, pg, lease_epoch, phase, blocks, complete })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The payload sizes `docs/wire-format.md` §7 documents.
+    #[test]
+    fn payload_sizes_match_the_documentation() {
+        let (pg, block) = (PgId(1), BlockId(2));
+        let mut payload = Vec::new();
+        let data = Bytes::from_static(b"12345");
+        let write = BlockWrite {
+            request_id: 1,
+            pg,
+            block,
+            version: 1,
+            lease_epoch: 1,
+            fencing_token: 1,
+            repair: false,
+            data: data.clone(),
+        };
+        encode_block_write(&write, &mut payload);
+        assert_eq!(payload.len(), 52 + 5);
+        payload.clear();
+        encode_block_write_ack(&BlockWriteAck { request_id: 1, pg, block }, &mut payload);
+        assert_eq!(payload.len(), 24);
+        payload.clear();
+        encode_block_read(&BlockRead { request_id: 1, pg, block, want_token: 0, sealed_cursor: 0 }, &mut payload);
+        assert_eq!(payload.len(), 32);
+        payload.clear();
+        let version = BlockVersionInfo { version: 1, lease_epoch: 1, fencing_token: 1, fenced_here: false };
+        let image = BlockImage {
+            request_id: 1,
+            pg,
+            block,
+            history: vec![version; 2],
+            data_token: 1,
+            data,
+            sealed_cursor: 0,
+            sealed: vec![4, 5, 6],
+        };
+        encode_block_image(&image, &mut payload);
+        assert_eq!(payload.len(), 40 + 2 * 32 + 3 * 8 + 4 + 5);
+        payload.clear();
+        let fence = FenceRequest { request_id: 1, pg, lease_epoch: 3, phase: FencePhase::Fence, from_block: block };
+        encode_fence(&fence, &mut payload);
+        assert_eq!(payload.len(), 32);
+        payload.clear();
+        let listed = FencedBlock { block, version: 1, fencing_token: 1 };
+        let ack = FenceAck {
+            request_id: 1,
+            pg,
+            lease_epoch: 3,
+            phase: FencePhase::Fence,
+            blocks: vec![listed; 3],
+            complete: true,
+        };
+        encode_fence_ack(&ack, &mut payload);
+        assert_eq!(payload.len(), 32 + 3 * 24);
+    }
+}

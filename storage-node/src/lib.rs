@@ -28,6 +28,7 @@
 //!
 //! On-disk format: `docs/segment-log-format.md`. Wire format: `docs/wire-format.md`.
 
+pub mod block_client;
 pub mod block_segment;
 pub mod disk;
 pub mod log_format;

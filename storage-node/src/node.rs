@@ -11,15 +11,17 @@
 //! A malformed, oversized or wrong-version frame, or a payload that is not a
 //! valid message, closes only the connection it came on, with a logged reason.
 
+use crate::block_segment::{BlockAction, BlockSegmentConfig, BlockSegmentCore};
 use crate::disk::{DiskBackend, LogDisk, MemoryVolumeStore, StdFileDisk, UringDisk, UringRing};
 use crate::log_format::scan_log;
-use crate::segment::{Action, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
+use crate::segment::{Action, LogWrite, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
 use common::ids::{Epoch, NodeId, PgId};
 use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
 use common::message::{ErrorCode, ErrorResponse, Message, PageImage, SegmentStatus};
 use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,12 +60,79 @@ pub struct NodeConfig {
     /// Durable images for the memory backend, shared across restarts.
     pub memory_store: MemoryVolumeStore,
     pub segments: Vec<SegmentConfig>,
+    /// Segments of block volumes (the file system's shared disk).
+    pub block_segments: Vec<BlockSegmentConfig>,
+}
+
+/// What the driver does for one action of a core.
+enum Step {
+    Write(LogWrite),
+    Send(ReplyTo, Message),
+    Delete(u64),
+}
+
+/// A segment state machine the driver runs: a redo segment or a block
+/// segment. Both log through the same disks with the same driver.
+trait LogCore: Send + fmt::Debug + 'static {
+    type Action: Send;
+    fn write_done(&mut self, id: u64) -> Vec<Self::Action>;
+    fn write_failed(&mut self, id: u64, reason: String) -> Vec<Self::Action>;
+    fn background(&mut self) -> Vec<Self::Action>;
+    fn pg(&self) -> PgId;
+    fn step(action: Self::Action) -> Step;
+}
+
+impl LogCore for SegmentCore {
+    type Action = Action;
+    fn write_done(&mut self, id: u64) -> Vec<Action> {
+        SegmentCore::write_done(self, id)
+    }
+    fn write_failed(&mut self, id: u64, reason: String) -> Vec<Action> {
+        SegmentCore::write_failed(self, id, reason)
+    }
+    fn background(&mut self) -> Vec<Action> {
+        SegmentCore::background(self)
+    }
+    fn pg(&self) -> PgId {
+        self.config().pg
+    }
+    fn step(action: Action) -> Step {
+        match action {
+            Action::Write(write) => Step::Write(write),
+            Action::Ack { to, ack } => Step::Send(to, Message::AppendAck(ack)),
+            Action::Refuse { to, error } => Step::Send(to, Message::Error(error)),
+            Action::DeleteFile(file) => Step::Delete(file),
+        }
+    }
+}
+
+impl LogCore for BlockSegmentCore {
+    type Action = BlockAction;
+    fn write_done(&mut self, id: u64) -> Vec<BlockAction> {
+        BlockSegmentCore::write_done(self, id)
+    }
+    fn write_failed(&mut self, id: u64, reason: String) -> Vec<BlockAction> {
+        BlockSegmentCore::write_failed(self, id, reason)
+    }
+    fn background(&mut self) -> Vec<BlockAction> {
+        BlockSegmentCore::background(self)
+    }
+    fn pg(&self) -> PgId {
+        self.config().pg
+    }
+    fn step(action: BlockAction) -> Step {
+        match action {
+            BlockAction::Write(write) => Step::Write(write),
+            BlockAction::Send { to, message } => Step::Send(to, message),
+            BlockAction::DeleteFile(file) => Step::Delete(file),
+        }
+    }
 }
 
 /// One segment core with its disk.
 #[derive(Debug)]
-struct SegmentDriver {
-    core: Mutex<SegmentCore>,
+struct SegmentDriver<C> {
+    core: Mutex<C>,
     disk: Arc<dyn LogDisk>,
     replies: Arc<Replies>,
 }
@@ -85,17 +154,17 @@ impl Replies {
     }
 }
 
-impl SegmentDriver {
+impl<C: LogCore> SegmentDriver<C> {
     /// Carries out actions until none are left. Writes that complete
     /// synchronously (memory disk) feed their follow-ups back into the loop
     /// instead of recursing.
-    fn run(self: &Arc<Self>, actions: Vec<Action>) {
+    fn run(self: &Arc<Self>, actions: Vec<C::Action>) {
         let mut pending = actions;
         while !pending.is_empty() {
             let mut follow_ups = Vec::new();
             for action in pending {
-                match action {
-                    Action::Write(write) => {
+                match C::step(action) {
+                    Step::Write(write) => {
                         let id = write.id;
                         let driver = self.clone();
                         let done = Box::new(move |result| {
@@ -106,9 +175,8 @@ impl SegmentDriver {
                             follow_ups.extend(self.completed(id, result));
                         }
                     }
-                    Action::Ack { to, ack } => self.replies.send(to, &Message::AppendAck(ack)),
-                    Action::Refuse { to, error } => self.replies.send(to, &Message::Error(error)),
-                    Action::DeleteFile(file) => {
+                    Step::Send(to, message) => self.replies.send(to, &message),
+                    Step::Delete(file) => {
                         if let Err(error) = self.disk.delete_file(file) {
                             warn!(%error, file, "could not delete a cleaned log file");
                         }
@@ -119,22 +187,28 @@ impl SegmentDriver {
         }
     }
 
-    fn completed(&self, id: u64, result: io::Result<()>) -> Vec<Action> {
+    fn completed(&self, id: u64, result: io::Result<()>) -> Vec<C::Action> {
         let mut core = self.core.lock();
         match result {
             Ok(()) => core.write_done(id),
             Err(error) => {
-                error!(pg = %core.config().pg, %error, "log write failed; the segment stops taking writes");
+                error!(pg = %core.pg(), %error, "log write failed; the segment stops taking writes");
                 core.write_failed(id, error.to_string())
             }
         }
+    }
+
+    fn background(self: &Arc<Self>) {
+        let actions = self.core.lock().background();
+        self.run(actions);
     }
 }
 
 #[derive(Debug)]
 struct NodeShared {
     node: NodeId,
-    segments: BTreeMap<PgId, Arc<SegmentDriver>>,
+    segments: BTreeMap<PgId, RedoDriver>,
+    block_segments: BTreeMap<PgId, BlockDriver>,
     replies: Arc<Replies>,
     next_connection: AtomicU64,
     connection_slots: Arc<Semaphore>,
@@ -152,33 +226,35 @@ pub struct StorageNode {
     pub recovery: BTreeMap<PgId, RecoveryReport>,
 }
 
+/// Opens the disk of a segment, in its own directory `name`.
 fn open_disk(
     config: &NodeConfig,
-    segment: &SegmentConfig,
+    name: &str,
+    log_file_bytes: u64,
     ring: &Option<Arc<UringRing>>,
 ) -> io::Result<Arc<dyn LogDisk>> {
-    let name = format!("pg-{:06}", segment.pg.0);
-    let directory = config.data_directory.join(&name);
+    let directory = config.data_directory.join(name);
     Ok(match config.disk {
-        DiskBackend::Std => Arc::new(StdFileDisk::open(&directory, segment.log_file_bytes)?),
-        DiskBackend::IoUring => Arc::new(UringDisk::open(
-            &directory,
-            segment.log_file_bytes,
-            ring.clone().expect("ring started for io_uring"),
-        )?),
+        DiskBackend::Std => Arc::new(StdFileDisk::open(&directory, log_file_bytes)?),
+        DiskBackend::IoUring => {
+            Arc::new(UringDisk::open(&directory, log_file_bytes, ring.clone().expect("ring started for io_uring"))?)
+        }
         DiskBackend::Memory => Arc::new(config.memory_store.disk(&format!("{}/{name}", config.node))),
     })
 }
+
+type RedoDriver = Arc<SegmentDriver<SegmentCore>>;
+type BlockDriver = Arc<SegmentDriver<BlockSegmentCore>>;
 
 /// Opens (or creates) one segment from its disk.
 fn open_segment(
     segment: SegmentConfig,
     disk: Arc<dyn LogDisk>,
     replies: Arc<Replies>,
-) -> Result<(Arc<SegmentDriver>, RecoveryReport, Vec<Action>), NodeError> {
+) -> Result<(RedoDriver, RecoveryReport, Vec<Action>), NodeError> {
     let pg = segment.pg;
     let files = disk.read_all()?;
-    let (core, report, actions) = if files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0)) {
+    let (core, report, actions) = if is_blank(&files) {
         let (core, actions) =
             SegmentCore::create(segment, Epoch::INITIAL).map_err(|reason| NodeError::Segment { pg, reason })?;
         (core, RecoveryReport::default(), actions)
@@ -199,13 +275,44 @@ fn open_segment(
     Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), report, actions))
 }
 
+fn is_blank(files: &[(u64, bytes::Bytes)]) -> bool {
+    files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0))
+}
+
+/// Opens (or creates) one block segment from its disk.
+fn open_block_segment(
+    segment: BlockSegmentConfig,
+    disk: Arc<dyn LogDisk>,
+    replies: Arc<Replies>,
+) -> Result<(BlockDriver, Vec<BlockAction>), NodeError> {
+    let pg = segment.pg;
+    let files = disk.read_all()?;
+    let (core, actions) = if is_blank(&files) {
+        BlockSegmentCore::create(segment).map_err(|reason| NodeError::Segment { pg, reason })?
+    } else {
+        let scan = scan_log(&files);
+        let (end, truncated) = (scan.end, scan.truncated_tail_bytes);
+        let (core, corruptions) =
+            BlockSegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
+        if truncated > 0 {
+            warn!(%pg, bytes = truncated, file = end.file, offset = end.offset, "torn block log tail truncated");
+            disk.zero(end, truncated)?;
+        }
+        if corruptions > 0 {
+            error!(%pg, corruptions, "corrupt entries in the middle of a block log: segment needs repair");
+        }
+        (core, Vec::new())
+    };
+    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), actions))
+}
+
 impl StorageNode {
     /// Opens every segment (recovering from its log), then starts serving.
     pub async fn start(config: NodeConfig, transport: Arc<dyn Transport>) -> Result<StorageNode, NodeError> {
-        if config.segments.len() > NODE_SEGMENTS_MAX {
+        let segment_count = config.segments.len() + config.block_segments.len();
+        if segment_count > NODE_SEGMENTS_MAX {
             return Err(NodeError::Config(format!(
-                "{} segments; NODE_SEGMENTS_MAX is {NODE_SEGMENTS_MAX}",
-                config.segments.len()
+                "{segment_count} segments; NODE_SEGMENTS_MAX is {NODE_SEGMENTS_MAX}"
             )));
         }
         let ring = match config.disk {
@@ -217,7 +324,7 @@ impl StorageNode {
         let mut recovery = BTreeMap::new();
         let mut first_actions = Vec::new();
         for segment in &config.segments {
-            let disk = open_disk(&config, segment, &ring)?;
+            let disk = open_disk(&config, &format!("pg-{:06}", segment.pg.0), segment.log_file_bytes, &ring)?;
             let (driver, report, actions) = open_segment(segment.clone(), disk, replies.clone())?;
             if segments.insert(segment.pg, driver.clone()).is_some() {
                 return Err(NodeError::Config(format!("{} listed twice", segment.pg)));
@@ -225,16 +332,32 @@ impl StorageNode {
             recovery.insert(segment.pg, report);
             first_actions.push((driver, actions));
         }
-        let mut started = Vec::with_capacity(first_actions.len());
-        for (driver, actions) in first_actions {
-            driver.run(actions);
-            started.push(driver);
+        let mut block_segments = BTreeMap::new();
+        let mut first_block_actions = Vec::new();
+        for segment in &config.block_segments {
+            let name = format!("block-pg-{:06}", segment.pg.0);
+            let disk = open_disk(&config, &name, segment.log_file_bytes, &ring)?;
+            let (driver, actions) = open_block_segment(segment.clone(), disk, replies.clone())?;
+            if block_segments.insert(segment.pg, driver.clone()).is_some() {
+                return Err(NodeError::Config(format!("block {} listed twice", segment.pg)));
+            }
+            first_block_actions.push((driver, actions));
+        }
+        for (driver, actions) in &mut first_actions {
+            driver.run(std::mem::take(actions));
+        }
+        for (driver, actions) in &mut first_block_actions {
+            driver.run(std::mem::take(actions));
         }
         // A new segment serves only once its first checkpoint (and with it the
         // zero-filled first log file) is durable: otherwise the first appends
         // would wait behind that file's creation.
         let deadline = tokio::time::Instant::now() + SEGMENT_CREATION_TIMEOUT;
-        while started.iter().any(|driver| !driver.core.lock().is_idle()) {
+        let busy = || {
+            first_actions.iter().any(|(driver, _)| !driver.core.lock().is_idle())
+                || first_block_actions.iter().any(|(driver, _)| !driver.core.lock().is_idle())
+        };
+        while busy() {
             if tokio::time::Instant::now() > deadline {
                 return Err(NodeError::Config(format!(
                     "new segments were not durably created within {SEGMENT_CREATION_TIMEOUT:?}"
@@ -247,12 +370,14 @@ impl StorageNode {
         let shared = Arc::new(NodeShared {
             node: config.node,
             segments,
+            block_segments,
             replies,
             next_connection: AtomicU64::new(1),
             connection_slots: Arc::new(Semaphore::new(NODE_CONNECTIONS_MAX)),
             tasks: Mutex::new(Vec::new()),
         });
-        info!(node = %config.node, address = %local_address, segments = shared.segments.len(), "storage node serving");
+        info!(node = %config.node, address = %local_address, segments = shared.segments.len(),
+            block_segments = shared.block_segments.len(), "storage node serving");
 
         let accept_shared = shared.clone();
         let accept = tokio::spawn(async move {
@@ -277,10 +402,8 @@ impl StorageNode {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
-                for driver in background_shared.segments.values() {
-                    let actions = driver.core.lock().background();
-                    driver.run(actions);
-                }
+                background_shared.segments.values().for_each(SegmentDriver::background);
+                background_shared.block_segments.values().for_each(SegmentDriver::background);
             }
         });
         shared.tasks.lock().extend([accept.abort_handle(), background.abort_handle()]);
@@ -395,6 +518,27 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             let response = match shared.segments.get(&request.pg) {
                 Some(driver) => Message::Status(driver.core.lock().status(request.request_id)),
                 None => unknown_segment(request.request_id, request.pg),
+            };
+            reply(sender, &response);
+        }
+        Message::BlockWrite(write) => match shared.block_segments.get(&write.pg) {
+            Some(driver) => {
+                let actions = driver.core.lock().write(write, connection);
+                driver.run(actions);
+            }
+            None => reply(sender, &unknown_segment(write.request_id, write.pg)),
+        },
+        Message::Fence(fence) => match shared.block_segments.get(&fence.pg) {
+            Some(driver) => {
+                let actions = driver.core.lock().fence(fence, connection);
+                driver.run(actions);
+            }
+            None => reply(sender, &unknown_segment(fence.request_id, fence.pg)),
+        },
+        Message::BlockRead(read) => {
+            let response = match shared.block_segments.get(&read.pg) {
+                Some(driver) => driver.core.lock().read(&read),
+                None => unknown_segment(read.request_id, read.pg),
             };
             reply(sender, &response);
         }

@@ -1,0 +1,533 @@
+//! The client of a block volume: quorum writes, current reads, and the
+//! three-step seal of a dead lease epoch.
+//!
+//! - **Write**: sent to the block's six segments, durable once four
+//!   acknowledge. A segment that refuses it as fenced or stale ends the
+//!   write at once with that error: the writer has lost its lease or its
+//!   lock and must not retry.
+//! - **Read**: sent to all six, decided on the first three answers. Each
+//!   answer lists the segment's versions of the block and the epochs it has
+//!   seen sealed. From each answer the reader takes the newest version that
+//!   is not a possibly-late write of a sealed epoch (a version of a sealed
+//!   epoch counts only where the segment took it while fenced, see
+//!   [`crate::block_segment`]), and returns the newest of those by
+//!   `(fencing token, version)`. Why this is current: every write that
+//!   completed is on four segments, and every seal repaired the dead epoch's
+//!   versions onto four fenced segments; any three answers meet both.
+//!   Reads are current for a lock holder: the lock service grants a lock
+//!   covering a dead holder's blocks only after their seal, and a live
+//!   holder's writes are never skipped.
+//! - **Seal**: for every PG, (1) fence the epoch on at least four segments,
+//!   which return the blocks it wrote; (2) copy each such block's newest
+//!   version of that epoch onto every fenced segment (a repair), until four
+//!   fenced segments hold it; (3) mark the epoch sealed on four segments.
+//!   Every step is idempotent; a failed attempt is simply run again.
+
+use crate::block_segment::BlockSegmentConfig;
+use bytes::Bytes;
+use common::block_message::{
+    BlockImage, BlockRead, BlockVersionInfo, BlockWrite, FenceAck, FencePhase, FenceRequest, FencedBlock,
+};
+use common::ids::{BlockId, IdHashSet, PgId};
+use common::message::{ErrorCode, ErrorResponse, Message};
+use common::transport::{FrameSender, Transport};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Segments per PG, and how many make a write or a read quorum.
+pub const REPLICAS: usize = 6;
+pub const WRITE_QUORUM: usize = 4;
+pub const READ_QUORUM: usize = 3;
+/// How long an operation waits before resending to segments that have not answered.
+const RESEND_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where a block volume's segments are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockVolumeLayout {
+    pub blocks_per_pg: u64,
+    pub block_bytes_max: usize,
+    /// The six segment addresses of each PG, in replica order.
+    pub pgs: Vec<[String; REPLICAS]>,
+}
+
+impl BlockVolumeLayout {
+    pub fn pg_of(&self, block: BlockId) -> Result<PgId, BlockError> {
+        let pg = block.0 / self.blocks_per_pg;
+        if pg >= self.pgs.len() as u64 {
+            return Err(BlockError::OutOfRange { block, blocks: self.blocks_per_pg * self.pgs.len() as u64 });
+        }
+        Ok(PgId(pg as u32))
+    }
+
+    /// The segment each node at `address` hosts, for node configuration.
+    pub fn segments_at(&self, address: &str) -> Vec<BlockSegmentConfig> {
+        (0..self.pgs.len())
+            .filter(|pg| self.pgs[*pg].iter().any(|held| held == address))
+            .map(|pg| BlockSegmentConfig::new(PgId(pg as u32), self.blocks_per_pg, self.block_bytes_max))
+            .collect()
+    }
+}
+
+/// Why a block operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error("lease epoch {epoch} is fenced: {message}")]
+    Fenced { epoch: u64, message: String },
+    #[error("fencing token {token} is stale: {message}")]
+    StaleToken { token: u64, message: String },
+    #[error("{block} is outside the volume's {blocks} blocks")]
+    OutOfRange { block: BlockId, blocks: u64 },
+    #[error("{operation} on {pg} reached {answered} of the {needed} segments it needs within {waited:?}")]
+    NoQuorum { operation: &'static str, pg: PgId, answered: usize, needed: usize, waited: Duration },
+    #[error("a segment refused the request: {0}")]
+    Refused(String),
+}
+
+/// A block as read: its newest current version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockData {
+    /// 0: the block was never written.
+    pub version: u64,
+    pub lease_epoch: u64,
+    pub fencing_token: u64,
+    pub data: Bytes,
+}
+
+/// What a seal did, for logs and reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SealReport {
+    /// Blocks the dead epoch wrote, over every PG.
+    pub blocks: usize,
+    /// Repairs acknowledged by fenced segments.
+    pub repairs: usize,
+}
+
+/// One answer to a request, with the replica it came from.
+type Answer = (usize, Message);
+
+#[derive(Debug, Default)]
+struct Link {
+    sender: Option<FrameSender>,
+    reader: Option<AbortHandle>,
+}
+
+#[derive(Debug, Default)]
+struct SealedView {
+    /// Per replica: how many of its sealed epochs this client has.
+    cursors: [u32; REPLICAS],
+    epochs: IdHashSet<u64>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    transport: Arc<dyn Transport>,
+    links: Mutex<HashMap<String, Link>>,
+    waiters: Mutex<HashMap<u64, (usize, mpsc::UnboundedSender<Answer>)>>,
+    next_request: AtomicU64,
+    sealed: Mutex<BTreeMap<PgId, SealedView>>,
+}
+
+/// A client of one block volume. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct BlockClient {
+    layout: BlockVolumeLayout,
+    shared: Arc<Shared>,
+    /// How long one operation may take before it fails with `NoQuorum`.
+    pub timeout: Duration,
+}
+
+impl Drop for BlockClient {
+    fn drop(&mut self) {
+        for link in self.shared.links.lock().values_mut() {
+            if let Some(reader) = link.reader.take() {
+                reader.abort();
+            }
+        }
+    }
+}
+
+fn request_id_of(message: &Message) -> Option<u64> {
+    match message {
+        Message::BlockWriteAck(ack) => Some(ack.request_id),
+        Message::BlockImage(image) => Some(image.request_id),
+        Message::FenceAck(ack) => Some(ack.request_id),
+        Message::Error(error) => Some(error.request_id),
+        _ => None,
+    }
+}
+
+impl BlockClient {
+    pub fn new(layout: BlockVolumeLayout, transport: Arc<dyn Transport>) -> BlockClient {
+        BlockClient {
+            layout,
+            shared: Arc::new(Shared {
+                transport,
+                links: Mutex::default(),
+                waiters: Mutex::default(),
+                next_request: AtomicU64::new(1),
+                sealed: Mutex::default(),
+            }),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn layout(&self) -> &BlockVolumeLayout {
+        &self.layout
+    }
+
+    /// A connection to `address`, opened if there is none.
+    async fn sender(&self, address: &str) -> Option<FrameSender> {
+        if let Some(sender) = self.shared.links.lock().get(address).and_then(|link| link.sender.clone()) {
+            return Some(sender);
+        }
+        let connection = match self.shared.transport.connect(address.to_string()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                debug!(address, %error, "block segment unreachable");
+                return None;
+            }
+        };
+        let shared = self.shared.clone();
+        let link_address = address.to_string();
+        let mut receiver = connection.receiver;
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(frame)) = receiver.recv().await {
+                let Ok(message) = Message::decode(&frame) else { break };
+                let Some(request_id) = request_id_of(&message) else { continue };
+                let waiter = shared.waiters.lock().get(&request_id).cloned();
+                if let Some((replica, answers)) = waiter {
+                    let _ = answers.send((replica, message));
+                }
+            }
+            if let Some(link) = shared.links.lock().get_mut(&link_address) {
+                link.sender = None;
+            }
+        });
+        let mut links = self.shared.links.lock();
+        let link = links.entry(address.to_string()).or_default();
+        if let Some(old) = link.reader.replace(reader.abort_handle()) {
+            old.abort();
+        }
+        link.sender = Some(connection.sender.clone());
+        Some(connection.sender)
+    }
+
+    /// Sends `message(request_id)` to replica `replica` of `pg`; its answers
+    /// arrive on `answers`.
+    async fn send(
+        &self,
+        pg: PgId,
+        replica: usize,
+        answers: &mpsc::UnboundedSender<Answer>,
+        message: impl FnOnce(u64) -> Message,
+    ) -> u64 {
+        let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        self.shared.waiters.lock().insert(request_id, (replica, answers.clone()));
+        let address = &self.layout.pgs[pg.0 as usize][replica];
+        if let Some(sender) = self.sender(address).await
+            && sender.try_send(message(request_id).encode()).is_err()
+        {
+            debug!(address, "block request dropped: send queue full or closed");
+        }
+        request_id
+    }
+
+    fn forget(&self, request_ids: impl IntoIterator<Item = u64>) {
+        let mut waiters = self.shared.waiters.lock();
+        for request_id in request_ids {
+            waiters.remove(&request_id);
+        }
+    }
+
+    /// Sends `make(replica, request_id)` to each replica in `to`, resending
+    /// to those `done` has not yet accepted, until `quorum` of them are done.
+    /// `done` sees every answer and returns whether it completes that
+    /// replica's part; an `Err` from it ends the operation.
+    async fn quorum_round(
+        &self,
+        operation: &'static str,
+        pg: PgId,
+        to: &[usize],
+        quorum: usize,
+        mut make: impl FnMut(usize, u64) -> Message,
+        mut done: impl FnMut(usize, Message) -> Result<bool, BlockError>,
+    ) -> Result<Vec<usize>, BlockError> {
+        let (answers_to, mut answers) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let mut finished: Vec<usize> = Vec::new();
+        let mut sent = Vec::new();
+        let result = loop {
+            for &replica in to.iter().filter(|replica| !finished.contains(replica)) {
+                sent.push(self.send(pg, replica, &answers_to, |request_id| make(replica, request_id)).await);
+            }
+            let resend_at = Instant::now() + RESEND_INTERVAL;
+            let mut failure = None;
+            while finished.len() < quorum {
+                let Ok(Some((replica, message))) = tokio::time::timeout_at(resend_at, answers.recv()).await else {
+                    break;
+                };
+                if finished.contains(&replica) {
+                    continue;
+                }
+                match done(replica, message) {
+                    Ok(true) => finished.push(replica),
+                    Ok(false) => {}
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            if let Some(error) = failure {
+                break Err(error);
+            }
+            if finished.len() >= quorum {
+                break Ok(finished);
+            }
+            if started.elapsed() >= self.timeout {
+                let waited = started.elapsed();
+                break Err(BlockError::NoQuorum { operation, pg, answered: finished.len(), needed: quorum, waited });
+            }
+        };
+        self.forget(sent);
+        result
+    }
+
+    /// Writes one block version; returns once four segments hold it.
+    pub async fn write(
+        &self,
+        block: BlockId,
+        version: u64,
+        lease_epoch: u64,
+        fencing_token: u64,
+        data: Bytes,
+    ) -> Result<(), BlockError> {
+        let pg = self.layout.pg_of(block)?;
+        if data.len() > self.layout.block_bytes_max {
+            return Err(BlockError::Refused(format!(
+                "{} bytes exceed the volume's {}-byte blocks",
+                data.len(),
+                self.layout.block_bytes_max
+            )));
+        }
+        let write = BlockWrite { request_id: 0, pg, block, version, lease_epoch, fencing_token, repair: false, data };
+        self.write_to(pg, &write, &all_replicas(), WRITE_QUORUM).await.map(|_| ())
+    }
+
+    async fn write_to(
+        &self,
+        pg: PgId,
+        write: &BlockWrite,
+        to: &[usize],
+        quorum: usize,
+    ) -> Result<Vec<usize>, BlockError> {
+        let make = |_, request_id| Message::BlockWrite(BlockWrite { request_id, ..write.clone() });
+        let done = |_, message| match message {
+            Message::BlockWriteAck(_) => Ok(true),
+            Message::Error(error) => refusal(error, write),
+            _ => Ok(false),
+        };
+        self.quorum_round("block write", pg, to, quorum, make, done).await
+    }
+
+    /// Reads the current version of a block.
+    pub async fn read(&self, block: BlockId) -> Result<BlockData, BlockError> {
+        let pg = self.layout.pg_of(block)?;
+        let mut images: Vec<(usize, BlockImage)> = Vec::new();
+        let cursors = self.shared.sealed.lock().entry(pg).or_default().cursors;
+        let make = |replica: usize, request_id| {
+            Message::BlockRead(BlockRead { request_id, pg, block, want_token: 0, sealed_cursor: cursors[replica] })
+        };
+        let done = |replica, message| match message {
+            Message::BlockImage(image) => {
+                images.push((replica, image));
+                Ok(true)
+            }
+            _ => Ok(false),
+        };
+        self.quorum_round("block read", pg, &all_replicas(), READ_QUORUM, make, done).await?;
+        let sealed = self.learn_sealed(pg, &images);
+        let Some((replica, chosen)) = choose_current(&images, &sealed) else {
+            return Ok(BlockData { version: 0, lease_epoch: 0, fencing_token: 0, data: Bytes::new() });
+        };
+        let carried = images.iter().find_map(|(_, image)| {
+            let newest = image.history.first()?;
+            (newest.key() == chosen.key() && image.data_token == chosen.fencing_token).then(|| image.data.clone())
+        });
+        let data = match carried {
+            Some(data) => data,
+            None => self.read_version(pg, block, replica, chosen).await?,
+        };
+        Ok(BlockData {
+            version: chosen.version,
+            lease_epoch: chosen.lease_epoch,
+            fencing_token: chosen.fencing_token,
+            data,
+        })
+    }
+
+    /// Fetches the bytes of one version from one replica.
+    async fn read_version(
+        &self,
+        pg: PgId,
+        block: BlockId,
+        replica: usize,
+        version: BlockVersionInfo,
+    ) -> Result<Bytes, BlockError> {
+        let mut data = None;
+        let make = |_, request_id| {
+            Message::BlockRead(BlockRead { request_id, pg, block, want_token: version.fencing_token, sealed_cursor: 0 })
+        };
+        let done = |_, message| match message {
+            Message::BlockImage(image) => {
+                let held = image.history.iter().any(|held| held.key() == version.key());
+                if !held || image.data_token != version.fencing_token {
+                    return Err(BlockError::Refused(format!("{block} version {version:?} is gone from its replica")));
+                }
+                data = Some(image.data);
+                Ok(true)
+            }
+            _ => Ok(false),
+        };
+        self.quorum_round("block version read", pg, &[replica], 1, make, done).await?;
+        Ok(data.expect("a finished round carries the data"))
+    }
+
+    /// Merges the sealed epochs the answers carry into this client's view of `pg`.
+    fn learn_sealed(&self, pg: PgId, images: &[(usize, BlockImage)]) -> IdHashSet<u64> {
+        let mut views = self.shared.sealed.lock();
+        let view = views.entry(pg).or_default();
+        for (replica, image) in images {
+            view.epochs.extend(image.sealed.iter().copied());
+            view.cursors[*replica] = image.sealed_cursor + image.sealed.len() as u32;
+        }
+        view.epochs.clone()
+    }
+
+    /// Seals lease epoch `epoch` on every PG: afterwards no write of that
+    /// epoch is accepted by a fenced segment, and none that arrived late is
+    /// ever visible to a read.
+    pub async fn seal(&self, epoch: u64) -> Result<SealReport, BlockError> {
+        let mut report = SealReport::default();
+        for pg in (0..self.layout.pgs.len()).map(|pg| PgId(pg as u32)) {
+            let (fenced, written) = self.fence_pg(pg, epoch).await?;
+            report.blocks += written.len();
+            for (block, (newest, holder)) in written {
+                report.repairs += self.repair(pg, block, epoch, newest, holder, &fenced).await?;
+            }
+            let make = |_, request_id| {
+                let phase = FencePhase::Sealed;
+                Message::Fence(FenceRequest { request_id, pg, lease_epoch: epoch, phase, from_block: BlockId(0) })
+            };
+            let done = |_, message| match message {
+                Message::FenceAck(ack) => Ok(ack.phase == FencePhase::Sealed),
+                _ => Ok(false),
+            };
+            self.quorum_round("seal", pg, &fenced, WRITE_QUORUM, make, done).await?;
+        }
+        Ok(report)
+    }
+
+    /// Step 1: fences `epoch` on `pg` until at least four segments have it.
+    /// Returns the fenced replicas and, per block the epoch wrote, its newest
+    /// version there and a replica that holds it.
+    async fn fence_pg(
+        &self,
+        pg: PgId,
+        epoch: u64,
+    ) -> Result<(Vec<usize>, BTreeMap<BlockId, (FencedBlock, usize)>), BlockError> {
+        // Paging cursors: `make` reads them, `done` moves them.
+        let from = Mutex::new([BlockId(0); REPLICAS]);
+        let mut written: BTreeMap<BlockId, (FencedBlock, usize)> = BTreeMap::new();
+        let make = |replica: usize, request_id| {
+            let from_block = from.lock()[replica];
+            Message::Fence(FenceRequest { request_id, pg, lease_epoch: epoch, phase: FencePhase::Fence, from_block })
+        };
+        let done = |replica: usize, message| match message {
+            Message::FenceAck(FenceAck { blocks, complete, phase: FencePhase::Fence, .. }) => {
+                for fenced in &blocks {
+                    let entry = written.entry(fenced.block).or_insert((*fenced, replica));
+                    if (fenced.fencing_token, fenced.version) > (entry.0.fencing_token, entry.0.version) {
+                        *entry = (*fenced, replica);
+                    }
+                }
+                if let Some(last) = blocks.last() {
+                    from.lock()[replica] = BlockId(last.block.0 + 1);
+                }
+                Ok(complete)
+            }
+            Message::Error(error) if error.code == ErrorCode::InvalidRequest => Err(BlockError::Refused(error.message)),
+            _ => Ok(false),
+        };
+        let fenced = self.quorum_round("fence", pg, &all_replicas(), WRITE_QUORUM, make, done).await?;
+        Ok((fenced, written))
+    }
+
+    /// Step 2 for one block: copies the epoch's newest version of it onto
+    /// the fenced replicas until four hold it. Returns the repairs acknowledged.
+    async fn repair(
+        &self,
+        pg: PgId,
+        block: BlockId,
+        epoch: u64,
+        newest: FencedBlock,
+        holder: usize,
+        fenced: &[usize],
+    ) -> Result<usize, BlockError> {
+        let info = BlockVersionInfo {
+            version: newest.version,
+            lease_epoch: epoch,
+            fencing_token: newest.fencing_token,
+            fenced_here: true,
+        };
+        let data = self.read_version(pg, block, holder, info).await?;
+        let write = BlockWrite {
+            request_id: 0,
+            pg,
+            block,
+            version: newest.version,
+            lease_epoch: epoch,
+            fencing_token: newest.fencing_token,
+            repair: true,
+            data,
+        };
+        Ok(self.write_to(pg, &write, fenced, WRITE_QUORUM).await?.len())
+    }
+}
+
+fn all_replicas() -> [usize; REPLICAS] {
+    std::array::from_fn(|replica| replica)
+}
+
+fn refusal(error: ErrorResponse, write: &BlockWrite) -> Result<bool, BlockError> {
+    match error.code {
+        ErrorCode::FencedEpoch => Err(BlockError::Fenced { epoch: write.lease_epoch, message: error.message }),
+        ErrorCode::StaleFencingToken => {
+            Err(BlockError::StaleToken { token: write.fencing_token, message: error.message })
+        }
+        ErrorCode::InvalidRequest => Err(BlockError::Refused(error.message)),
+        // Busy, disk failure, unknown segment: another replica may take it.
+        _ => Ok(false),
+    }
+}
+
+/// The read rule: from each answer, the newest version that is not a
+/// possibly-late write of a sealed epoch; then the newest of those. Returns
+/// the replica that holds it and the version.
+pub fn choose_current(images: &[(usize, BlockImage)], sealed: &IdHashSet<u64>) -> Option<(usize, BlockVersionInfo)> {
+    images
+        .iter()
+        .filter_map(|(replica, image)| {
+            let trusted =
+                image.history.iter().find(|version| version.fenced_here || !sealed.contains(&version.lease_epoch));
+            trusted.map(|version| (*replica, *version))
+        })
+        .max_by_key(|(_, version)| version.key())
+}
