@@ -363,7 +363,9 @@ impl BlockClient {
         });
         let data = match carried {
             Some(data) => data,
-            None => self.read_version(pg, block, replica, chosen).await?,
+            None => self.read_version(pg, block, replica, chosen).await?.ok_or_else(|| {
+                BlockError::Refused(format!("{block} changed while it was read (a newer grant wrote it): retry"))
+            })?,
         };
         Ok(BlockData {
             version: chosen.version,
@@ -373,14 +375,15 @@ impl BlockClient {
         })
     }
 
-    /// Fetches the bytes of one version from one replica.
+    /// Fetches the bytes of one version from one replica; `None` if the
+    /// replica no longer holds that version.
     async fn read_version(
         &self,
         pg: PgId,
         block: BlockId,
         replica: usize,
         version: BlockVersionInfo,
-    ) -> Result<Bytes, BlockError> {
+    ) -> Result<Option<Bytes>, BlockError> {
         let mut data = None;
         let make = |_, request_id| {
             Message::BlockRead(BlockRead { request_id, pg, block, want_token: version.fencing_token, sealed_cursor: 0 })
@@ -388,16 +391,13 @@ impl BlockClient {
         let done = |_, message| match message {
             Message::BlockImage(image) => {
                 let held = image.history.iter().any(|held| held.key() == version.key());
-                if !held || image.data_token != version.fencing_token {
-                    return Err(BlockError::Refused(format!("{block} version {version:?} is gone from its replica")));
-                }
-                data = Some(image.data);
+                data = (held && image.data_token == version.fencing_token).then_some(image.data);
                 Ok(true)
             }
             _ => Ok(false),
         };
         self.quorum_round("block version read", pg, &[replica], 1, make, done).await?;
-        Ok(data.expect("a finished round carries the data"))
+        Ok(data)
     }
 
     /// Merges the sealed epochs the answers carry into this client's view of `pg`.
@@ -419,8 +419,8 @@ impl BlockClient {
         for pg in (0..self.layout.pgs.len()).map(|pg| PgId(pg as u32)) {
             let (fenced, written) = self.fence_pg(pg, epoch).await?;
             report.blocks += written.len();
-            for (block, (newest, holder)) in written {
-                report.repairs += self.repair(pg, block, epoch, newest, holder, &fenced).await?;
+            for (block, (newest, holders)) in written {
+                report.repairs += self.repair(pg, block, epoch, newest, &holders, &fenced).await?;
             }
             let make = |_, request_id| {
                 let phase = FencePhase::Sealed;
@@ -437,15 +437,11 @@ impl BlockClient {
 
     /// Step 1: fences `epoch` on `pg` until at least four segments have it.
     /// Returns the fenced replicas and, per block the epoch wrote, its newest
-    /// version there and a replica that holds it.
-    async fn fence_pg(
-        &self,
-        pg: PgId,
-        epoch: u64,
-    ) -> Result<(Vec<usize>, BTreeMap<BlockId, (FencedBlock, usize)>), BlockError> {
+    /// version there and the replicas that listed it.
+    async fn fence_pg(&self, pg: PgId, epoch: u64) -> Result<(Vec<usize>, WrittenBlocks), BlockError> {
         // Paging cursors: `make` reads them, `done` moves them.
         let from = Mutex::new([BlockId(0); REPLICAS]);
-        let mut written: BTreeMap<BlockId, (FencedBlock, usize)> = BTreeMap::new();
+        let mut written = WrittenBlocks::new();
         let make = |replica: usize, request_id| {
             let from_block = from.lock()[replica];
             Message::Fence(FenceRequest { request_id, pg, lease_epoch: epoch, phase: FencePhase::Fence, from_block })
@@ -453,9 +449,13 @@ impl BlockClient {
         let done = |replica: usize, message| match message {
             Message::FenceAck(FenceAck { blocks, complete, phase: FencePhase::Fence, .. }) => {
                 for fenced in &blocks {
-                    let entry = written.entry(fenced.block).or_insert((*fenced, replica));
-                    if (fenced.fencing_token, fenced.version) > (entry.0.fencing_token, entry.0.version) {
-                        *entry = (*fenced, replica);
+                    let entry = written.entry(fenced.block).or_insert((*fenced, Vec::new()));
+                    let key = |listed: &FencedBlock| (listed.fencing_token, listed.version);
+                    if key(fenced) > key(&entry.0) {
+                        *entry = (*fenced, Vec::new());
+                    }
+                    if key(fenced) == key(&entry.0) {
+                        entry.1.push(replica);
                     }
                 }
                 if let Some(last) = blocks.last() {
@@ -471,14 +471,16 @@ impl BlockClient {
     }
 
     /// Step 2 for one block: copies the epoch's newest version of it onto
-    /// the fenced replicas until four hold it. Returns the repairs acknowledged.
+    /// the fenced replicas until four hold it. Returns the repairs
+    /// acknowledged: none if no replica that listed the version still holds
+    /// it (each then holds BLOCK_HISTORY_MAX newer grants' versions).
     async fn repair(
         &self,
         pg: PgId,
         block: BlockId,
         epoch: u64,
         newest: FencedBlock,
-        holder: usize,
+        holders: &[usize],
         fenced: &[usize],
     ) -> Result<usize, BlockError> {
         let info = BlockVersionInfo {
@@ -487,7 +489,21 @@ impl BlockClient {
             fencing_token: newest.fencing_token,
             fenced_here: true,
         };
-        let data = self.read_version(pg, block, holder, info).await?;
+        let mut data = None;
+        for &holder in holders {
+            match self.read_version(pg, block, holder, info).await {
+                Ok(Some(bytes)) => {
+                    data = Some(bytes);
+                    break;
+                }
+                Ok(None) => {}
+                Err(error) => debug!(%error, holder, "repair source unavailable; trying the next"),
+            }
+        }
+        let Some(data) = data else {
+            debug!(%block, epoch, "no replica holds the version any more: superseded, nothing to repair");
+            return Ok(0);
+        };
         let write = BlockWrite {
             request_id: 0,
             pg,
@@ -501,6 +517,10 @@ impl BlockClient {
         Ok(self.write_to(pg, &write, fenced, WRITE_QUORUM).await?.len())
     }
 }
+
+/// Per block a fenced epoch wrote: its newest version there, and the
+/// replicas that listed exactly that version.
+type WrittenBlocks = BTreeMap<BlockId, (FencedBlock, Vec<usize>)>;
 
 fn all_replicas() -> [usize; REPLICAS] {
     std::array::from_fn(|replica| replica)
