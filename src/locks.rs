@@ -128,14 +128,15 @@ fn render(summary: &SimSummary) -> String {
         format!("  operations            {:>12}", summary.totals.operations),
         format!("  grants                {:>12}", summary.totals.grants),
         format!("  clerk crashes         {:>12}", summary.totals.crashes),
+        format!("  server restarts       {:>12}", summary.totals.server_restarts),
         format!("  leases lost (clerk)   {:>12}", summary.totals.leases_lost),
         format!("  dead leases recovered {:>12}", summary.totals.recoveries),
         format!("  writes accepted       {:>12}", summary.totals.writes_accepted),
         format!("  writes fenced off     {:>12}", summary.totals.writes_refused),
         "  checked after every event: no conflicting holders within valid leases, server invariants,".into(),
-        "  no fenced write accepted, no release before the fence, exact use counts, bounded waits once".into(),
-        "  faults stop (except many-clerks); at the end: every request granted, nothing queued, every".into(),
-        "  dead lease recovered.".into(),
+        "  no fenced write accepted, no release before the fence, new tokens above all earlier ones (across".into(),
+        "  server restarts), no reclaim refused, exact use counts, bounded waits once faults stop (except".into(),
+        "  many-clerks); at the end: every request granted, nothing queued, every dead lease recovered.".into(),
     ]
     .join("\n")
 }

@@ -12,7 +12,7 @@
 
 use common::transport::{BoxFuture, TcpTransport};
 use lockserver::protocol::{ClerkId, LeaseEpoch, LockName, Mode};
-use lockserver::{Clerk, ClerkConfig, Fencer, LockServer, ServerConfig, Workstation};
+use lockserver::{Clerk, ClerkConfig, Fencer, LockServer, MemoryRegistryStore, ServerConfig, Workstation};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,6 +207,64 @@ async fn a_clerk_whose_server_is_gone_drops_its_locks_when_its_lease_runs_out() 
         assert_eq!(a.lease(), None);
         let error = a.acquire(LOCK, Mode::Shared, Duration::from_millis(200)).await.expect_err("no server, no lock");
         assert!(matches!(error, lockserver::ClerkError::Timeout { .. }), "{error}");
+    })
+    .await
+    .expect("in time");
+}
+
+/// Mode 1 of a lock-server failure: a single server restarts from its
+/// saved registry. The clerk that held a lock keeps it (it reclaims it in
+/// the grace period), nothing is granted in conflict with it, and the next
+/// grant of the lock carries a larger fencing token than any before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_lets_clerks_reclaim_their_locks_and_grants_nothing_in_conflict() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let store = Arc::new(MemoryRegistryStore::default());
+        let config = ServerConfig { lease_micros: 600_000, retransmit_micros: 50_000 };
+        let start = |address: String| {
+            let (store, events) = (store.clone(), events.clone());
+            async move {
+                let transport = Arc::new(TcpTransport::with_direct_writes());
+                let fencer = Arc::new(RecordingFencer(events));
+                LockServer::start_with_registry(config, transport, address, fencer, store).await
+            }
+        };
+        let server = start("127.0.0.1:0".into()).await.expect("lock server");
+        let address = server.local_address().to_string();
+        let clerk_config =
+            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let a = clerk(&server, 1, "a", clerk_config, &events).await;
+        let b = clerk(&server, 2, "b", clerk_config, &events).await;
+        let held = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it");
+        let (epoch, token) = (held.epoch, held.token);
+        drop(held);
+
+        server.stop();
+        drop(server);
+        // The same address: the clerks' links reconnect to the new server.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let server = loop {
+            match start(address.clone()).await {
+                Ok(server) => break server,
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%error, "rebinding");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => panic!("could not restart the lock server on {address}: {error}"),
+            }
+        };
+        let taken = b.acquire(LOCK, Mode::Exclusive, Duration::from_secs(10)).await.expect("b gets it in the end");
+        assert!(taken.token > token, "a token of the new run ({:?}) is above the old ones ({token:?})", taken.token);
+        let log = events.lock().clone();
+        assert!(
+            log.iter().any(|event| *event == "a flush 42 keep None"),
+            "a kept its lock across the restart and gave it up only by a revoke: {log:?}"
+        );
+        assert!(!log.iter().any(|event| event.starts_with("fence")), "nobody's lease was lost: {log:?}");
+        assert_eq!(a.lease(), Some(epoch), "a's lease went on across the restart");
+        drop(taken);
+        server.stop();
     })
     .await
     .expect("in time");

@@ -15,12 +15,20 @@
 //! [`ClerkOutput::LeaseLost`] (the workstation drops its cache and fails
 //! calls that needed dirty data), and opens a new lease.
 //!
+//! ## A restarted server
+//! A server that restarted knows the lease but not its locks, and asks for
+//! them (`ReclaimLocks`): the clerk answers with a `Reclaim` listing every
+//! lock it holds. From then on, a grant
+//! below the restarted server's first token is a delayed one from before
+//! the restart, and is ignored.
+//!
 //! ## Stale messages
 //! Grants carry a fencing token that grows with every grant of a lock: a
 //! grant not newer than the newest one seen is a duplicate or arrived out of
 //! order, and is ignored. Revokes name the token of the hold they revoke.
 
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use crate::wire::RECLAIM_LOCKS_MAX;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Timing of a clerk.
@@ -137,6 +145,9 @@ pub struct ClerkCore {
     renewals: BTreeMap<u64, u64>,
     next_renewal: u64,
     recovering: BTreeSet<LeaseEpoch>,
+    /// After a server restart: grants below this token come from the server
+    /// that went away and are ignored.
+    token_floor: FencingToken,
 }
 
 impl ClerkCore {
@@ -153,6 +164,7 @@ impl ClerkCore {
             renewals: BTreeMap::new(),
             next_renewal: 1,
             recovering: BTreeSet::new(),
+            token_floor: FencingToken(0),
         };
         (core, vec![ClerkOutput::Send(ToServer::OpenLease { clerk, attempt: first_attempt })])
     }
@@ -347,8 +359,10 @@ impl ClerkCore {
                     out.push(ClerkOutput::Send(ToServer::Release { epoch: current, lock, token, keep: None }));
                     return out;
                 }
-                if token <= state.newest_token {
-                    return out; // a duplicate, or older than what we already know
+                if token <= state.newest_token || token < self.token_floor {
+                    // A duplicate, older than what we already know, or a
+                    // delayed grant of a server that has since restarted.
+                    return out;
                 }
                 state.newest_token = token;
                 state.held = Some((mode, token));
@@ -363,7 +377,7 @@ impl ClerkCore {
             }
             ToClerk::Revoke { lock, token, held: revoked_mode, keep, .. } => {
                 let state = self.locks.entry(lock).or_default();
-                if token > state.newest_token {
+                if token > state.newest_token && token >= self.token_floor {
                     // The grant of this hold never arrived (lost, or still on
                     // its way). The server counts it as ours, so it is.
                     state.newest_token = token;
@@ -402,6 +416,23 @@ impl ClerkCore {
                 if self.recovering.insert(dead) {
                     out.push(ClerkOutput::Recover { dead, dead_clerk });
                 }
+            }
+            ToClerk::ReclaimLocks { first_token, .. } => {
+                // The server restarted: tell it every lock held (again, if
+                // asked again: the answer may have been lost).
+                self.token_floor = self.token_floor.max(first_token);
+                let holdings: Vec<(LockName, Mode, FencingToken)> = self
+                    .locks
+                    .iter()
+                    .filter_map(|(lock, state)| state.held.map(|(mode, token)| (*lock, mode, token)))
+                    .collect();
+                if holdings.len() > RECLAIM_LOCKS_MAX {
+                    // Too many to list: give the lease up rather than keep
+                    // locks the server does not know of.
+                    self.lose_lease(now, &mut out);
+                    return out;
+                }
+                out.push(ClerkOutput::Send(ToServer::Reclaim { epoch: current, first_token, holdings }));
             }
         }
         out

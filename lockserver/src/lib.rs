@@ -12,17 +12,21 @@
 //!   locks, flush-before-release, its own view of the lease).
 //! - [`net`]: the tokio drivers, `LockServer` and `Clerk`, over the kit's
 //!   transport.
-//! - [`wire`]: the messages as frames (kinds 32–45 of the kit's framing).
+//! - [`registry`]: what a single server keeps on disk so that a restart is
+//!   safe (leases, last epoch, generation); clerks reclaim their locks.
+//! - [`wire`]: the messages as frames (kinds 32–46 of the kit's framing).
 //! - [`sim`]: a seeded simulation of a server and clerks over a lossy,
 //!   reordering network with crashes and lease expiries, checking safety and
 //!   liveness after every event.
 //!
-//! Not built yet (issue #3 continues): fencing inside the storage nodes, server restart with a reclaim grace
-//! period, the replicated (openraft) mode, and `lab bench locks`.
+//! Fencing itself happens in storage: the embedder's [`Fencer`] seals a dead
+//! epoch on the block volume (`storage_node::block_client`). Not built yet:
+//! the replicated (openraft) mode.
 
 pub mod clerk;
 pub mod net;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 pub mod sim;
 pub mod wire;
@@ -30,4 +34,5 @@ pub mod wire;
 pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
 pub use net::{Clerk, ClerkError, Fencer, LockGuard, LockServer, Workstation};
 pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, LockTable, Mode, ToClerk, ToServer};
+pub use registry::{FileRegistryStore, MemoryRegistryStore, RegistryStore, ServerRegistry};
 pub use server::{LockServerCore, ServerConfig, ServerOutput};

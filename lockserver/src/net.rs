@@ -6,6 +6,8 @@
 //! - [`LockServer`] accepts connections; a connection belongs to the clerk
 //!   whose `OpenLease` arrived on it (the newest connection wins). Fences go
 //!   to the embedder's [`Fencer`]; a timer drives leases and retransmission.
+//!   Its registry goes to a [`RegistryStore`]; started again on the same
+//!   store, it restarts with a reclaim grace period.
 //! - [`Clerk`] keeps one connection to the server (reconnecting with
 //!   backoff), drives its lease with a timer, and calls the embedder's
 //!   [`Workstation`] to flush before a release and to replay dead logs.
@@ -14,6 +16,7 @@
 
 use crate::clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use crate::registry::{MemoryRegistryStore, RegistryStore, ServerRegistry};
 use crate::server::{LockServerCore, ServerConfig, ServerOutput};
 use common::transport::{BoxFuture, Connection, FrameSender, Transport};
 use parking_lot::Mutex;
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often the server and clerks run their timers.
 const TICK_INTERVAL: Duration = Duration::from_millis(5);
@@ -78,6 +81,9 @@ struct ServerShared {
     core: Mutex<LockServerCore>,
     clerks: Mutex<HashMap<ClerkId, FrameSender>>,
     fencer: Arc<dyn Fencer>,
+    store: Arc<dyn RegistryStore>,
+    /// Serializes saves, so an older registry never overwrites a newer one.
+    saving: Mutex<()>,
     /// Every task of the server, so that `stop` ends them all.
     tasks: Mutex<Vec<AbortHandle>>,
     start: Instant,
@@ -88,9 +94,37 @@ impl ServerShared {
         micros_since(self.start)
     }
 
+    /// Saves the core's registry as it is now (which includes whatever an
+    /// earlier `Persist` asked for). A server that cannot save stops, as if
+    /// it crashed: it must not hand out a lease a restart would forget.
+    fn save_registry(&self) -> bool {
+        let _saving = self.saving.lock();
+        let registry = self.core.lock().registry();
+        match self.store.save(&registry) {
+            Ok(()) => true,
+            Err(failure) => {
+                error!(%failure, "lock server cannot save its registry; stopping");
+                self.stop();
+                false
+            }
+        }
+    }
+
+    fn stop(&self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+        self.clerks.lock().clear();
+    }
+
     fn carry_out(self: &Arc<Self>, outputs: Vec<ServerOutput>) {
         for output in outputs {
             match output {
+                ServerOutput::Persist(_) => {
+                    if !self.save_registry() {
+                        return;
+                    }
+                }
                 ServerOutput::Send { to, message } => {
                     let sender = self.clerks.lock().get(&to).cloned();
                     send_or_drop(sender, message.encode());
@@ -116,22 +150,53 @@ pub struct LockServer {
 }
 
 impl LockServer {
-    /// Listens at `address` ("127.0.0.1:0" for any port).
+    /// Listens at `address` ("127.0.0.1:0" for any port), with its registry
+    /// in memory (it cannot be restarted).
     pub async fn start(
         config: ServerConfig,
         transport: Arc<dyn Transport>,
         address: String,
         fencer: Arc<dyn Fencer>,
     ) -> io::Result<LockServer> {
+        Self::start_with_registry(config, transport, address, fencer, Arc::new(MemoryRegistryStore::default())).await
+    }
+
+    /// Listens at `address`, starting from the registry in `store`: a server
+    /// started again on the store an earlier run used restarts, with a grace
+    /// period in which clerks reclaim their locks and nothing else is granted.
+    pub async fn start_with_registry(
+        config: ServerConfig,
+        transport: Arc<dyn Transport>,
+        address: String,
+        fencer: Arc<dyn Fencer>,
+        store: Arc<dyn RegistryStore>,
+    ) -> io::Result<LockServer> {
+        let registry = store.load()?;
+        let restarting = registry != ServerRegistry::default();
+        let (core, first_outputs) = if restarting {
+            info!(leases = registry.leases.len(), generation = registry.generation + 1, "lock server restarting");
+            LockServerCore::restart(config, registry, 0)
+        } else {
+            (LockServerCore::new(config), Vec::new())
+        };
         let mut listener = transport.bind(address).await?;
         let local_address = listener.local_address().to_string();
         let shared = Arc::new(ServerShared {
-            core: Mutex::new(LockServerCore::new(config)),
+            core: Mutex::new(core),
             clerks: Mutex::new(HashMap::new()),
             fencer,
+            store,
+            saving: Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             start: Instant::now(),
         });
+        // The new generation is saved before anything is granted.
+        if !shared.save_registry() {
+            return Err(io::Error::other("the lock server could not save its registry"));
+        }
+        shared.carry_out(
+            first_outputs.into_iter().filter(|output| !matches!(output, ServerOutput::Persist(_))).collect(),
+        );
         let accept_shared = shared.clone();
         let accept = tokio::spawn(async move {
             while let Ok(connection) = listener.accept().await {
@@ -161,12 +226,9 @@ impl LockServer {
     }
 
     /// Stops the server as a crash would: every connection closes, and
-    /// all lock and lease state is gone with it.
+    /// all lock and lease state is gone with it, except the saved registry.
     pub fn stop(&self) {
-        for task in self.shared.tasks.lock().drain(..) {
-            task.abort();
-        }
-        self.shared.clerks.lock().clear();
+        self.shared.stop();
     }
 }
 

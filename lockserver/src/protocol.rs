@@ -123,6 +123,12 @@ pub enum ToServer {
     Release { epoch: LeaseEpoch, lock: LockName, token: FencingToken, keep: Option<Mode> },
     /// The dead clerk's log is replayed.
     RecoveryDone { epoch: LeaseEpoch, dead: LeaseEpoch },
+    /// After a server restart: every lock the lease holds, with its mode
+    /// and token, answering the `ReclaimLocks` of the server run whose first
+    /// token is `first_token` (another run ignores it: it may be stale). The
+    /// first to arrive is taken; it may list a lock released since, which
+    /// the clerk releases again when the server revokes it.
+    Reclaim { epoch: LeaseEpoch, first_token: FencingToken, holdings: Vec<(LockName, Mode, FencingToken)> },
 }
 
 /// Server to clerk.
@@ -144,6 +150,12 @@ pub enum ToClerk {
     /// Replay the log of the dead lease `dead` (of clerk `dead_clerk`): its
     /// epoch is fenced in storage, and the recovery lock is yours.
     Recover { epoch: LeaseEpoch, dead: LeaseEpoch, dead_clerk: ClerkId },
+    /// The server restarted and knows the lease but not its locks: send
+    /// them all in a `Reclaim`. Every grant of the
+    /// restarted server carries a token at or above `first_token`: a grant
+    /// below it that arrives afterwards is a delayed one from the server
+    /// that went away, and is ignored.
+    ReclaimLocks { epoch: LeaseEpoch, first_token: FencingToken },
 }
 
 impl ToClerk {
@@ -155,7 +167,8 @@ impl ToClerk {
             | ToClerk::LeaseLost { epoch }
             | ToClerk::Grant { epoch, .. }
             | ToClerk::Revoke { epoch, .. }
-            | ToClerk::Recover { epoch, .. } => *epoch,
+            | ToClerk::Recover { epoch, .. }
+            | ToClerk::ReclaimLocks { epoch, .. } => *epoch,
         }
     }
 }

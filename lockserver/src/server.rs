@@ -27,11 +27,24 @@
 //!
 //! A session that held no locks needs no recovery: it ends once fenced.
 //!
+//! ## Restart (a single server, F97 §6's first design, NFSv4's grace period)
+//! The server keeps its [`ServerRegistry`] durable ([`ServerOutput::Persist`]
+//! before the lease grant that needs it): the leases that may hold locks or
+//! need recovery, the last epoch, and a generation. [`LockServerCore::restart`]
+//! brings every registered lease back as live for one lease period, during
+//! which its clerk reclaims the locks it holds (`ReclaimLocks`, `Reclaim`,
+//! `ReclaimDone`). Nothing is granted while any registered lease's locks are
+//! unknown: until each has reclaimed, or lapsed and been fenced and
+//! recovered. Tokens of generation `g` start at `g << 40`, above every token
+//! of earlier generations, so storage never sees a token go backwards.
+//!
 //! ## Invariants ([`LockServerCore::check_invariants`])
 //! Holders of a lock are pairwise compatible; every holder belongs to a known
-//! session that lists the lock; fencing tokens of a lock only grow.
+//! session that lists the lock; fencing tokens of a lock only grow; nothing
+//! is granted while some lease's locks are unknown.
 
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use crate::registry::{RegisteredLease, ServerRegistry, TOKEN_GENERATION_SHIFT};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Timing of a lock server.
@@ -61,6 +74,8 @@ pub enum ServerOutput {
     Fence {
         epoch: LeaseEpoch,
     },
+    /// Save the registry durably before carrying out any later output.
+    Persist(ServerRegistry),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +99,9 @@ struct Session {
     expires_at: u64,
     held: BTreeSet<LockName>,
     waiting: BTreeSet<LockName>,
+    /// Brought back by a restart, and its clerk has not yet listed the
+    /// locks it holds.
+    reclaiming: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -131,9 +149,18 @@ pub struct LockServerCore {
     /// Locks with a revoke outstanding, so that the timer repeats revokes
     /// without visiting every lock (entries go once nothing is revoked).
     revoking: BTreeSet<LockName>,
+    generation: u64,
+    /// Sessions restored by a restart whose locks are not all known yet
+    /// (still reclaiming, or lapsed and not yet recovered). Nothing is
+    /// granted while there are any.
+    unknown_holdings: usize,
+    /// Reclaims refused because they conflicted with a known holder.
+    pub refused_reclaims: u64,
 }
 
 impl LockServerCore {
+    /// A server with nothing to recover (generation 0). Its registry is
+    /// still reported for saving, so it can be restarted later.
     pub fn new(config: ServerConfig) -> Self {
         LockServerCore {
             config,
@@ -143,6 +170,89 @@ impl LockServerCore {
             last_epoch: 0,
             locks: BTreeMap::new(),
             revoking: BTreeSet::new(),
+            generation: 0,
+            unknown_holdings: 0,
+            refused_reclaims: 0,
+        }
+    }
+
+    /// A server starting from the registry its previous run saved, at
+    /// `now`: the next generation, every registered lease live for one
+    /// lease period of reclaiming. The first output saves the new generation.
+    pub fn restart(config: ServerConfig, registry: ServerRegistry, now: u64) -> (Self, Vec<ServerOutput>) {
+        let mut core = LockServerCore::new(config);
+        core.generation = registry.generation + 1;
+        core.last_epoch = registry.last_epoch;
+        for lease in registry.leases {
+            core.sessions.insert(
+                lease.epoch,
+                Session {
+                    clerk: lease.clerk,
+                    attempt: lease.attempt,
+                    phase: Phase::Live,
+                    expires_at: now + config.lease_micros,
+                    held: BTreeSet::new(),
+                    waiting: BTreeSet::new(),
+                    reclaiming: true,
+                },
+            );
+            core.unknown_holdings += 1;
+            let highest = core.highest_attempt.entry(lease.clerk).or_default();
+            *highest = (*highest).max(lease.attempt);
+            let newest = core.live_by_clerk.entry(lease.clerk).or_insert(lease.epoch);
+            *newest = (*newest).max(lease.epoch);
+        }
+        let out = vec![ServerOutput::Persist(core.registry())];
+        (core, out)
+    }
+
+    /// What must be durable: every session's lease, the last epoch, the generation.
+    pub fn registry(&self) -> ServerRegistry {
+        ServerRegistry {
+            generation: self.generation,
+            last_epoch: self.last_epoch,
+            leases: self
+                .sessions
+                .iter()
+                .map(|(epoch, session)| RegisteredLease {
+                    epoch: *epoch,
+                    clerk: session.clerk,
+                    attempt: session.attempt,
+                })
+                .collect(),
+        }
+    }
+
+    /// The lowest fencing token this generation grants.
+    fn first_token(&self) -> u64 {
+        self.generation << TOKEN_GENERATION_SHIFT
+    }
+
+    /// Whether grants wait for restored sessions' locks to become known.
+    pub fn reclaiming(&self) -> bool {
+        self.unknown_holdings > 0
+    }
+
+    /// Asks a restored session that has not reported all its locks for them.
+    fn prompt_reclaim(&self, epoch: LeaseEpoch, out: &mut Vec<ServerOutput>) {
+        if let Some(session) = self.sessions.get(&epoch)
+            && session.phase == Phase::Live
+            && session.reclaiming
+        {
+            let message = ToClerk::ReclaimLocks { epoch, first_token: FencingToken(self.first_token()) };
+            out.push(ServerOutput::Send { to: session.clerk, message });
+        }
+    }
+
+    /// One fewer session with unknown locks; at zero, grants resume.
+    fn holdings_known(&mut self, now: u64, out: &mut Vec<ServerOutput>) {
+        self.unknown_holdings -= 1;
+        if self.unknown_holdings == 0 {
+            let waiting: Vec<LockName> =
+                self.locks.iter().filter(|(_, state)| !state.queue.is_empty()).map(|(lock, _)| *lock).collect();
+            for lock in waiting {
+                self.serve(lock, now, out);
+            }
         }
     }
 
@@ -170,9 +280,11 @@ impl LockServerCore {
                     ToClerk::LeaseLost { epoch }
                 };
                 out.push(ServerOutput::Send { to: from, message });
+                self.prompt_reclaim(epoch, &mut out);
             }
             ToServer::Request { epoch, lock, mode } => {
                 if self.live_session(from, epoch) {
+                    self.prompt_reclaim(epoch, &mut out);
                     self.request(epoch, lock, mode, now, &mut out);
                 } else {
                     out.push(ServerOutput::Send { to: from, message: ToClerk::LeaseLost { epoch } });
@@ -192,8 +304,50 @@ impl LockServerCore {
                     self.recovery_done(epoch, dead, now, &mut out);
                 }
             }
+            ToServer::Reclaim { epoch, first_token, holdings } => {
+                // A list for another run of the server may be stale.
+                if self.live_session(from, epoch) && first_token.0 == self.first_token() {
+                    self.reclaim(epoch, holdings, now, &mut out);
+                }
+            }
         }
         out
+    }
+
+    /// A restored session lists every lock it holds: they become its
+    /// holdings, and its locks are known. A list that conflicts with a
+    /// holder already known (an honest clerk never sends one) is not taken:
+    /// the session is ended instead, and so fenced and recovered, which
+    /// is safe whatever it held.
+    fn reclaim(
+        &mut self,
+        epoch: LeaseEpoch,
+        holdings: Vec<(LockName, Mode, FencingToken)>,
+        now: u64,
+        out: &mut Vec<ServerOutput>,
+    ) {
+        if !self.sessions[&epoch].reclaiming {
+            return; // taken already: this is a repeat, or an older list arriving late
+        }
+        let conflict = holdings.iter().any(|(lock, mode, _)| {
+            self.locks.get(lock).is_some_and(|state| {
+                state.holders.iter().any(|holder| holder.epoch != epoch && !holder.mode.compatible(*mode))
+            })
+        });
+        if conflict {
+            self.refused_reclaims += 1;
+            self.expire(epoch, now, out);
+            return;
+        }
+        let session = self.sessions.get_mut(&epoch).expect("live");
+        session.reclaiming = false;
+        for (lock, mode, token) in holdings {
+            let state = self.locks.entry(lock).or_default();
+            state.holders.push(Holder { epoch, mode, token, revoked: None });
+            state.last_token = state.last_token.max(token.0);
+            session.held.insert(lock);
+        }
+        self.holdings_known(now, out);
     }
 
     fn open_lease(&mut self, clerk: ClerkId, attempt: u64, now: u64, out: &mut Vec<ServerOutput>) {
@@ -209,6 +363,7 @@ impl LockServerCore {
                 session.expires_at = now + self.config.lease_micros;
                 let message = ToClerk::LeaseGranted { attempt, epoch, duration_micros: self.config.lease_micros };
                 out.push(ServerOutput::Send { to: clerk, message });
+                self.prompt_reclaim(epoch, out);
                 return;
             }
             // The clerk restarted and lost its cache: its old lease ends now.
@@ -225,9 +380,12 @@ impl LockServerCore {
                 expires_at: now + self.config.lease_micros,
                 held: BTreeSet::new(),
                 waiting: BTreeSet::new(),
+                reclaiming: false,
             },
         );
         self.live_by_clerk.insert(clerk, epoch);
+        // The lease must survive a restart before the clerk may use it.
+        out.push(ServerOutput::Persist(self.registry()));
         let message = ToClerk::LeaseGranted { attempt, epoch, duration_micros: self.config.lease_micros };
         out.push(ServerOutput::Send { to: clerk, message });
         self.assign_recoveries(now, out);
@@ -288,6 +446,10 @@ impl LockServerCore {
     /// Grants from the head of `lock`'s queue while it is compatible; else
     /// revokes what conflicts with the head.
     fn serve(&mut self, lock: LockName, now: u64, out: &mut Vec<ServerOutput>) {
+        if self.reclaiming() {
+            return; // some restored lease may hold this lock: wait to know
+        }
+        let first_token = self.first_token();
         loop {
             let state = self.locks.get_mut(&lock).expect("served locks exist");
             let Some(head) = state.queue.front().copied() else { break };
@@ -306,11 +468,27 @@ impl LockServerCore {
                 // Its release comes first.
                 break;
             }
+            if let Some(holder) = state
+                .holders
+                .iter()
+                .find(|holder| holder.epoch == head.epoch && holder.revoked.is_none() && holder.mode.covers(head.mode))
+            {
+                // Asked while nothing could be granted (a restart's grace
+                // period), and held since in a mode that covers it: the hold
+                // stays as it is (granting the weaker mode would downgrade
+                // it behind the clerk's back).
+                let message = ToClerk::Grant { epoch: head.epoch, lock, mode: holder.mode, token: holder.token };
+                state.queue.pop_front();
+                let session = self.sessions.get_mut(&head.epoch).expect("live");
+                session.waiting.remove(&lock);
+                out.push(ServerOutput::Send { to: session.clerk, message });
+                continue;
+            }
             let conflicting =
                 state.holders.iter().any(|holder| holder.epoch != head.epoch && !holder.mode.compatible(head.mode));
             if !conflicting {
                 state.queue.pop_front();
-                state.last_token += 1;
+                state.last_token = state.last_token.max(first_token) + 1;
                 let token = FencingToken(state.last_token);
                 match state.holders.iter_mut().find(|holder| holder.epoch == head.epoch) {
                     Some(holder) => {
@@ -393,9 +571,10 @@ impl LockServerCore {
         if session.phase != Phase::Expired {
             return out;
         }
-        if session.held.is_empty() {
+        if session.held.is_empty() && !session.reclaiming {
             // Nothing held: nothing unflushed to replay.
             self.sessions.remove(&epoch);
+            out.push(ServerOutput::Persist(self.registry()));
         } else {
             session.phase = Phase::Fenced { recoverer: None };
             self.assign_recoveries(now, &mut out);
@@ -439,6 +618,10 @@ impl LockServerCore {
             return;
         }
         let session = self.sessions.remove(&dead).expect("checked");
+        out.push(ServerOutput::Persist(self.registry()));
+        if session.reclaiming {
+            self.holdings_known(now, out);
+        }
         for lock in session.held {
             if let Some(state) = self.locks.get_mut(&lock) {
                 state.holders.retain(|holder| holder.epoch != dead);
@@ -570,7 +753,14 @@ mod tests {
     fn open(server: &mut LockServerCore, clerk: u64, now: u64) -> LeaseEpoch {
         let out = server.handle(ClerkId(clerk), ToServer::OpenLease { clerk: ClerkId(clerk), attempt: 1 }, now);
         match &out[..] {
-            [ServerOutput::Send { message: ToClerk::LeaseGranted { epoch, .. }, .. }, ..] => *epoch,
+            [
+                ServerOutput::Persist(registry),
+                ServerOutput::Send { message: ToClerk::LeaseGranted { epoch, .. }, .. },
+                ..,
+            ] => {
+                assert!(registry.leases.iter().any(|lease| lease.epoch == *epoch), "saved before it is granted");
+                *epoch
+            }
             other => panic!("{other:?}"),
         }
     }

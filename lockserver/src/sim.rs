@@ -6,6 +6,8 @@
 //! more than a lease; clerks crash and restart; workstations run
 //! operations that take locks, write to a fencing storage model while they
 //! hold an exclusive lock, flush on revoke, and replay dead clerks' logs.
+//! The server crashes too, losing everything but its saved registry, and
+//! restarts: clerks reclaim their locks during its grace period.
 //! After `faults_until` the network is clean and nobody crashes; operations
 //! stop at `operations_until`, and the run ends at `end`.
 //!
@@ -13,7 +15,10 @@
 //! - no two clerks with valid leases hold conflicting modes of one lock;
 //! - the server's own invariants ([`LockServerCore::check_invariants`]);
 //! - storage never accepts a write from a fenced epoch, and a dead lease's
-//!   locks are never released before its fence is durable.
+//!   locks are never released before its fence is durable;
+//! - a fencing token granted for the first time is above every token of
+//!   that lock granted before, by any run of the server;
+//! - no reclaim after a server restart is refused as conflicting.
 //!
 //! Checked at the end (liveness): every operation that asked for a lock
 //! got it, no request is queued at the server, and every dead lease was
@@ -21,6 +26,7 @@
 
 use crate::clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
+use crate::registry::ServerRegistry;
 use crate::server::{LockServerCore, ServerConfig, ServerOutput};
 use common::rng::SimRng;
 use std::cmp::Reverse;
@@ -42,6 +48,9 @@ pub struct SimConfig {
     pub long_delay_max: u64,
     /// Probability per operation start that a random clerk crashes.
     pub crash_probability: f64,
+    /// Probability per operation start that the lock server crashes (it
+    /// restarts after up to half a lease).
+    pub server_crash_probability: f64,
     pub faults_until: u64,
     pub operations_until: u64,
     pub end: u64,
@@ -65,6 +74,7 @@ impl Default for SimConfig {
             long_delay_probability: 0.01,
             long_delay_max: 300_000,
             crash_probability: 0.004,
+            server_crash_probability: 0.002,
             faults_until: 1_000_000,
             operations_until: 2_400_000,
             end: 3_200_000,
@@ -84,6 +94,7 @@ impl SimConfig {
             duplicate_probability: 0.1,
             long_delay_probability: 0.05,
             crash_probability: 0.01,
+            server_crash_probability: 0.004,
             ..SimConfig::default()
         }
     }
@@ -103,6 +114,7 @@ pub struct SimReport {
     pub operations: u64,
     pub grants: u64,
     pub crashes: u64,
+    pub server_restarts: u64,
     pub leases_lost: u64,
     pub recoveries: u64,
     pub writes_accepted: u64,
@@ -120,6 +132,7 @@ impl SimReport {
         self.operations += other.operations;
         self.grants += other.grants;
         self.crashes += other.crashes;
+        self.server_restarts += other.server_restarts;
         self.leases_lost += other.leases_lost;
         self.recoveries += other.recoveries;
         self.writes_accepted += other.writes_accepted;
@@ -133,7 +146,11 @@ enum Event {
     ClerkTick(ClerkId),
     ToServer(ClerkId, ToServer),
     ToClerk(ClerkId, ToClerk),
-    FenceDurable(LeaseEpoch),
+    /// The fence the server run `incarnation` asked for is durable.
+    FenceDurable {
+        epoch: LeaseEpoch,
+        incarnation: u64,
+    },
     OperationStart(ClerkId),
     OperationEnd {
         clerk: ClerkId,
@@ -158,6 +175,8 @@ enum Event {
     },
     Crash(ClerkId),
     Restart(ClerkId),
+    ServerCrash,
+    ServerRestart,
 }
 
 /// An event due at `time`; `sequence` orders events due at the same time.
@@ -223,6 +242,13 @@ struct Sim {
     sequence: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     server: LockServerCore,
+    /// False while the server is down; `server_incarnation` counts its runs.
+    server_up: bool,
+    server_incarnation: u64,
+    /// What the server last saved: all a restart starts from.
+    saved_registry: ServerRegistry,
+    /// Per lock, every fencing token granted so far, by any run.
+    tokens_granted: BTreeMap<LockName, BTreeSet<FencingToken>>,
     workstations: BTreeMap<ClerkId, Workstation>,
     storage: Storage,
     /// Dead leases whose locks the server released (after recovery).
@@ -252,6 +278,10 @@ fn run_with_log(seed: u64, config: &SimConfig, mut log: Option<&mut Vec<String>>
         sequence: 0,
         queue: BinaryHeap::new(),
         server: LockServerCore::new(config.server),
+        server_up: true,
+        server_incarnation: 1,
+        saved_registry: ServerRegistry::default(),
+        tokens_granted: BTreeMap::new(),
         workstations: BTreeMap::new(),
         storage: Storage::default(),
         released_dead: BTreeSet::new(),
@@ -339,9 +369,26 @@ impl Sim {
     fn process(&mut self, event: Event) -> Result<(), String> {
         match event {
             Event::ServerTick => {
-                let out = self.server.tick(self.now);
-                self.server_outputs(out)?;
+                if self.server_up {
+                    let out = self.server.tick(self.now);
+                    self.server_outputs(out)?;
+                }
                 self.schedule(10_000, Event::ServerTick);
+            }
+            Event::ServerCrash => {
+                if self.server_up {
+                    self.server_up = false;
+                    self.server_incarnation += 1;
+                    self.report.server_restarts += 1;
+                    let downtime = self.rng.below(self.config.server.lease_micros / 2) + 1;
+                    self.schedule(downtime, Event::ServerRestart);
+                }
+            }
+            Event::ServerRestart => {
+                let (server, out) = LockServerCore::restart(self.config.server, self.saved_registry.clone(), self.now);
+                self.server = server;
+                self.server_up = true;
+                self.server_outputs(out)?;
             }
             Event::ClerkTick(clerk) => {
                 if let Some(out) = self.with_core(clerk, |core, now| core.tick(now)) {
@@ -349,6 +396,7 @@ impl Sim {
                 }
                 self.schedule(10_000, Event::ClerkTick(clerk));
             }
+            Event::ToServer(_, _) if !self.server_up => {}
             Event::ToServer(from, message) => {
                 let recovery = match &message {
                     ToServer::RecoveryDone { dead, .. } => Some(*dead),
@@ -372,10 +420,13 @@ impl Sim {
                     self.clerk_outputs(to, out);
                 }
             }
-            Event::FenceDurable(epoch) => {
+            Event::FenceDurable { epoch, incarnation } => {
+                // Storage is fenced whatever became of the server that asked.
                 self.storage.fenced.insert(epoch);
-                let out = self.server.fence_durable(epoch, self.now);
-                self.server_outputs(out)?;
+                if self.server_up && incarnation == self.server_incarnation {
+                    let out = self.server.fence_durable(epoch, self.now);
+                    self.server_outputs(out)?;
+                }
             }
             Event::OperationStart(clerk) => {
                 if self.now < self.config.operations_until {
@@ -386,6 +437,9 @@ impl Sim {
                 if self.faulty() && self.rng.chance(self.config.crash_probability) {
                     let victim = ClerkId(self.rng.below(self.config.clerks));
                     self.schedule(0, Event::Crash(victim));
+                }
+                if self.faulty() && self.rng.chance(self.config.server_crash_probability) {
+                    self.schedule(0, Event::ServerCrash);
                 }
             }
             Event::OperationEnd { clerk, incarnation, operation } => {
@@ -538,13 +592,31 @@ impl Sim {
     fn server_outputs(&mut self, out: Vec<ServerOutput>) -> Result<(), String> {
         for output in out {
             match output {
-                ServerOutput::Send { to, message } => self.transmit(Event::ToClerk(to, message)),
+                ServerOutput::Send { to, message } => {
+                    if let ToClerk::Grant { lock, token, .. } = message {
+                        let granted = self.tokens_granted.entry(lock).or_default();
+                        if !granted.contains(&token) && granted.last().is_some_and(|newest| *newest > token) {
+                            return Err(format!(
+                                "{lock}: new token {token:?} below {:?}, granted before",
+                                granted.last()
+                            ));
+                        }
+                        granted.insert(token);
+                    }
+                    self.transmit(Event::ToClerk(to, message));
+                }
                 ServerOutput::Fence { epoch } => {
                     // Written to a storage quorum: not lost, but it takes time.
                     let delay = self.rng.below(self.config.delay_max) + 1;
-                    self.schedule(delay, Event::FenceDurable(epoch));
+                    let incarnation = self.server_incarnation;
+                    self.schedule(delay, Event::FenceDurable { epoch, incarnation });
                 }
+                // Saved at once: the driver saves before anything after it.
+                ServerOutput::Persist(registry) => self.saved_registry = registry,
             }
+        }
+        if self.server.refused_reclaims > 0 {
+            return Err(format!("at {} µs the server refused a reclaim: honest clerks never conflict", self.now));
         }
         self.server.check_invariants()
     }

@@ -1,6 +1,6 @@
 //! The lock protocol on the wire: one message per [`common::frame`], in the
 //! kit's frame format (magic, version, kind, length, CRC32C), with kinds
-//! 32–45 so lock traffic can never be mistaken for storage traffic.
+//! 32–46 so lock traffic can never be mistaken for storage traffic.
 //! `docs/wire-format.md` draws every message byte by byte.
 //!
 //! All integers are little-endian. A mode is one byte (1 shared, 2
@@ -12,6 +12,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use common::codec::{CodecError, Reader, WriteLe};
 use common::frame::{Frame, encode_frame};
 
+/// Most locks one `Reclaim` lists (21 bytes each: well inside a frame). A
+/// clerk holding more gives its lease up instead of reclaiming.
+pub const RECLAIM_LOCKS_MAX: usize = 100_000;
+
 /// Frame kinds of lock messages.
 mod kind {
     pub const OPEN_LEASE: u8 = 32;
@@ -19,12 +23,14 @@ mod kind {
     pub const REQUEST: u8 = 34;
     pub const RELEASE: u8 = 35;
     pub const RECOVERY_DONE: u8 = 36;
+    pub const RECLAIM: u8 = 37;
     pub const LEASE_GRANTED: u8 = 40;
     pub const LEASE_RENEWED: u8 = 41;
     pub const LEASE_LOST: u8 = 42;
     pub const GRANT: u8 = 43;
     pub const REVOKE: u8 = 44;
     pub const RECOVER: u8 = 45;
+    pub const RECLAIM_LOCKS: u8 = 46;
 }
 
 /// Why a frame is not a lock message.
@@ -105,6 +111,18 @@ impl ToServer {
                 payload.put_le_u64(dead.0);
                 kind::RECOVERY_DONE
             }
+            ToServer::Reclaim { epoch, first_token, holdings } => {
+                assert!(holdings.len() <= RECLAIM_LOCKS_MAX, "a reclaim lists at most RECLAIM_LOCKS_MAX locks");
+                payload.put_le_u64(epoch.0);
+                payload.put_le_u64(first_token.0);
+                payload.put_le_u32(holdings.len() as u32);
+                for (lock, mode, token) in holdings {
+                    put_lock(&mut payload, *lock);
+                    payload.put_u8(mode_byte(*mode));
+                    payload.put_le_u64(token.0);
+                }
+                kind::RECLAIM
+            }
         };
         encode_frame(kind, &payload)
     }
@@ -127,6 +145,20 @@ impl ToServer {
             },
             kind::RECOVERY_DONE => {
                 ToServer::RecoveryDone { epoch: LeaseEpoch(reader.u64()?), dead: LeaseEpoch(reader.u64()?) }
+            }
+            kind::RECLAIM => {
+                let epoch = LeaseEpoch(reader.u64()?);
+                let first_token = FencingToken(reader.u64()?);
+                let count = reader.u32()? as usize;
+                if count > RECLAIM_LOCKS_MAX {
+                    let detail = format!("{count} locks, more than RECLAIM_LOCKS_MAX ({RECLAIM_LOCKS_MAX})");
+                    return Err(CodecError::Invalid { field: "reclaim", detail }.into());
+                }
+                let mut holdings = Vec::with_capacity(count);
+                for _ in 0..count {
+                    holdings.push((read_lock(&mut reader)?, read_mode(&mut reader)?, FencingToken(reader.u64()?)));
+                }
+                ToServer::Reclaim { epoch, first_token, holdings }
             }
             other => return Err(WireError::UnknownKind(other)),
         };
@@ -176,6 +208,11 @@ impl ToClerk {
                 payload.put_le_u64(dead_clerk.0);
                 kind::RECOVER
             }
+            ToClerk::ReclaimLocks { epoch, first_token } => {
+                payload.put_le_u64(epoch.0);
+                payload.put_le_u64(first_token.0);
+                kind::RECLAIM_LOCKS
+            }
         };
         encode_frame(kind, &payload)
     }
@@ -208,6 +245,9 @@ impl ToClerk {
                 dead: LeaseEpoch(reader.u64()?),
                 dead_clerk: ClerkId(reader.u64()?),
             },
+            kind::RECLAIM_LOCKS => {
+                ToClerk::ReclaimLocks { epoch: LeaseEpoch(reader.u64()?), first_token: FencingToken(reader.u64()?) }
+            }
             other => return Err(WireError::UnknownKind(other)),
         };
         reader.finish()?;
@@ -257,6 +297,16 @@ mod tests {
             }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(epoch, dead)| ToServer::RecoveryDone { epoch: LeaseEpoch(epoch), dead: LeaseEpoch(dead) }),
+            (any::<u64>(), any::<u64>(), proptest::collection::vec((lock(), mode(), any::<u64>()), 0..4)).prop_map(
+                |(epoch, first, holdings)| ToServer::Reclaim {
+                    epoch: LeaseEpoch(epoch),
+                    first_token: FencingToken(first),
+                    holdings: holdings
+                        .into_iter()
+                        .map(|(lock, mode, token)| (lock, mode, FencingToken(token)))
+                        .collect()
+                }
+            ),
         ]
     }
 
@@ -281,6 +331,10 @@ mod tests {
                 epoch: LeaseEpoch(epoch),
                 dead: LeaseEpoch(dead),
                 dead_clerk: ClerkId(clerk)
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(epoch, first)| ToClerk::ReclaimLocks {
+                epoch: LeaseEpoch(epoch),
+                first_token: FencingToken(first)
             }),
         ]
     }
@@ -321,6 +375,11 @@ mod tests {
             (ToServer::Request { epoch, lock, mode: Mode::Shared }.encode(), 21),
             (ToServer::Release { epoch, lock, token, keep: None }.encode(), 29),
             (ToServer::RecoveryDone { epoch, dead: epoch }.encode(), 16),
+            (
+                ToServer::Reclaim { epoch, first_token: token, holdings: vec![(lock, Mode::Shared, token); 2] }
+                    .encode(),
+                20 + 2 * 21,
+            ),
         ];
         let to_clerk = [
             (ToClerk::LeaseGranted { attempt: 1, epoch, duration_micros: 1 }.encode(), 24),
@@ -329,6 +388,7 @@ mod tests {
             (ToClerk::Grant { epoch, lock, mode: Mode::Shared, token }.encode(), 29),
             (ToClerk::Revoke { epoch, lock, token, held: Mode::Exclusive, keep: None }.encode(), 30),
             (ToClerk::Recover { epoch, dead: epoch, dead_clerk: ClerkId(2) }.encode(), 24),
+            (ToClerk::ReclaimLocks { epoch, first_token: token }.encode(), 16),
         ];
         for (frame, payload_bytes) in to_server.into_iter().chain(to_clerk) {
             assert_eq!(frame.len() - common::frame::FRAME_HEADER_BYTES, payload_bytes, "kind {}", frame[3]);
