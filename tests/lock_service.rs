@@ -12,7 +12,10 @@
 
 use common::transport::{BoxFuture, TcpTransport};
 use lockserver::protocol::{ClerkId, LeaseEpoch, LockName, Mode};
-use lockserver::{Clerk, ClerkConfig, Fencer, LockServer, MemoryRegistryStore, ServerConfig, Workstation};
+use lockserver::{
+    BoundReplica, Clerk, ClerkConfig, Fencer, LockServer, MemoryRegistryStore, ReplicatedLockServer, ServerConfig,
+    Workstation,
+};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,6 +268,84 @@ async fn a_restarted_server_lets_clerks_reclaim_their_locks_and_grants_nothing_i
         assert_eq!(a.lease(), Some(epoch), "a's lease went on across the restart");
         drop(taken);
         server.stop();
+    })
+    .await
+    .expect("in time");
+}
+
+/// Mode 2: three replicas under openraft. The clerks talk to all three.
+/// The leader is killed while a clerk holds a lock: a new leader takes
+/// over with the whole lock state, the holder keeps its lock and lease,
+/// and the lock moves to another clerk only through a revoke and a flush,
+/// with a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_service_fails_over_without_losing_a_held_lock() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let events: Events = Arc::default();
+        let transport: Arc<dyn common::transport::Transport> = Arc::new(TcpTransport::with_direct_writes());
+        let mut bound = Vec::new();
+        for id in 1..=3u64 {
+            let replica = BoundReplica::bind(id, transport.clone(), "127.0.0.1:0".into(), "127.0.0.1:0".into())
+                .await
+                .expect("bind a replica");
+            bound.push(replica);
+        }
+        let members: std::collections::BTreeMap<u64, String> =
+            bound.iter().enumerate().map(|(index, replica)| (index as u64 + 1, replica.raft_address())).collect();
+        let config = ServerConfig { lease_micros: 2_000_000, retransmit_micros: 50_000 };
+        let mut replicas = Vec::new();
+        for replica in bound {
+            let fencer = Arc::new(RecordingFencer(events.clone()));
+            replicas.push(ReplicatedLockServer::start(replica, config, members.clone(), fencer).await.expect("start"));
+        }
+        let addresses: Vec<String> = replicas.iter().map(|replica| replica.clerk_address().to_string()).collect();
+        let clerk_config =
+            ClerkConfig { lease_margin_micros: 200_000, renew_every_micros: 200_000, retransmit_micros: 100_000 };
+        let connect = |id: u64, name: &'static str| {
+            let (transport, addresses, events) = (transport.clone(), addresses.clone(), events.clone());
+            async move {
+                let workstation = Arc::new(RecordingWorkstation { name, events });
+                Clerk::connect_replicated(
+                    ClerkId(id),
+                    clerk_config,
+                    transport,
+                    addresses,
+                    workstation,
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("a lease from the replicated service")
+            }
+        };
+        let a = connect(1, "a").await;
+        let b = connect(2, "b").await;
+        let held = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(10)).await.expect("a holds it");
+        let (epoch, token) = (held.epoch, held.token);
+        drop(held);
+
+        let leader = replicas.iter().position(ReplicatedLockServer::is_leader).expect("a leader");
+        let old_leader = replicas[leader].id();
+        replicas[leader].stop().await;
+        let survivors: Vec<&ReplicatedLockServer> =
+            replicas.iter().filter(|replica| replica.id() != old_leader).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !survivors.iter().any(|replica| replica.is_leader()) {
+            assert!(tokio::time::Instant::now() < deadline, "no new leader was elected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let new_leader = survivors.iter().find(|replica| replica.is_leader()).expect("elected");
+        assert_eq!(new_leader.holders(LOCK), vec![(epoch, Mode::Exclusive, token)], "the new leader knows a's lock");
+
+        let taken = b.acquire(LOCK, Mode::Exclusive, Duration::from_secs(10)).await.expect("b gets it in the end");
+        assert!(taken.token > token);
+        let log = events.lock().clone();
+        assert!(log.iter().any(|event| *event == "a flush 42 keep None"), "a gave it up by a revoke: {log:?}");
+        assert!(!log.iter().any(|event| event.contains("lease lost") || event.starts_with("fence")), "{log:?}");
+        assert_eq!(a.lease(), Some(epoch), "a's lease went on across the failover");
+        drop(taken);
+        for replica in &replicas {
+            replica.stop().await;
+        }
     })
     .await
     .expect("in time");

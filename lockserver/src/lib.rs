@@ -20,13 +20,17 @@
 //!   liveness after every event.
 //!
 //! Fencing itself happens in storage: the embedder's [`Fencer`] seals a dead
-//! epoch on the block volume (`storage_node::block_client`). Not built yet:
-//! the replicated (openraft) mode.
+//! epoch on the block volume (`storage_node::block_client`).
+//!
+//! Lock-server failure: mode 1 is a single server that restarts from its
+//! [`registry`] while clerks reclaim their locks; mode 2 ([`replicated`]) is
+//! three servers whose whole state is replicated with `openraft`.
 
 pub mod clerk;
 pub mod net;
 pub mod protocol;
 pub mod registry;
+pub mod replicated;
 pub mod server;
 pub mod sim;
 pub mod wire;
@@ -35,4 +39,5 @@ pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
 pub use net::{Clerk, ClerkError, Fencer, LockGuard, LockServer, Workstation};
 pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, LockTable, Mode, ToClerk, ToServer};
 pub use registry::{FileRegistryStore, MemoryRegistryStore, RegistryStore, ServerRegistry};
+pub use replicated::{BoundReplica, ReplicatedLockServer};
 pub use server::{LockServerCore, ServerConfig, ServerOutput};

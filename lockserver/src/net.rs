@@ -51,13 +51,18 @@ pub trait Workstation: Send + Sync + fmt::Debug {
     fn lease_lost(&self);
 }
 
+/// Wall-clock microseconds (the replicated mode's time: the same on every replica).
+pub(crate) fn micros_since_epoch() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
 fn micros_since(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
 /// Sends a frame if connected; a frame that cannot go is dropped, which is
 /// safe: both sides retransmit whatever they still wait for.
-fn send_or_drop(sender: Option<FrameSender>, frame: bytes::Bytes) {
+pub(crate) fn send_or_drop(sender: Option<FrameSender>, frame: bytes::Bytes) {
     if let Some(sender) = sender
         && let Err(error) = sender.try_send(frame)
     {
@@ -276,7 +281,9 @@ pub enum ClerkError {
 #[derive(Debug)]
 struct ClerkShared {
     core: Mutex<ClerkCore>,
-    sender: Mutex<Option<FrameSender>>,
+    /// One link per server address (one, or every replica of mode 2):
+    /// every message goes to each connected one.
+    senders: Mutex<Vec<Option<FrameSender>>>,
     workstation: Arc<dyn Workstation>,
     /// Signalled on every grant and on a new lease: waiting acquires retry.
     changed: Notify,
@@ -292,8 +299,11 @@ impl ClerkShared {
         for output in outputs {
             match output {
                 ClerkOutput::Send(message) => {
-                    let sender = self.sender.lock().clone();
-                    send_or_drop(sender, message.encode());
+                    let frame = message.encode();
+                    let senders: Vec<FrameSender> = self.senders.lock().iter().flatten().cloned().collect();
+                    for sender in senders {
+                        send_or_drop(Some(sender), frame.clone());
+                    }
                 }
                 ClerkOutput::LeaseReady { .. } | ClerkOutput::Granted { .. } => self.changed.notify_waiters(),
                 ClerkOutput::Flush { lock, keep } => {
@@ -358,26 +368,44 @@ impl Clerk {
         workstation: Arc<dyn Workstation>,
         lease_timeout: Duration,
     ) -> Result<Clerk, ClerkError> {
+        Self::connect_replicated(clerk, config, transport, vec![address], workstation, lease_timeout).await
+    }
+
+    /// Connects clerk `clerk` to every replica of a replicated lock service
+    /// (mode 2, [`crate::replicated`]): each message goes to all of them,
+    /// and whichever leads answers.
+    pub async fn connect_replicated(
+        clerk: ClerkId,
+        config: ClerkConfig,
+        transport: Arc<dyn Transport>,
+        addresses: Vec<String>,
+        workstation: Arc<dyn Workstation>,
+        lease_timeout: Duration,
+    ) -> Result<Clerk, ClerkError> {
         // Openings must grow across restarts of this clerk: start from the clock.
         let first_attempt =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
         let start = Instant::now();
-        let (core, opening) = ClerkCore::new(clerk, config, first_attempt, 0);
+        // The opening goes out on each link as it connects (`hello`).
+        let (core, _opening) = ClerkCore::new(clerk, config, first_attempt, 0);
         let shared = Arc::new(ClerkShared {
             core: Mutex::new(core),
-            sender: Mutex::new(None),
+            senders: Mutex::new(vec![None; addresses.len()]),
             workstation,
             changed: Notify::new(),
             start,
         });
-        let link_shared = shared.clone();
-        let link = tokio::spawn(async move { run_link(link_shared, transport, address, opening).await });
+        let mut tasks: Vec<JoinHandle<()>> = addresses
+            .into_iter()
+            .enumerate()
+            .map(|(index, address)| tokio::spawn(run_link(shared.clone(), transport.clone(), index, address)))
+            .collect();
         let tick_shared = shared.clone();
-        let ticker = spawn_ticker(move || {
+        tasks.push(spawn_ticker(move || {
             let outputs = tick_shared.core.lock().tick(tick_shared.now());
             tick_shared.carry_out(outputs);
-        });
-        let clerk = Clerk { shared: shared.clone(), tasks: vec![link, ticker] };
+        }));
+        let clerk = Clerk { shared: shared.clone(), tasks };
         let deadline = tokio::time::Instant::now() + lease_timeout;
         loop {
             let changed = shared.changed.notified();
@@ -450,7 +478,7 @@ impl Clerk {
         for task in &self.tasks {
             task.abort();
         }
-        self.shared.sender.lock().take();
+        self.shared.senders.lock().iter_mut().for_each(|sender| *sender = None);
     }
 }
 
@@ -460,22 +488,17 @@ impl Drop for Clerk {
     }
 }
 
-/// Keeps the clerk connected; the first connection carries `opening`.
-async fn run_link(shared: Arc<ClerkShared>, transport: Arc<dyn Transport>, address: String, opening: Vec<ClerkOutput>) {
-    let mut opening = Some(opening);
+/// Keeps link `index` connected to `address`; each connection starts by
+/// introducing the clerk (its current lease opening).
+async fn run_link(shared: Arc<ClerkShared>, transport: Arc<dyn Transport>, index: usize, address: String) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         match transport.connect(address.clone()).await {
             Ok(mut connection) => {
                 backoff = RECONNECT_BACKOFF_MIN;
-                *shared.sender.lock() = Some(connection.sender.clone());
-                match opening.take() {
-                    Some(opening) => shared.carry_out(opening),
-                    None => {
-                        let hello = shared.core.lock().hello();
-                        shared.carry_out(vec![ClerkOutput::Send(hello)]);
-                    }
-                }
+                shared.senders.lock()[index] = Some(connection.sender.clone());
+                let hello = shared.core.lock().hello();
+                send_or_drop(Some(connection.sender.clone()), hello.encode());
                 while let Some(frame) = connection.receiver.recv().await {
                     let message = match frame
                         .map_err(|error| error.to_string())
@@ -490,7 +513,7 @@ async fn run_link(shared: Arc<ClerkShared>, transport: Arc<dyn Transport>, addre
                     let outputs = shared.core.lock().on_message(message, shared.now());
                     shared.carry_out(outputs);
                 }
-                shared.sender.lock().take();
+                shared.senders.lock()[index] = None;
                 warn!(%address, "connection to the lock server lost; reconnecting");
             }
             Err(error) => debug!(%address, %error, "lock server connect failed"),

@@ -7,26 +7,27 @@
 //! lost, delayed, duplicated or reordered: each side makes every message
 //! idempotent and retransmits what it still waits for.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A clerk (one per workstation). Stable across the clerk's restarts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ClerkId(pub u64);
 
 /// One lease: a clerk's session with the server. The server hands out a new
 /// epoch for every lease, increasing; a clerk whose lease lapsed comes back
 /// with a new epoch, and the old one is fenced. Every write a clerk sends to
 /// shared storage carries its epoch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct LeaseEpoch(pub u64);
 
 /// Carried by every grant: increases with each grant of the same lock, so
 /// storage can refuse a write from an older holder of that lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct FencingToken(pub u64);
 
 /// A lock: a table (a namespace, such as inodes or log regions) and an id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LockName {
     pub table: u32,
     pub id: u64,
@@ -87,7 +88,7 @@ impl fmt::Display for LockName {
 }
 
 /// Multiple readers or a single writer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Mode {
     Shared,
     Exclusive,
@@ -106,7 +107,7 @@ impl Mode {
 }
 
 /// Clerk to server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToServer {
     /// Starts a lease (a new clerk, or one whose lease lapsed). `attempt`
     /// tells retransmissions of one opening apart from a new opening, and
@@ -132,7 +133,7 @@ pub enum ToServer {
 }
 
 /// Server to clerk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToClerk {
     /// A lease for the opening `attempt`, valid for `duration_micros` from
     /// when the clerk sent it.

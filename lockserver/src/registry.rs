@@ -31,6 +31,7 @@ use crate::protocol::{ClerkId, LeaseEpoch};
 use bytes::{BufMut, BytesMut};
 use common::codec::Reader;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -43,7 +44,7 @@ const LEASE_BYTES: usize = 24;
 pub const TOKEN_GENERATION_SHIFT: u32 = 40;
 
 /// A lease the server knows of: live, or dead and not yet recovered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisteredLease {
     pub epoch: LeaseEpoch,
     pub clerk: ClerkId,
@@ -52,7 +53,7 @@ pub struct RegisteredLease {
 }
 
 /// The durable state of a lock server.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerRegistry {
     pub generation: u64,
     pub last_epoch: u64,

@@ -45,10 +45,11 @@
 
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
 use crate::registry::{RegisteredLease, ServerRegistry, TOKEN_GENERATION_SHIFT};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Timing of a lock server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerConfig {
     /// A lease lasts this long after the server receives its opening or last renewal.
     pub lease_micros: u64,
@@ -63,7 +64,7 @@ impl Default for ServerConfig {
 }
 
 /// What the driver must do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerOutput {
     Send {
         to: ClerkId,
@@ -78,7 +79,7 @@ pub enum ServerOutput {
     Persist(ServerRegistry),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
     Live,
     /// Expired; the fence is being written.
@@ -89,7 +90,7 @@ enum Phase {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Session {
     clerk: ClerkId,
     /// The opening attempt this lease answered (retransmitted openings get
@@ -104,7 +105,7 @@ struct Session {
     reclaiming: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Holder {
     epoch: LeaseEpoch,
     mode: Mode,
@@ -113,13 +114,13 @@ struct Holder {
     revoked: Option<(Option<Mode>, u64)>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Waiter {
     epoch: LeaseEpoch,
     mode: Mode,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct LockState {
     holders: Vec<Holder>,
     queue: VecDeque<Waiter>,
@@ -136,7 +137,7 @@ fn demand(keep: Option<Mode>) -> u8 {
 }
 
 /// The lock server's state.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct LockServerCore {
     config: ServerConfig,
     sessions: BTreeMap<LeaseEpoch, Session>,
@@ -682,6 +683,12 @@ impl LockServerCore {
         }
         self.assign_recoveries(now, &mut out);
         out
+    }
+
+    /// Leases that expired and whose fence has not been reported durable:
+    /// a new leader of the replicated service asks for them again.
+    pub fn fences_pending(&self) -> Vec<LeaseEpoch> {
+        self.sessions.iter().filter(|(_, session)| session.phase == Phase::Expired).map(|(epoch, _)| *epoch).collect()
     }
 
     /// Holders of `lock`: (epoch, mode, token).
