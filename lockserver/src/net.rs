@@ -300,9 +300,8 @@ impl ClerkShared {
             match output {
                 ClerkOutput::Send(message) => {
                     let frame = message.encode();
-                    let senders: Vec<FrameSender> = self.senders.lock().iter().flatten().cloned().collect();
-                    for sender in senders {
-                        send_or_drop(Some(sender), frame.clone());
+                    for sender in self.senders.lock().iter().flatten() {
+                        send_or_drop(Some(sender.clone()), frame.clone());
                     }
                 }
                 ClerkOutput::LeaseReady { .. } | ClerkOutput::Granted { .. } => self.changed.notify_waiters(),

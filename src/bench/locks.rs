@@ -393,7 +393,8 @@ pub fn render(report: &LocksReport) -> String {
          server memory: {:.0} B per lock, {:.0} B per clerk (F97: 112 B and 104 B)\n\
          clerk memory: {:.0} B per lock (F97: 232 B)\n\
          etcd runs with its defaults: each lock and unlock is fsync'ed to its WAL; the kit's lock\n\
-         server keeps its state in memory (F97's first design), so the columns compare designs too.",
+         server keeps locks in memory and saves only its lease registry (clerks reclaim their locks\n\
+         after a restart, F97's first design), so the columns compare designs too.",
         report.throughput_acquires_per_s,
         report.options.clerks,
         report.server_bytes_per_lock,
