@@ -243,27 +243,50 @@ impl Drop for LockServer {
     }
 }
 
-async fn serve_clerk(shared: Arc<ServerShared>, mut connection: Connection) {
-    let mut clerk: Option<ClerkId> = None;
-    while let Some(frame) = connection.receiver.recv().await {
+/// A server's side of one clerk connection: it belongs to the clerk whose
+/// `OpenLease` came on it, whose messages go out through it from then on.
+pub(crate) struct ClerkConnection {
+    connection: Connection,
+    clerk: Option<ClerkId>,
+}
+
+impl ClerkConnection {
+    pub(crate) fn new(connection: Connection) -> Self {
+        ClerkConnection { connection, clerk: None }
+    }
+
+    /// The next message and its clerk; `None` once the connection ends, or
+    /// is closed for a bad frame or a message before any `OpenLease`.
+    pub(crate) async fn next(&mut self, clerks: &Mutex<HashMap<ClerkId, FrameSender>>) -> Option<(ClerkId, ToServer)> {
+        let frame = self.connection.receiver.recv().await?;
+        let peer = &self.connection.peer;
         let message = match frame
             .map_err(|error| error.to_string())
             .and_then(|frame| ToServer::decode(&frame).map_err(|error| error.to_string()))
         {
             Ok(message) => message,
             Err(reason) => {
-                warn!(peer = %connection.peer, reason, "closing lock connection: bad frame");
-                break;
+                warn!(%peer, reason, "closing lock connection: bad frame");
+                return None;
             }
         };
         if let ToServer::OpenLease { clerk: opening, .. } = message {
-            clerk = Some(opening);
-            shared.clerks.lock().insert(opening, connection.sender.clone());
+            self.clerk = Some(opening);
+            clerks.lock().insert(opening, self.connection.sender.clone());
         }
-        let Some(from) = clerk else {
-            warn!(peer = %connection.peer, "closing lock connection: a message before OpenLease");
-            break;
-        };
+        match self.clerk {
+            Some(from) => Some((from, message)),
+            None => {
+                warn!(%peer, "closing lock connection: a message before OpenLease");
+                None
+            }
+        }
+    }
+}
+
+async fn serve_clerk(shared: Arc<ServerShared>, connection: Connection) {
+    let mut connection = ClerkConnection::new(connection);
+    while let Some((from, message)) = connection.next(&shared.clerks).await {
         let outputs = shared.core.lock().handle(from, message, shared.now());
         shared.carry_out(outputs);
     }

@@ -24,7 +24,7 @@
 //! Raft messages travel in the kit's frames, kinds 50 (request) and 51
 //! (answer), one request per connection, encoded with postcard.
 
-use crate::net::{Fencer, micros_since_epoch, send_or_drop};
+use crate::net::{ClerkConnection, Fencer, micros_since_epoch, send_or_drop};
 use crate::protocol::{ClerkId, LeaseEpoch, ToServer};
 use crate::server::{LockServerCore, ServerConfig, ServerOutput};
 use common::frame::encode_frame;
@@ -623,27 +623,9 @@ async fn accept_clerks(shared: Arc<ReplicaShared>, mut listener: Listener) {
 
 /// Every clerk message goes into the log through the leader; a follower
 /// drops it (the clerk sends it to the leader too).
-async fn serve_clerk(shared: Arc<ReplicaShared>, mut connection: Connection) {
-    let mut clerk: Option<ClerkId> = None;
-    while let Some(frame) = connection.receiver.recv().await {
-        let message = match frame
-            .map_err(|error| error.to_string())
-            .and_then(|frame| ToServer::decode(&frame).map_err(|error| error.to_string()))
-        {
-            Ok(message) => message,
-            Err(reason) => {
-                warn!(peer = %connection.peer, reason, "closing lock connection: bad frame");
-                break;
-            }
-        };
-        if let ToServer::OpenLease { clerk: opening, .. } = message {
-            clerk = Some(opening);
-            shared.clerks.lock().insert(opening, connection.sender.clone());
-        }
-        let Some(from) = clerk else {
-            warn!(peer = %connection.peer, "closing lock connection: a message before OpenLease");
-            break;
-        };
+async fn serve_clerk(shared: Arc<ReplicaShared>, connection: Connection) {
+    let mut connection = ClerkConnection::new(connection);
+    while let Some((from, message)) = connection.next(&shared.clerks).await {
         if shared.is_leader() {
             shared.propose(LockCommand::Handle { from, message, now: micros_since_epoch() }).await;
         }

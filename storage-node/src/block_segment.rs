@@ -40,7 +40,7 @@
 //! - A fence is acknowledged only with every version of the epoch held here.
 
 use crate::log_format::{
-    BlockCheckpoint, BlockVersion, Entry, LogPosition, ScanResult, block_checkpoint_entry_bytes, block_item_bytes,
+    BlockCheckpoint, BlockVersion, Entry, LogCursor, ScanResult, block_checkpoint_entry_bytes, block_item_bytes,
     encode_block_checkpoint_entry, encode_block_versions_entry,
 };
 use crate::segment::{LogWrite, ReplyTo};
@@ -162,10 +162,8 @@ pub struct BlockSegmentCore {
     queued_fences: Vec<(FenceRequest, ReplyTo)>,
     pending: IdHashMap<BlockId, Pending>,
     in_flight: Option<InFlight>,
-    next_write_id: u64,
 
-    position: LogPosition,
-    next_sequence: u64,
+    cursor: LogCursor,
     file_live: BTreeMap<u64, usize>,
     file_blocks: BTreeMap<u64, Vec<(BlockId, u64)>>,
     /// Files to delete once a checkpoint written after them is durable (0:
@@ -176,6 +174,7 @@ pub struct BlockSegmentCore {
 impl BlockSegmentCore {
     fn empty(config: BlockSegmentConfig) -> Result<BlockSegmentCore, String> {
         config.validate()?;
+        let log_file_bytes = config.log_file_bytes;
         Ok(BlockSegmentCore {
             config,
             failed: None,
@@ -191,9 +190,7 @@ impl BlockSegmentCore {
             queued_fences: Vec::new(),
             pending: IdHashMap::default(),
             in_flight: None,
-            next_write_id: 1,
-            position: LogPosition { file: 1, offset: 0 },
-            next_sequence: 1,
+            cursor: LogCursor::new(log_file_bytes),
             file_live: BTreeMap::new(),
             file_blocks: BTreeMap::new(),
             checkpoint_due: Vec::new(),
@@ -212,6 +209,7 @@ impl BlockSegmentCore {
     /// corrupt entries met in the middle of the log (the segment then needs
     /// repair from its peers).
     pub fn recover(config: BlockSegmentConfig, scan: ScanResult) -> Result<(BlockSegmentCore, usize), String> {
+        let cursor = LogCursor::resume(config.log_file_bytes, &scan);
         let mut core = BlockSegmentCore::empty(config)?;
         let mut saw_checkpoint = false;
         for (position, entry) in scan.entries {
@@ -251,8 +249,7 @@ impl BlockSegmentCore {
             return Err("log holds no block checkpoint: not a block segment log".into());
         }
         core.needs_repair = !scan.corruptions.is_empty();
-        core.position = scan.end;
-        core.next_sequence = scan.last_sequence + 1;
+        core.cursor = cursor;
         Ok((core, scan.corruptions.len()))
     }
 
@@ -591,7 +588,7 @@ impl BlockSegmentCore {
     /// versions forward, then (once it holds nothing) checkpoints and frees it.
     fn plan_cleaning(&mut self, budget: &mut usize) -> Vec<BlockVersion> {
         let Some((&oldest, &live)) = self.file_live.iter().next() else { return Vec::new() };
-        if self.position.file - oldest < self.config.log_files_target || self.checkpoint_due.contains(&oldest) {
+        if self.cursor.current_file() - oldest < self.config.log_files_target || self.checkpoint_due.contains(&oldest) {
             return Vec::new();
         }
         if live == 0 {
@@ -660,8 +657,7 @@ impl BlockSegmentCore {
                 })
                 .chain(relogged.iter().cloned())
                 .collect();
-            encode_block_versions_entry(&mut bytes, self.next_sequence, versions.iter());
-            self.next_sequence += 1;
+            encode_block_versions_entry(&mut bytes, self.cursor.take_sequence(), versions.iter());
         }
         let delete_after = std::mem::take(&mut self.checkpoint_due);
         if !fences.is_empty() || !delete_after.is_empty() {
@@ -680,17 +676,10 @@ impl BlockSegmentCore {
                     list.push(request.lease_epoch);
                 }
             }
-            encode_block_checkpoint_entry(&mut bytes, self.next_sequence, &checkpoint);
-            self.next_sequence += 1;
+            encode_block_checkpoint_entry(&mut bytes, self.cursor.take_sequence(), &checkpoint);
         }
-        if self.position.offset + bytes.len() as u64 > self.config.log_file_bytes {
-            self.position = LogPosition { file: self.position.file + 1, offset: 0 };
-        }
-        let position = self.position;
-        self.position.offset += bytes.len() as u64;
+        let (id, position) = self.cursor.place(bytes.len());
         self.file_live.entry(position.file).or_default();
-        let id = self.next_write_id;
-        self.next_write_id += 1;
         self.in_flight = Some(InFlight {
             id,
             file: position.file,

@@ -80,6 +80,53 @@ pub struct LogPosition {
     pub offset: u64,
 }
 
+/// Where a segment's next log write goes, and how its entries and writes
+/// are numbered: an entry never straddles two files, so a write that does
+/// not fit in the current file starts the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogCursor {
+    position: LogPosition,
+    next_sequence: u64,
+    next_write_id: u64,
+    file_bytes: u64,
+}
+
+impl LogCursor {
+    /// The cursor of an empty log of `file_bytes`-byte files.
+    pub fn new(file_bytes: u64) -> LogCursor {
+        LogCursor { position: LogPosition { file: 1, offset: 0 }, next_sequence: 1, next_write_id: 1, file_bytes }
+    }
+
+    /// The cursor after what [`scan_log`] read back.
+    pub fn resume(file_bytes: u64, scan: &ScanResult) -> LogCursor {
+        LogCursor { position: scan.end, next_sequence: scan.last_sequence + 1, next_write_id: 1, file_bytes }
+    }
+
+    /// The file the next write goes to (unless it must start a new one).
+    pub fn current_file(&self) -> u64 {
+        self.position.file
+    }
+
+    /// Takes the sequence number of the next entry.
+    pub fn take_sequence(&mut self) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        sequence
+    }
+
+    /// Places a write of `length` bytes: returns its id and position.
+    pub fn place(&mut self, length: usize) -> (u64, LogPosition) {
+        if self.position.offset + length as u64 > self.file_bytes {
+            self.position = LogPosition { file: self.position.file + 1, offset: 0 };
+        }
+        let position = self.position;
+        self.position.offset += length as u64;
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        (id, position)
+    }
+}
+
 /// A materialized page image as of `lsn`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageVersion {

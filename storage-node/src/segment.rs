@@ -36,7 +36,7 @@
 //! - Nothing is acknowledged before the fdatasync that made it durable.
 
 use crate::log_format::{
-    CHECKPOINT_ENTRY_BYTES, Checkpoint, ENTRY_HEADER_BYTES, Entry, LogPosition, PageVersion, ScanResult,
+    CHECKPOINT_ENTRY_BYTES, Checkpoint, ENTRY_HEADER_BYTES, Entry, LogCursor, LogPosition, PageVersion, ScanResult,
     encode_checkpoint_entry, encode_redo_entry, encode_versions_entry, redo_entry_bytes, version_item_bytes,
 };
 use crate::page_index::PageIndex;
@@ -260,15 +260,13 @@ pub struct SegmentCore {
     /// LSNs queued or in flight, so duplicates are not logged twice.
     pending_lsns: IdHashSet<Lsn>,
     in_flight: Option<InFlight>,
-    next_write_id: u64,
 
     coalesce_queue: BTreeSet<PageId>,
     pending_versions: Vec<PageVersion>,
     /// Durable versions waiting for PGMRPL to reach them before they GC older state.
     gc_waiting: BTreeMap<Lsn, Vec<PageId>>,
 
-    position: LogPosition,
-    next_sequence: u64,
+    cursor: LogCursor,
     /// Live items (records and versions) per log file.
     file_live: BTreeMap<u64, usize>,
     file_records: BTreeMap<u64, Vec<(Lsn, PageId)>>,
@@ -280,6 +278,7 @@ pub struct SegmentCore {
 impl SegmentCore {
     fn empty(config: SegmentConfig, epoch: Epoch) -> Result<SegmentCore, String> {
         config.validate()?;
+        let log_file_bytes = config.log_file_bytes;
         let pages = PageIndex::new(u64::from(config.pg.0) * config.pages_per_pg, config.pages_per_pg);
         Ok(SegmentCore {
             config,
@@ -299,12 +298,10 @@ impl SegmentCore {
             queued_waiters: BTreeSet::new(),
             pending_lsns: IdHashSet::default(),
             in_flight: None,
-            next_write_id: 1,
             coalesce_queue: BTreeSet::new(),
             pending_versions: Vec::new(),
             gc_waiting: BTreeMap::new(),
-            position: LogPosition { file: 1, offset: 0 },
-            next_sequence: 1,
+            cursor: LogCursor::new(log_file_bytes),
             file_live: BTreeMap::new(),
             file_records: BTreeMap::new(),
             file_versions: BTreeMap::new(),
@@ -323,6 +320,7 @@ impl SegmentCore {
 
     /// Rebuilds a segment from what [`crate::log_format::scan_log`] read back.
     pub fn recover(config: SegmentConfig, scan: ScanResult) -> Result<(SegmentCore, RecoveryReport), String> {
+        let cursor = LogCursor::resume(config.log_file_bytes, &scan);
         let mut core = SegmentCore::empty(config, Epoch::INITIAL)?;
         let mut base = Lsn::ZERO;
         let mut saw_checkpoint = false;
@@ -377,8 +375,7 @@ impl SegmentCore {
         core.advance_segment_complete_lsn();
         core.coalesce_bound = core.min_read_point;
         core.needs_repair = !scan.corruptions.is_empty();
-        core.position = scan.end;
-        core.next_sequence = scan.last_sequence + 1;
+        core.cursor = cursor;
         let page_ids: Vec<PageId> = core.pages.pages().collect();
         for page in page_ids {
             core.collect_page(page);
@@ -753,7 +750,7 @@ impl SegmentCore {
     /// When the log spans too many files, empties the oldest one.
     fn plan_cleaning(&mut self, budget: &mut usize) {
         let Some((&oldest, &live)) = self.file_live.iter().next() else { return };
-        if self.position.file - oldest < self.config.log_files_target || self.checkpoint_due.contains(&oldest) {
+        if self.cursor.current_file() - oldest < self.config.log_files_target || self.checkpoint_due.contains(&oldest) {
             return;
         }
         if live == 0 {
@@ -831,12 +828,10 @@ impl SegmentCore {
 
         let mut bytes = BytesMut::with_capacity(redo_entry_bytes(redo_bytes) + versions_bytes + checkpoint_bytes);
         if !redo.is_empty() {
-            encode_redo_entry(&mut bytes, self.next_sequence, redo.iter());
-            self.next_sequence += 1;
+            encode_redo_entry(&mut bytes, self.cursor.take_sequence(), redo.iter());
         }
         if !versions.is_empty() {
-            encode_versions_entry(&mut bytes, self.next_sequence, versions.iter());
-            self.next_sequence += 1;
+            encode_versions_entry(&mut bytes, self.cursor.take_sequence(), versions.iter());
         }
         let delete_after = std::mem::take(&mut self.checkpoint_due);
         if !delete_after.is_empty() {
@@ -847,17 +842,10 @@ impl SegmentCore {
                 segment_complete_lsn: self.segment_complete_lsn,
                 min_read_point: self.min_read_point,
             };
-            encode_checkpoint_entry(&mut bytes, self.next_sequence, &checkpoint);
-            self.next_sequence += 1;
+            encode_checkpoint_entry(&mut bytes, self.cursor.take_sequence(), &checkpoint);
         }
-        if self.position.offset + bytes.len() as u64 > self.config.log_file_bytes {
-            self.position = LogPosition { file: self.position.file + 1, offset: 0 };
-        }
-        let position = self.position;
-        self.position.offset += bytes.len() as u64;
+        let (id, position) = self.cursor.place(bytes.len());
         self.file_live.entry(position.file).or_default();
-        let id = self.next_write_id;
-        self.next_write_id += 1;
         self.in_flight = Some(InFlight {
             id,
             file: position.file,
