@@ -68,7 +68,7 @@ pub struct BlockVersionInfo {
     pub fencing_token: u64,
     /// The segment knows `lease_epoch` is fenced and still holds this
     /// version: it took it before the fence, or from a seal's repair.
-    pub fenced_here: bool,
+    pub repaired: bool,
 }
 
 impl BlockVersionInfo {
@@ -210,7 +210,7 @@ pub(crate) fn encode_block_image(image: &BlockImage, payload: &mut Vec<u8>) {
         payload.put_u64_le(version.version);
         payload.put_u64_le(version.lease_epoch);
         payload.put_u64_le(version.fencing_token);
-        payload.put_u64_le(u64::from(version.fenced_here));
+        payload.put_u64_le(u64::from(version.repaired));
     }
     for epoch in &image.sealed {
         payload.put_u64_le(*epoch);
@@ -238,7 +238,7 @@ pub(crate) fn decode_block_image(reader: &mut Reader<'_>, payload: &Bytes) -> Re
             version: reader.u64()?,
             lease_epoch: reader.u64()?,
             fencing_token: reader.u64()?,
-            fenced_here: decode_flag(reader.u64()?, "fenced_here")?,
+            repaired: decode_flag(reader.u64()?, "repaired")?,
         });
     }
     let sealed = (0..sealed_count).map(|_| reader.u64()).collect::<Result<Vec<u64>, _>>()?;
@@ -346,7 +346,7 @@ mod tests {
         encode_block_read(&BlockRead { request_id: 1, pg, block, want_token: 0, sealed_cursor: 0 }, &mut payload);
         assert_eq!(payload.len(), 32);
         payload.clear();
-        let version = BlockVersionInfo { version: 1, lease_epoch: 1, fencing_token: 1, fenced_here: false };
+        let version = BlockVersionInfo { version: 1, lease_epoch: 1, fencing_token: 1, repaired: false };
         let image = BlockImage {
             request_id: 1,
             pg,

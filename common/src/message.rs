@@ -135,6 +135,9 @@ pub enum ErrorCode {
     /// A block write carries a fencing token older than one the segment holds
     /// for that block.
     StaleFencingToken = 10,
+    /// A repair older than every version the segment keeps of the block: not
+    /// stored.
+    Superseded = 11,
 }
 
 impl ErrorCode {
@@ -150,6 +153,7 @@ impl ErrorCode {
             8 => ErrorCode::DiskFailure,
             9 => ErrorCode::FencedEpoch,
             10 => ErrorCode::StaleFencingToken,
+            11 => ErrorCode::Superseded,
             other => return Err(CodecError::Invalid { field: "error code", detail: other.to_string() }),
         })
     }
@@ -530,12 +534,12 @@ mod tests {
         }));
         round_trip(Message::BlockWriteAck(BlockWriteAck { request_id: 1, pg, block }));
         round_trip(Message::BlockRead(BlockRead { request_id: 2, pg, block, want_token: 12, sealed_cursor: 1 }));
-        let version = BlockVersionInfo { version: 4, lease_epoch: 9, fencing_token: 12, fenced_here: true };
+        let version = BlockVersionInfo { version: 4, lease_epoch: 9, fencing_token: 12, repaired: true };
         round_trip(Message::BlockImage(BlockImage {
             request_id: 2,
             pg,
             block,
-            history: vec![version, BlockVersionInfo { fenced_here: false, fencing_token: 3, ..version }],
+            history: vec![version, BlockVersionInfo { repaired: false, fencing_token: 3, ..version }],
             data_token: 12,
             data: Bytes::from_static(b"block bytes"),
             sealed_cursor: 1,

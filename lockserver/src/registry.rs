@@ -24,7 +24,8 @@
 //!     16     8  last_epoch
 //!     24     4  lease count n
 //!     28     4  crc32c over bytes 0..28 and the leases
-//!     32  24×n  leases: epoch u64, clerk u64, attempt u64
+//!     32  32×n  leases: epoch u64, clerk u64, attempt u64, flags u64
+//!               (flags bit 0: expired, its fence and recovery pending)
 //! ```
 
 use crate::protocol::{ClerkId, LeaseEpoch};
@@ -39,7 +40,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: [u8; 4] = *b"LKSR";
 const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 32;
-const LEASE_BYTES: usize = 24;
+const LEASE_BYTES: usize = 32;
+const LEASE_EXPIRED: u64 = 1;
 /// Fencing tokens of generation `g` are `g << TOKEN_GENERATION_SHIFT` and up.
 pub const TOKEN_GENERATION_SHIFT: u32 = 40;
 
@@ -50,6 +52,9 @@ pub struct RegisteredLease {
     pub clerk: ClerkId,
     /// The opening attempt it answered (a lower one is a delayed message).
     pub attempt: u64,
+    /// Expired: a restart fences and recovers it instead of waiting for a
+    /// reclaim.
+    pub expired: bool,
 }
 
 /// The durable state of a lock server.
@@ -73,6 +78,7 @@ impl ServerRegistry {
             out.put_u64_le(lease.epoch.0);
             out.put_u64_le(lease.clerk.0);
             out.put_u64_le(lease.attempt);
+            out.put_u64_le(if lease.expired { LEASE_EXPIRED } else { 0 });
         }
         let checksum = crc32c::crc32c_append(crc32c::crc32c(&out[..28]), &out[HEADER_BYTES..]);
         out[28..32].copy_from_slice(&checksum.to_le_bytes());
@@ -102,10 +108,16 @@ impl ServerRegistry {
         }
         let mut leases = Vec::with_capacity(count);
         for _ in 0..count {
+            let (epoch, clerk, attempt, flags) =
+                (read(reader.u64())?, read(reader.u64())?, read(reader.u64())?, read(reader.u64())?);
+            if flags & !LEASE_EXPIRED != 0 {
+                return Err(format!("lease {epoch} has unknown flags {flags:#x}"));
+            }
             leases.push(RegisteredLease {
-                epoch: LeaseEpoch(read(reader.u64())?),
-                clerk: ClerkId(read(reader.u64())?),
-                attempt: read(reader.u64())?,
+                epoch: LeaseEpoch(epoch),
+                clerk: ClerkId(clerk),
+                attempt,
+                expired: flags & LEASE_EXPIRED != 0,
             });
         }
         Ok(ServerRegistry { generation, last_epoch, leases })
@@ -184,8 +196,8 @@ mod tests {
             generation: 3,
             last_epoch: 17,
             leases: vec![
-                RegisteredLease { epoch: LeaseEpoch(16), clerk: ClerkId(2), attempt: 9 },
-                RegisteredLease { epoch: LeaseEpoch(17), clerk: ClerkId(4), attempt: 1 },
+                RegisteredLease { epoch: LeaseEpoch(16), clerk: ClerkId(2), attempt: 9, expired: true },
+                RegisteredLease { epoch: LeaseEpoch(17), clerk: ClerkId(4), attempt: 1, expired: false },
             ],
         }
     }

@@ -184,13 +184,17 @@ impl LockServerCore {
         let mut core = LockServerCore::new(config);
         core.generation = registry.generation + 1;
         core.last_epoch = registry.last_epoch;
+        let mut out = Vec::new();
         for lease in registry.leases {
+            // Its locks are unknown until it reclaims them, or until it is
+            // fenced and recovered (an expired one at once).
+            let phase = if lease.expired { Phase::Expired } else { Phase::Live };
             core.sessions.insert(
                 lease.epoch,
                 Session {
                     clerk: lease.clerk,
                     attempt: lease.attempt,
-                    phase: Phase::Live,
+                    phase,
                     expires_at: now + config.lease_micros,
                     held: BTreeSet::new(),
                     waiting: BTreeSet::new(),
@@ -200,10 +204,14 @@ impl LockServerCore {
             core.unknown_holdings += 1;
             let highest = core.highest_attempt.entry(lease.clerk).or_default();
             *highest = (*highest).max(lease.attempt);
-            let newest = core.live_by_clerk.entry(lease.clerk).or_insert(lease.epoch);
-            *newest = (*newest).max(lease.epoch);
+            if lease.expired {
+                out.push(ServerOutput::Fence { epoch: lease.epoch });
+            } else {
+                let newest = core.live_by_clerk.entry(lease.clerk).or_insert(lease.epoch);
+                *newest = (*newest).max(lease.epoch);
+            }
         }
-        let out = vec![ServerOutput::Persist(core.registry())];
+        out.insert(0, ServerOutput::Persist(core.registry()));
         (core, out)
     }
 
@@ -219,6 +227,7 @@ impl LockServerCore {
                     epoch: *epoch,
                     clerk: session.clerk,
                     attempt: session.attempt,
+                    expired: session.phase != Phase::Live,
                 })
                 .collect(),
         }
@@ -316,10 +325,11 @@ impl LockServerCore {
     }
 
     /// A restored session lists every lock it holds: they become its
-    /// holdings, and its locks are known. A list that conflicts with a
-    /// holder already known (an honest clerk never sends one) is not taken:
-    /// the session is ended instead, and so fenced and recovered, which
-    /// is safe whatever it held.
+    /// holdings, and its locks are known. A list an honest clerk never sends
+    /// (a lock that conflicts with a holder already known, a lock listed
+    /// twice, a token of this run or later) is not taken: the session is
+    /// ended instead, and so fenced and recovered, which is safe whatever
+    /// it held.
     fn reclaim(
         &mut self,
         epoch: LeaseEpoch,
@@ -330,12 +340,15 @@ impl LockServerCore {
         if !self.sessions[&epoch].reclaiming {
             return; // taken already: this is a repeat, or an older list arriving late
         }
-        let conflict = holdings.iter().any(|(lock, mode, _)| {
-            self.locks.get(lock).is_some_and(|state| {
-                state.holders.iter().any(|holder| holder.epoch != epoch && !holder.mode.compatible(*mode))
-            })
+        let first_token = self.first_token();
+        let conflict = holdings.iter().any(|(lock, mode, token)| {
+            token.0 >= first_token
+                || self.locks.get(lock).is_some_and(|state| {
+                    state.holders.iter().any(|holder| holder.epoch != epoch && !holder.mode.compatible(*mode))
+                })
         });
-        if conflict {
+        let distinct: BTreeSet<LockName> = holdings.iter().map(|(lock, _, _)| *lock).collect();
+        if conflict || distinct.len() != holdings.len() {
             self.refused_reclaims += 1;
             self.expire(epoch, now, out);
             return;
@@ -489,7 +502,9 @@ impl LockServerCore {
                 state.holders.iter().any(|holder| holder.epoch != head.epoch && !holder.mode.compatible(head.mode));
             if !conflicting {
                 state.queue.pop_front();
+                // Tokens of a run stay below the next run's first token.
                 state.last_token = state.last_token.max(first_token) + 1;
+                assert!(state.last_token < first_token + (1 << TOKEN_GENERATION_SHIFT), "a run's tokens ran out");
                 let token = FencingToken(state.last_token);
                 match state.holders.iter_mut().find(|holder| holder.epoch == head.epoch) {
                     Some(holder) => {
@@ -556,6 +571,8 @@ impl LockServerCore {
             self.live_by_clerk.remove(&session.clerk);
         }
         let waiting: Vec<LockName> = std::mem::take(&mut session.waiting).into_iter().collect();
+        // A restart must fence and recover it, not wait for its reclaim.
+        out.push(ServerOutput::Persist(self.registry()));
         out.push(ServerOutput::Fence { epoch });
         for lock in waiting {
             if let Some(state) = self.locks.get_mut(&lock) {
@@ -876,7 +893,12 @@ mod tests {
         // Clerk 2 renews; clerk 1 goes silent.
         server.handle(ClerkId(2), ToServer::RenewLease { epoch: b, sequence: 1 }, LEASE / 2);
         let out = server.tick(LEASE);
-        assert_eq!(out, vec![ServerOutput::Fence { epoch: a }], "(a) stop granting, (b) fence first");
+        assert_eq!(
+            out,
+            vec![ServerOutput::Persist(server.registry()), ServerOutput::Fence { epoch: a }],
+            "(a) stop granting, saved as expired, (b) fence first"
+        );
+        assert!(server.registry().leases.iter().any(|lease| lease.epoch == a && lease.expired));
         assert!(grants(&server.tick(LEASE + 1)).is_empty(), "nothing is released before recovery");
         let out = server.handle(ClerkId(1), ToServer::Request { epoch: a, lock: LOCK, mode: Mode::Shared }, LEASE + 2);
         assert_eq!(out, vec![ServerOutput::Send { to: ClerkId(1), message: ToClerk::LeaseLost { epoch: a } }]);
@@ -893,6 +915,37 @@ mod tests {
         assert_eq!(grants(&out), vec![(ClerkId(2), Mode::Exclusive, FencingToken(2))], "(d) then the lock moves");
         assert_eq!(server.dead_sessions(), 0);
         server.check_invariants().unwrap();
+    }
+
+    /// A restart from the registry: a live lease waits for its reclaim, an
+    /// expired one is fenced again at once, and nothing is granted until
+    /// both are settled; a reclaim an honest clerk never sends ends its lease.
+    #[test]
+    fn a_restart_settles_every_registered_lease_before_granting() {
+        let mut server = server();
+        let (a, b) = (open(&mut server, 1, 0), open(&mut server, 2, 0));
+        request(&mut server, 1, a, Mode::Exclusive);
+        server.handle(ClerkId(1), ToServer::RenewLease { epoch: a, sequence: 1 }, LEASE / 2);
+        server.tick(LEASE); // b lapses
+        let (mut restarted, out) = LockServerCore::restart(server.config, server.registry(), 0);
+        assert!(matches!(out[0], ServerOutput::Persist(_)), "the new generation is saved first");
+        assert!(out.contains(&ServerOutput::Fence { epoch: b }), "the expired lease is fenced again");
+        let c = open(&mut restarted, 3, 1);
+        let out = request(&mut restarted, 3, c, Mode::Exclusive);
+        assert!(grants(&out).is_empty(), "nothing is granted while a's locks are unknown");
+        let first_token = FencingToken(1 << TOKEN_GENERATION_SHIFT);
+        // A list with a token of the new run is not honest: a's lease ends.
+        let bad = ToServer::Reclaim { epoch: a, first_token, holdings: vec![(LOCK, Mode::Exclusive, first_token)] };
+        let out = restarted.handle(ClerkId(1), bad, 2);
+        assert!(out.contains(&ServerOutput::Fence { epoch: a }));
+        assert_eq!(restarted.refused_reclaims, 1);
+        for dead in [a, b] {
+            restarted.fence_durable(dead, 3);
+            restarted.handle(ClerkId(3), ToServer::RecoveryDone { epoch: c, dead }, 4);
+        }
+        assert!(!restarted.reclaiming());
+        assert_eq!(restarted.holders(LOCK), vec![(c, Mode::Exclusive, FencingToken(first_token.0 + 1))]);
+        restarted.check_invariants().unwrap();
     }
 
     #[test]

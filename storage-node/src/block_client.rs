@@ -8,20 +8,24 @@
 //! - **Read**: sent to all six, decided on the first three answers. Each
 //!   answer lists the segment's versions of the block and the epochs it has
 //!   seen sealed. From each answer the reader takes the newest version that
-//!   is not a possibly-late write of a sealed epoch (a version of a sealed
-//!   epoch counts only where the segment took it while fenced, see
-//!   [`crate::block_segment`]), and returns the newest of those by
-//!   `(fencing token, version)`. Why this is current: every write that
-//!   completed is on four segments, and every seal repaired the dead epoch's
-//!   versions onto four fenced segments; any three answers meet both.
+//!   is not a possibly-late write of a sealed epoch (a sealed epoch's write
+//!   counts only as a seal's repaired copy, see [`crate::block_segment`]),
+//!   and returns the newest of those by `(fencing token, version)`. Why this
+//!   is current: every write that completed is on four segments, and every
+//!   seal put a repaired copy of the dead epoch's chosen versions on four
+//!   fenced segments; any three answers meet both.
 //!   Reads are current for a lock holder: the lock service grants a lock
 //!   covering a dead holder's blocks only after their seal, and a live
 //!   holder's writes are never skipped.
 //! - **Seal**: for every PG, (1) fence the epoch on at least four segments,
 //!   which return the blocks it wrote; (2) copy each such block's newest
-//!   version of that epoch onto every fenced segment (a repair), until four
-//!   fenced segments hold it; (3) mark the epoch sealed on four segments.
-//!   Every step is idempotent; a failed attempt is simply run again.
+//!   version of that epoch onto every fenced segment, marked as repaired,
+//!   until four hold it; (3) mark the epoch sealed on four segments. Within
+//!   one call, steps 2 and 3 are retried with the lists of step 1 until they
+//!   succeed: running step 1 again could list a late write that a segment
+//!   outside the first fence quorum took meanwhile. (A sealer that dies
+//!   between steps 1 and 2 leaves that window to the next run: the decision
+//!   of step 1 is not made durable. ARCHITECTURE.md §11 lists it.)
 
 use crate::block_segment::BlockSegmentConfig;
 use bytes::Bytes;
@@ -262,10 +266,12 @@ impl BlockClient {
         let (answers_to, mut answers) = mpsc::unbounded_channel();
         let started = Instant::now();
         let mut finished: Vec<usize> = Vec::new();
-        let mut sent = Vec::new();
-        let result = loop {
+        // Forgets the requests' waiters however this ends, cancellation included.
+        let mut sent = Waiting { client: self, request_ids: Vec::new() };
+        loop {
             for &replica in to.iter().filter(|replica| !finished.contains(replica)) {
-                sent.push(self.send(pg, replica, &answers_to, |request_id| make(replica, request_id)).await);
+                let request_id = self.send(pg, replica, &answers_to, |request_id| make(replica, request_id)).await;
+                sent.request_ids.push(request_id);
             }
             let resend_at = Instant::now() + RESEND_INTERVAL;
             let mut failure = None;
@@ -286,18 +292,16 @@ impl BlockClient {
                 }
             }
             if let Some(error) = failure {
-                break Err(error);
+                return Err(error);
             }
             if finished.len() >= quorum {
-                break Ok(finished);
+                return Ok(finished);
             }
             if started.elapsed() >= self.timeout {
                 let waited = started.elapsed();
-                break Err(BlockError::NoQuorum { operation, pg, answered: finished.len(), needed: quorum, waited });
+                return Err(BlockError::NoQuorum { operation, pg, answered: finished.len(), needed: quorum, waited });
             }
-        };
-        self.forget(sent);
-        result
+        }
     }
 
     /// Writes one block version; returns once four segments hold it.
@@ -406,7 +410,7 @@ impl BlockClient {
         let view = views.entry(pg).or_default();
         for (replica, image) in images {
             view.epochs.extend(image.sealed.iter().copied());
-            view.cursors[*replica] = image.sealed_cursor + image.sealed.len() as u32;
+            view.cursors[*replica] = image.sealed_cursor.saturating_add(image.sealed.len() as u32);
         }
         view.epochs.clone()
     }
@@ -420,7 +424,8 @@ impl BlockClient {
             let (fenced, written) = self.fence_pg(pg, epoch).await?;
             report.blocks += written.len();
             for (block, (newest, holders)) in written {
-                report.repairs += self.repair(pg, block, epoch, newest, &holders, &fenced).await?;
+                report.repairs +=
+                    Self::until_quorum(|| self.repair(pg, block, epoch, newest, &holders, &fenced)).await?;
             }
             let make = |_, request_id| {
                 let phase = FencePhase::Sealed;
@@ -430,9 +435,25 @@ impl BlockClient {
                 Message::FenceAck(ack) => Ok(ack.phase == FencePhase::Sealed),
                 _ => Ok(false),
             };
-            self.quorum_round("seal", pg, &fenced, WRITE_QUORUM, make, done).await?;
+            Self::until_quorum(|| self.quorum_round("seal", pg, &fenced, WRITE_QUORUM, make, done)).await?;
         }
         Ok(report)
+    }
+
+    /// Runs `step` again while it fails only for want of a quorum (a fenced
+    /// segment is down): the seal's later steps must keep the lists of its
+    /// first.
+    async fn until_quorum<T, F: std::future::Future<Output = Result<T, BlockError>>>(
+        mut step: impl FnMut() -> F,
+    ) -> Result<T, BlockError> {
+        loop {
+            match step().await {
+                Err(BlockError::NoQuorum { operation, pg, answered, needed, .. }) => {
+                    debug!(operation, %pg, answered, needed, "seal step short of a quorum; trying again");
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Step 1: fences `epoch` on `pg` until at least four segments have it.
@@ -487,7 +508,7 @@ impl BlockClient {
             version: newest.version,
             lease_epoch: epoch,
             fencing_token: newest.fencing_token,
-            fenced_here: true,
+            repaired: true,
         };
         let mut data = None;
         for &holder in holders {
@@ -522,6 +543,18 @@ impl BlockClient {
 /// replicas that listed exactly that version.
 type WrittenBlocks = BTreeMap<BlockId, (FencedBlock, Vec<usize>)>;
 
+/// The request ids of one round, forgotten when the round ends.
+struct Waiting<'a> {
+    client: &'a BlockClient,
+    request_ids: Vec<u64>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.client.forget(self.request_ids.drain(..));
+    }
+}
+
 fn all_replicas() -> [usize; REPLICAS] {
     std::array::from_fn(|replica| replica)
 }
@@ -533,20 +566,24 @@ fn refusal(error: ErrorResponse, write: &BlockWrite) -> Result<bool, BlockError>
             Err(BlockError::StaleToken { token: write.fencing_token, message: error.message })
         }
         ErrorCode::InvalidRequest => Err(BlockError::Refused(error.message)),
+        // The segment keeps BLOCK_HISTORY_MAX later grants' versions of the
+        // block: the repaired version would never be read there.
+        ErrorCode::Superseded => Ok(true),
         // Busy, disk failure, unknown segment: another replica may take it.
         _ => Ok(false),
     }
 }
 
 /// The read rule: from each answer, the newest version that is not a
-/// possibly-late write of a sealed epoch; then the newest of those. Returns
-/// the replica that holds it and the version.
+/// possibly-late write of a sealed epoch (a sealed epoch's write counts
+/// only as a seal's repaired copy); then the newest of those. Returns the
+/// replica that holds it and the version.
 pub fn choose_current(images: &[(usize, BlockImage)], sealed: &IdHashSet<u64>) -> Option<(usize, BlockVersionInfo)> {
     images
         .iter()
         .filter_map(|(replica, image)| {
             let trusted =
-                image.history.iter().find(|version| version.fenced_here || !sealed.contains(&version.lease_epoch));
+                image.history.iter().find(|version| version.repaired || !sealed.contains(&version.lease_epoch));
             trusted.map(|version| (*replica, *version))
         })
         .max_by_key(|(_, version)| version.key())

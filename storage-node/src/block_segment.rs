@@ -20,16 +20,18 @@
 //!   newest this segment holds or has queued for the block
 //!   (`StaleFencingToken`).
 //! - A fence is logged in a block checkpoint (which lists every fence so
-//!   far) and acknowledged after its fdatasync, with the blocks the fenced
-//!   epoch wrote here. Every write from that epoch this segment accepted is
-//!   durable no later than the fence, so the list is complete.
-//! - A seal's repair (`repair: true`) is taken although its epoch is fenced:
-//!   it copies a version some fenced segment took before its fence.
-//! - A segment that holds a version of a fenced epoch reports it
-//!   `fenced_here`: it took it before the fence or from a repair, so it is a
-//!   version the dead holder really wrote in time. A segment that missed the
-//!   fence may also hold a *late* write of that epoch: once the epoch is
-//!   sealed, readers ignore copies that are not `fenced_here`.
+//!   far), never ahead of a write queued before it, and acknowledged after
+//!   its fdatasync with the blocks the fenced epoch wrote here: every write
+//!   of that epoch this segment accepted is durable no later than the
+//!   fence, so the list is complete.
+//! - A seal's repair (`repair: true`) is taken although its epoch is
+//!   fenced, and its copy is marked *repaired* (in the log too). A segment
+//!   that missed the fence may take a late write of the epoch, and may be
+//!   fenced later still; it cannot tell that write from one in time. So
+//!   once the epoch is sealed, readers trust only repaired copies of its
+//!   writes, which the seal put on at least four fenced segments.
+//! - A repair older than every version kept for the block is not stored,
+//!   and answered `Superseded` (not counted by the seal).
 //!
 //! ## Invariants (asserted or tested)
 //! - No write from an epoch is accepted after this segment logged (or
@@ -37,7 +39,8 @@
 //! - No write carrying an older token than the newest held for the block is
 //!   accepted, except a repair (which only adds history).
 //! - Nothing is acknowledged before the fdatasync that made it durable.
-//! - A fence is acknowledged only with every version of the epoch held here.
+//! - A fence is acknowledged only with every version of the epoch held here
+//!   (no write queued before it is logged after it).
 
 use crate::log_format::{
     BlockCheckpoint, BlockVersion, Entry, LogCursor, ScanResult, block_checkpoint_entry_bytes, block_item_bytes,
@@ -114,6 +117,9 @@ struct StoredBlock {
     version: u64,
     lease_epoch: u64,
     fencing_token: u64,
+    /// A seal's copy: the only kind of copy of a sealed epoch's write that
+    /// readers trust.
+    repaired: bool,
     data: Bytes,
     file: u64,
 }
@@ -324,7 +330,9 @@ impl BlockSegmentCore {
         let held = history.and_then(|history| {
             history.iter().find(|stored| stored.fencing_token == write.fencing_token && stored.version >= write.version)
         });
-        if held.is_some() {
+        // Held already (a retransmission, or covered by a newer version of
+        // the same grant); a repair must still mark its copy as repaired.
+        if held.is_some_and(|held| !write.repair || held.repaired) {
             let ack = BlockWriteAck { request_id, pg: self.config.pg, block: write.block };
             return vec![BlockAction::Send { to: from, message: Message::BlockWriteAck(ack) }];
         }
@@ -441,7 +449,7 @@ impl BlockSegmentCore {
                     version: stored.version,
                     lease_epoch: stored.lease_epoch,
                     fencing_token: stored.fencing_token,
-                    fenced_here: self.fenced_set.contains(&stored.lease_epoch),
+                    repaired: stored.repaired,
                 })
                 .collect(),
             data_token: chosen.map_or(0, |stored| stored.fencing_token),
@@ -474,11 +482,25 @@ impl BlockSegmentCore {
                 version: write.version,
                 lease_epoch: write.lease_epoch,
                 fencing_token: write.fencing_token,
+                repaired: write.repair,
                 data: write.data,
             };
+            let key = (version.fencing_token, version.version);
             self.insert_version(version, in_flight.file);
-            let ack = BlockWriteAck { request_id: write.request_id, pg: self.config.pg, block };
-            actions.push(BlockAction::Send { to: from, message: Message::BlockWriteAck(ack) });
+            let repaired_here = self.blocks[&block].iter().any(|held| held.key() == key && held.repaired);
+            let message = if !write.repair || repaired_here {
+                Message::BlockWriteAck(BlockWriteAck { request_id: write.request_id, pg: self.config.pg, block })
+            } else {
+                let message = format!("repair of {block} under token {} is older than every version kept", key.0);
+                let error = ErrorResponse {
+                    request_id: write.request_id,
+                    pg: self.config.pg,
+                    code: ErrorCode::Superseded,
+                    message,
+                };
+                Message::Error(error)
+            };
+            actions.push(BlockAction::Send { to: from, message });
         }
         for version in in_flight.relogged {
             self.move_version(&version, in_flight.file);
@@ -536,14 +558,18 @@ impl BlockSegmentCore {
             version: version.version,
             lease_epoch: version.lease_epoch,
             fencing_token: version.fencing_token,
+            repaired: version.repaired,
             data: version.data,
             file,
         };
         let mut dropped = Vec::new();
         if let Some(at) = history.iter().position(|held| held.fencing_token == stored.fencing_token) {
-            if history[at].version >= stored.version {
+            let held = &history[at];
+            let upgrade = held.version == stored.version && stored.repaired && !held.repaired;
+            if held.version > stored.version || (held.version == stored.version && !upgrade) {
                 return;
             }
+            // A newer version of the grant, or the same one now repaired.
             dropped.push(history.remove(at).file);
         }
         let at = history.partition_point(|held| held.key() > stored.key());
@@ -616,6 +642,7 @@ impl BlockSegmentCore {
                 version: stored.version,
                 lease_epoch: stored.lease_epoch,
                 fencing_token: stored.fencing_token,
+                repaired: stored.repaired,
                 data: stored.data.clone(),
             });
         }
@@ -638,7 +665,10 @@ impl BlockSegmentCore {
             take += 1;
         }
         let relogged = self.plan_cleaning(&mut room);
-        let fences = std::mem::take(&mut self.queued_fences);
+        // A fence is logged only with (or after) every write queued before
+        // it, so that its acknowledgement lists all the epoch's writes.
+        let fences =
+            if take == self.queued_writes.len() { std::mem::take(&mut self.queued_fences) } else { Vec::new() };
         if take == 0 && relogged.is_empty() && fences.is_empty() && self.checkpoint_due.is_empty() {
             return Vec::new();
         }
@@ -653,6 +683,7 @@ impl BlockSegmentCore {
                     version: write.version,
                     lease_epoch: write.lease_epoch,
                     fencing_token: write.fencing_token,
+                    repaired: write.repair,
                     data: write.data.clone(),
                 })
                 .chain(relogged.iter().cloned())

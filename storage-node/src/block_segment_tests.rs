@@ -176,7 +176,7 @@ fn history_keeps_the_newest_versions_of_the_last_few_grants() {
     let expected: Vec<u64> = (3..=(BLOCK_HISTORY_MAX as u64 + 2)).rev().collect();
     assert_eq!(tokens, expected);
     // A repair of a grant older than the history keeps nothing new.
-    assert!(is_ack(&harness.write_as(3, 1, 1, 1, b"x", true)));
+    assert_eq!(error_code(&harness.write_as(3, 1, 1, 1, b"x", true)), Some(ErrorCode::Superseded));
     assert_eq!(harness.read(3, 0).history.len(), BLOCK_HISTORY_MAX);
 }
 
@@ -198,14 +198,80 @@ fn a_fenced_epoch_is_refused_from_the_moment_its_fence_is_queued() {
     assert!(ack.complete);
     assert_eq!(error_code(&harness.write(3, 1, 5, 10, b"late")), Some(ErrorCode::FencedEpoch));
     assert!(is_ack(&harness.write(2, 2, 6, 20, b"live")), "other epochs still write");
-    // What the epoch wrote in time is served, and marked as taken before its fence.
+    // What the epoch wrote in time is still served; it is not a repaired copy.
     let image = harness.read(1, 0);
     assert_eq!(&image.data[..], b"before");
-    assert!(image.history[0].fenced_here);
-    // A seal's repair of that epoch's version is taken.
+    assert!(!image.history[0].repaired);
+    // A seal's repair of that epoch's version is taken and marked, also where
+    // the version is held already.
     assert!(is_ack(&harness.write_as(4, 1, 5, 10, b"repaired", true)));
-    assert!(harness.read(4, 0).history[0].fenced_here);
+    assert!(harness.read(4, 0).history[0].repaired);
+    assert!(is_ack(&harness.write_as(1, 1, 5, 10, b"before", true)));
+    assert!(harness.read(1, 0).history[0].repaired);
     assert_eq!(harness.core.fenced(), &[5]);
+    let restarted = harness.restart();
+    let request = BlockRead { request_id: 1, pg: PG, block: BlockId(1), want_token: 0, sealed_cursor: 0 };
+    assert_eq!(restarted.read(&request), harness.core.read(&request), "the repaired mark is in the log");
+}
+
+/// A segment that missed the fence takes a late write, and only then hears
+/// of the fence: the late write must not pass for one taken in time.
+#[test]
+fn a_late_write_taken_before_a_straggling_fence_is_not_trusted() {
+    let mut harness = Harness::new(config());
+    assert!(is_ack(&harness.write(1, 1, 5, 10, b"in time")));
+    assert!(is_ack(&harness.write(1, 2, 5, 10, b"late")));
+    assert!(matches!(harness.fence(5, FencePhase::Fence), Message::FenceAck(_)));
+    assert!(matches!(harness.fence(5, FencePhase::Sealed), Message::FenceAck(_)));
+    let image = harness.read(1, 0);
+    assert!(!image.history[0].repaired);
+    let sealed: IdHashSet<u64> = image.sealed.iter().copied().collect();
+    assert_eq!(crate::block_client::choose_current(&[(0, image)], &sealed), None, "nothing trusted here");
+}
+
+/// A fence is never logged ahead of a write of its epoch queued before it,
+/// so its acknowledgement lists that write.
+#[test]
+fn a_fence_waits_for_the_writes_queued_before_it() {
+    let mut harness = Harness::new(BlockSegmentConfig { log_file_bytes: 64 * 1024 * 1024, ..config() });
+    harness.hold_writes = true;
+    static DATA: [u8; 4096] = [1; 4096];
+    // More queued than one log write takes (2 MiB), all of epoch 1.
+    for block in 0..700u64 {
+        let request = BlockWrite {
+            request_id: block,
+            pg: PG,
+            block: BlockId(block),
+            version: 1,
+            lease_epoch: 1,
+            fencing_token: 1,
+            repair: false,
+            data: Bytes::from_static(&DATA),
+        };
+        let actions = harness.core.write(request, 1);
+        harness.run(actions);
+    }
+    let request =
+        FenceRequest { request_id: 9, pg: PG, lease_epoch: 1, phase: FencePhase::Fence, from_block: BlockId(0) };
+    let actions = harness.core.fence(request, 2);
+    harness.run(actions);
+    harness.release_held();
+    let mut listed = 0;
+    for (to, message) in &harness.sent {
+        if let (2, Message::FenceAck(ack)) = (to, message) {
+            listed = ack.blocks.len();
+        }
+    }
+    assert_eq!(listed, 700, "the fence lists every write queued before it");
+}
+
+#[test]
+fn a_repair_older_than_every_kept_version_is_refused_as_superseded() {
+    let mut harness = Harness::new(config());
+    for token in 2..=(BLOCK_HISTORY_MAX as u64 + 1) {
+        assert!(is_ack(&harness.write(3, 1, 1, token, b"x")));
+    }
+    assert_eq!(error_code(&harness.write_as(3, 1, 1, 1, b"old", true)), Some(ErrorCode::Superseded));
 }
 
 #[test]

@@ -29,8 +29,9 @@
 //!   `segment_complete_lsn`, so records at or below it that are absent were
 //!   subsumed by page versions and garbage-collected.
 //! - block versions (block segments only): `count` items of `block u64,
-//!   version u64, lease_epoch u64, fencing_token u64, length u32, crc32c u32
-//!   (over the data), data` (each item padded to 8 bytes).
+//!   version u64, lease_epoch u64, fencing_token u64, length u32, flags u32
+//!   (bit 0: a seal's repair), crc32c u32 (over the data), reserved u32, data`
+//!   (each item padded to 8 bytes).
 //! - block checkpoint (block segments only): `pg u32, block_bytes_max u32,
 //!   fenced_count u32, sealed_count u32`, then `fenced_count` fenced lease
 //!   epochs and `sealed_count` sealed ones, u64 each, in the order the
@@ -64,7 +65,8 @@ const KIND_PAGE_VERSIONS: u16 = 2;
 const KIND_CHECKPOINT: u16 = 3;
 const KIND_BLOCK_VERSIONS: u16 = 4;
 const KIND_BLOCK_CHECKPOINT: u16 = 5;
-const BLOCK_ITEM_HEADER_BYTES: usize = 40;
+const BLOCK_ITEM_HEADER_BYTES: usize = 48;
+const BLOCK_FLAG_REPAIRED: u32 = 1;
 const VERSION_ITEM_HEADER_BYTES: usize = 24;
 const CHECKPOINT_BODY_BYTES: usize = 32;
 
@@ -152,6 +154,8 @@ pub struct BlockVersion {
     pub version: u64,
     pub lease_epoch: u64,
     pub fencing_token: u64,
+    /// Written by a seal's repair: a dead epoch's write that stays readable.
+    pub repaired: bool,
     pub data: Bytes,
 }
 
@@ -253,7 +257,9 @@ pub fn encode_block_versions_entry<'a>(
         out.put_u64_le(version.lease_epoch);
         out.put_u64_le(version.fencing_token);
         out.put_u32_le(version.data.len() as u32);
+        out.put_u32_le(if version.repaired { BLOCK_FLAG_REPAIRED } else { 0 });
         out.put_u32_le(crc32c::crc32c(&version.data));
+        out.put_u32_le(0);
         out.put_slice(&version.data);
         let padded = aligned(out.len() - item_start);
         out.put_bytes(0, padded - (out.len() - item_start));
@@ -410,8 +416,10 @@ fn decode_block_version(body: &Bytes, offset: usize) -> Option<(BlockVersion, us
     let lease_epoch = reader.u64().ok()?;
     let fencing_token = reader.u64().ok()?;
     let length = reader.u32().ok()? as usize;
+    let flags = reader.u32().ok()?;
     let checksum = reader.u32().ok()?;
-    if length > BLOCK_BYTES_MAX {
+    let _reserved = reader.u32().ok()?;
+    if length > BLOCK_BYTES_MAX || flags & !BLOCK_FLAG_REPAIRED != 0 {
         return None;
     }
     let start = offset + BLOCK_ITEM_HEADER_BYTES;
@@ -421,7 +429,8 @@ fn decode_block_version(body: &Bytes, offset: usize) -> Option<(BlockVersion, us
     }
     let next = offset + aligned(BLOCK_ITEM_HEADER_BYTES + length);
     let data = body.slice(start..start + length);
-    Some((BlockVersion { block, version, lease_epoch, fencing_token, data }, next.min(body.len())))
+    let repaired = flags & BLOCK_FLAG_REPAIRED != 0;
+    Some((BlockVersion { block, version, lease_epoch, fencing_token, repaired, data }, next.min(body.len())))
 }
 
 fn decode_version(body: &Bytes, offset: usize) -> Option<(PageVersion, usize)> {

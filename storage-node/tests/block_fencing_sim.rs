@@ -128,6 +128,8 @@ struct World {
     holders: BTreeMap<BlockId, Holder>,
     /// The blocks (and tokens) whose locks each dead epoch held when it died.
     held_at_death: BTreeMap<u64, Vec<(BlockId, u64)>>,
+    /// The segments each seal's fence step reached.
+    fence_quorums: BTreeMap<u64, Vec<usize>>,
     next_epoch: u64,
     next_token: u64,
     next_version: u64,
@@ -146,6 +148,7 @@ impl World {
             dead: BTreeMap::new(),
             holders: BTreeMap::new(),
             held_at_death: BTreeMap::new(),
+            fence_quorums: BTreeMap::new(),
             next_epoch: 1,
             next_token: 1,
             next_version: 1,
@@ -271,6 +274,7 @@ impl World {
                         }
                     }
                 }
+                self.fence_quorums.insert(epoch, fenced.clone());
                 SealStage::Fenced { fenced, lists }
             }
             SealStage::Fenced { fenced, lists } => {
@@ -294,7 +298,12 @@ impl World {
                         data: image.data,
                     };
                     for replica in self.subset(&fenced, 4) {
-                        if !matches!(self.segments[replica].write(repair.clone()), Message::BlockWriteAck(_)) {
+                        // As the client does: a superseded repair counts (the
+                        // segment keeps four later grants' versions).
+                        let answer = self.segments[replica].write(repair.clone());
+                        let superseded =
+                            matches!(&answer, Message::Error(error) if error.code == ErrorCode::Superseded);
+                        if !matches!(answer, Message::BlockWriteAck(_)) && !superseded {
                             return Err(format!("fenced segment {replica} refused a repair of {block}"));
                         }
                     }
@@ -359,6 +368,22 @@ impl World {
             return Ok(());
         };
         self.deliver(block, Holder { epoch, token })
+    }
+
+    /// A fence (and sometimes the seal) that missed its quorum reaches a
+    /// segment late, maybe after that segment took late writes.
+    fn straggling_fence(&mut self) {
+        let quorums: Vec<(u64, Vec<usize>)> = self.fence_quorums.iter().map(|(e, f)| (*e, f.clone())).collect();
+        let Some((epoch, quorum)) = quorums.get(self.rng.below(quorums.len().max(1) as u64) as usize).cloned() else {
+            return;
+        };
+        let outside: Vec<usize> = (0..REPLICAS).filter(|replica| !quorum.contains(replica)).collect();
+        let Some(&replica) = outside.get(self.rng.below(outside.len().max(1) as u64) as usize) else { return };
+        self.segments[replica].fence(epoch, FencePhase::Fence);
+        if self.dead.get(&epoch) == Some(&SealStage::Sealed) && self.rng.chance(0.5) {
+            self.segments[replica].fence(epoch, FencePhase::Sealed);
+        }
+        self.log.push(format!("straggling fence of {epoch} reaches segment {replica}"));
     }
 
     /// Reads `block` from a random set of at least three segments and checks it.
@@ -450,6 +475,7 @@ impl World {
                 self.segments[replica].restart();
                 self.log.push(format!("segment {replica} restarts"));
             }
+            78..83 => self.straggling_fence(),
             _ => self.read(block)?,
         }
         Ok(())
