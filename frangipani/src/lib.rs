@@ -1,6 +1,17 @@
-//! # frangipani (not built yet)
+//! # frangipani: the file system over the shared block volume (being built)
 //!
-//! The Frangipani file system over the shared block volume, with coherent
-//! write-back caches, per-workstation WALs and recovery. Its design is issue
-//! #6; this crate is an empty placeholder in the workspace layout until then.
-//! Nothing here is claimed to work.
+//! Frangipani (F97) on this kit: workstations with coherent write-back
+//! caches driven by the lock service, each with its own write-ahead log in
+//! the shared storage, over the block volume of `storage_node::block_client`
+//! (which already refuses writes of fenced leases).
+//!
+//! Built so far:
+//! - [`layout`]: the on-disk layout (parameter block, per-workstation logs,
+//!   bitmap portions, 512-byte inodes, small and large blocks), drawn in
+//!   `docs/frangipani-layout.md`.
+//!
+//! Not built yet (issue #6 continues): the inode and directory formats, the
+//! metadata write-ahead log and its replay, the cache, the recovery demon,
+//! the FUSE mount, fsck and `lab bench fs`.
+
+pub mod layout;
