@@ -9,9 +9,13 @@
 //! - [`layout`]: the on-disk layout (parameter block, per-workstation logs,
 //!   bitmap portions, 512-byte inodes, small and large blocks), drawn in
 //!   `docs/frangipani-layout.md`.
+//! - [`wal`]: the metadata write-ahead log as pure data structures: log
+//!   blocks with sequence numbers, the end found where they stop growing,
+//!   reclaiming the oldest quarter after write-back, and replay by version.
 //!
-//! Not built yet (issue #6 continues): the inode and directory formats, the
-//! metadata write-ahead log and its replay, the cache, the recovery demon,
-//! the FUSE mount, fsck and `lab bench fs`.
+//! Not built yet (issue #6 continues): the inode and directory formats,
+//! the workstation that drives the log against the block volume, the cache,
+//! the recovery demon, the FUSE mount, fsck and `lab bench fs`.
 
 pub mod layout;
+pub mod wal;
