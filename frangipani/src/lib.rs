@@ -12,14 +12,16 @@
 //! - [`inode`]: the 512-byte inode (version, kind, permissions, times, 16
 //!   small-block pointers, 37 large-block pointers and one indirect large
 //!   block; a symbolic link's target inline) and where each file byte lives.
+//! - [`bitmap`]: a bitmap portion: allocate the lowest free bit, free one.
 //! - [`directory`]: a directory block (versioned entries: name, inode, kind).
 //! - [`wal`]: the metadata write-ahead log as pure data structures: log
 //!   blocks with sequence numbers, the end found where they stop growing,
 //!   reclaiming the oldest quarter after write-back, and replay by version.
 //!
-//! Not built yet (issue #6 continues): the allocator, the workstation that drives the log against the block volume, the cache,
+//! Not built yet (issue #6 continues): the workstation that drives the log against the block volume, the cache,
 //! the recovery demon, the FUSE mount, fsck and `lab bench fs`.
 
+pub mod bitmap;
 pub mod directory;
 pub mod inode;
 pub mod layout;
