@@ -1,6 +1,7 @@
 //! An in-process cluster: six storage nodes on loopback TCP, two in each of
 //! three AZs, each with its own data directory, and the volume geometry
-//! that places every PG on them.
+//! that places every PG on them; optionally a block volume too, with one
+//! replica of each of its PGs on every node.
 //!
 //! A node can be killed (its tasks are aborted: nothing more is
 //! acknowledged, whatever reached fdatasync stays) and restarted on the same
@@ -10,12 +11,15 @@
 
 use anyhow::{Context, Result, bail};
 use common::ids::{AzId, NodeId, PgId};
+use common::limits::BLOCK_BYTES_MAX;
 use common::transport::{MemoryNetwork, TcpTransport, Transport};
 use db_frontend::volume::client::{VolumeClient, VolumeConfig};
 use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, VolumeGeometry};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use storage_node::block_client::{BlockClient, BlockVolumeLayout, REPLICAS};
+use storage_node::block_segment::BlockSegmentConfig;
 use storage_node::disk::MemoryVolumeStore;
 use storage_node::{DiskBackend, NodeConfig, SegmentConfig, StorageNode};
 
@@ -40,6 +44,10 @@ pub struct ClusterOptions {
     /// Run the nodes on this simulated network (with its faults) instead of
     /// loopback TCP; node `i` listens at `node-i`. `send_delays` is ignored.
     pub memory_network: Option<MemoryNetwork>,
+    /// PGs of a block volume (the file system's shared disk) beside the
+    /// redo volume; 0 for none. Node `i` hosts replica `i` of each.
+    pub block_pgs: u32,
+    pub blocks_per_pg: u64,
 }
 
 impl ClusterOptions {
@@ -53,6 +61,8 @@ impl ClusterOptions {
             log_file_bytes: 32 * 1024 * 1024,
             send_delays: Vec::new(),
             memory_network: None,
+            block_pgs: 0,
+            blocks_per_pg: 1 << 20,
         }
     }
 }
@@ -70,6 +80,7 @@ pub struct LocalCluster {
     slots: Vec<NodeSlot>,
     geometry: VolumeGeometry,
     memory_network: Option<MemoryNetwork>,
+    block_layout: Option<BlockVolumeLayout>,
 }
 
 impl LocalCluster {
@@ -118,6 +129,12 @@ impl LocalCluster {
                     segment
                 })
                 .collect();
+            slot.config.block_segments = (0..options.block_pgs)
+                .map(|pg| BlockSegmentConfig {
+                    log_file_bytes: options.log_file_bytes,
+                    ..BlockSegmentConfig::new(PgId(pg), options.blocks_per_pg, BLOCK_BYTES_MAX)
+                })
+                .collect();
             let node = StorageNode::start(slot.config.clone(), slot.transport.clone())
                 .await
                 .with_context(|| format!("starting node {index}"))?;
@@ -127,7 +144,21 @@ impl LocalCluster {
         for placement in geometry.segments.iter_mut().flatten() {
             placement.address = slots[placement.node.0 as usize].config.listen_address.clone();
         }
-        Ok(LocalCluster { slots, geometry, memory_network: options.memory_network.clone() })
+        let block_layout = (options.block_pgs > 0).then(|| {
+            let replicas: [String; REPLICAS] = std::array::from_fn(|index| slots[index].config.listen_address.clone());
+            BlockVolumeLayout {
+                blocks_per_pg: options.blocks_per_pg,
+                block_bytes_max: BLOCK_BYTES_MAX,
+                pgs: vec![replicas; options.block_pgs as usize],
+            }
+        });
+        Ok(LocalCluster { slots, geometry, memory_network: options.memory_network.clone(), block_layout })
+    }
+
+    /// A client of the block volume (if the cluster has one).
+    pub fn block_client(&self, transport: Arc<dyn Transport>) -> Result<BlockClient> {
+        let layout = self.block_layout.clone().context("this cluster was started without a block volume")?;
+        Ok(BlockClient::new(layout, transport))
     }
 
     pub fn geometry(&self) -> &VolumeGeometry {
