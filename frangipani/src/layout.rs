@@ -235,6 +235,18 @@ impl Layout {
         }
     }
 
+    pub fn is_inode_block(&self, block: u64) -> bool {
+        (self.inodes_base..self.small_base).contains(&block)
+    }
+
+    pub fn is_bitmap_block(&self, block: u64) -> bool {
+        (self.bitmaps_base..self.inodes_base).contains(&block)
+    }
+
+    pub fn is_small_block(&self, block: u64) -> bool {
+        (self.small_base..self.large_base).contains(&block)
+    }
+
     /// The size of block `block`, by its region.
     pub fn block_bytes(&self, block: u64) -> usize {
         match block {

@@ -14,6 +14,9 @@
 //!   block; a symbolic link's target inline) and where each file byte lives.
 //! - [`bitmap`]: a bitmap portion: allocate the lowest free bit, free one.
 //! - [`directory`]: a directory block (versioned entries: name, inode, kind).
+//! - [`metadata`]: how a logged update (a byte span and a version) changes
+//!   a framed block (inode, directory) or a raw one (bitmap), and the record
+//!   that takes a block from one image to the next.
 //! - [`wal`]: the metadata write-ahead log as pure data structures: log
 //!   blocks with sequence numbers, the end found where they stop growing,
 //!   reclaiming the oldest quarter after write-back, and replay by version.
@@ -25,4 +28,5 @@ pub mod bitmap;
 pub mod directory;
 pub mod inode;
 pub mod layout;
+pub mod metadata;
 pub mod wal;
