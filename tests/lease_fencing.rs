@@ -7,116 +7,69 @@
 //! anyone replay the dead workstation's log or take its locks.
 
 use bytes::Bytes;
-use common::ids::{BlockId, NodeId, PgId};
+use common::ids::{BlockId, PgId};
 use common::message::{BlockWrite, Message};
 use common::transport::{BoxFuture, MemoryNetwork, TcpTransport, Transport};
+use lab::cluster::{ClusterOptions, LocalCluster};
 use lockserver::protocol::{ClerkId, LeaseEpoch, LockName, Mode};
 use lockserver::{Clerk, ClerkConfig, Fencer, LockServer, ServerConfig, Workstation};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
-use storage_node::block_client::{BlockClient, BlockError, BlockVolumeLayout, REPLICAS};
-use storage_node::block_segment::BlockSegmentConfig;
-use storage_node::disk::MemoryVolumeStore;
-use storage_node::{DiskBackend, NodeConfig, StorageNode};
+use storage_node::DiskBackend;
+use storage_node::block_client::{BlockClient, BlockError, REPLICAS};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const LOCK: LockName = LockName { table: 1, id: 7 };
 const BLOCK: BlockId = BlockId(7);
-const BLOCKS_PER_PG: u64 = 1 << 20;
-const BLOCK_BYTES: usize = 4096;
 
 type Events = Arc<Mutex<Vec<String>>>;
 
-/// Six storage nodes, each hosting one segment of every PG of a block volume.
+/// A `LocalCluster` with a one-PG block volume (on memory disks), and the
+/// transport its clients use.
 struct BlockCluster {
+    cluster: LocalCluster,
     transport: Arc<dyn Transport>,
-    memory: Option<MemoryNetwork>,
-    store: MemoryVolumeStore,
-    addresses: Vec<String>,
-    nodes: Vec<Option<StorageNode>>,
-    layout: BlockVolumeLayout,
-}
-
-/// Every node hosts a segment of the volume's one PG.
-fn node_config(index: usize, address: String, store: &MemoryVolumeStore) -> NodeConfig {
-    NodeConfig {
-        node: NodeId(index as u32),
-        block_segments: vec![BlockSegmentConfig::new(PgId(0), BLOCKS_PER_PG, BLOCK_BYTES)],
-        listen_address: address,
-        data_directory: std::env::temp_dir(),
-        disk: DiskBackend::Memory,
-        memory_store: store.clone(),
-        segments: Vec::new(),
-    }
+    _directory: tempfile::TempDir,
 }
 
 impl BlockCluster {
-    fn layout(addresses: &[String]) -> BlockVolumeLayout {
-        let replicas: [String; REPLICAS] = std::array::from_fn(|index| addresses[index].clone());
-        BlockVolumeLayout { blocks_per_pg: BLOCKS_PER_PG, block_bytes_max: BLOCK_BYTES, pgs: vec![replicas] }
-    }
-
-    /// On loopback TCP: every node binds a free port first.
-    async fn tcp() -> BlockCluster {
-        let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
-        let store = MemoryVolumeStore::default();
-        let mut nodes = Vec::new();
-        let mut addresses = Vec::new();
-        for index in 0..REPLICAS {
-            let config = node_config(index, "127.0.0.1:0".into(), &store);
-            let node = StorageNode::start(config, transport.clone()).await.expect("storage node");
-            addresses.push(node.local_address().to_string());
-            nodes.push(Some(node));
-        }
-        let layout = Self::layout(&addresses);
-        BlockCluster { transport, memory: None, store, addresses, nodes, layout }
-    }
-
-    /// On a simulated network, where nodes can be stopped and restarted at
+    /// On loopback TCP, or on a simulated network where nodes restart at
     /// the same address.
-    async fn memory() -> BlockCluster {
-        let network = MemoryNetwork::new(7);
-        let addresses: Vec<String> = (0..REPLICAS).map(|index| format!("node-{index}")).collect();
-        let mut cluster = BlockCluster {
-            transport: Arc::new(network.clone()),
-            memory: Some(network),
-            store: MemoryVolumeStore::default(),
-            layout: Self::layout(&addresses),
-            nodes: (0..REPLICAS).map(|_| None).collect(),
-            addresses,
+    async fn start(network: Option<MemoryNetwork>) -> BlockCluster {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut options = ClusterOptions::new(directory.path(), DiskBackend::Memory);
+        options.pg_bytes = 128 * options.page_bytes as u64; // the redo volume is not used here
+        options.block_pgs = 1;
+        options.memory_network = network.clone();
+        let transport: Arc<dyn Transport> = match network {
+            Some(network) => Arc::new(network),
+            None => Arc::new(TcpTransport::new()),
         };
-        for index in 0..REPLICAS {
-            cluster.start(index).await;
-        }
-        cluster
+        let cluster = LocalCluster::start(&options).await.expect("cluster");
+        BlockCluster { cluster, transport, _directory: directory }
     }
 
-    async fn start(&mut self, index: usize) {
-        let config = node_config(index, self.addresses[index].clone(), &self.store);
-        self.nodes[index] = Some(StorageNode::start(config, self.transport.clone()).await.expect("storage node"));
+    fn client(&self) -> BlockClient {
+        let mut client = self.cluster.block_client(self.transport.clone()).expect("a block volume");
+        client.timeout = Duration::from_secs(5);
+        client
     }
 
     /// A crash: nothing more is answered; what was durable stays.
     fn stop(&mut self, index: usize) {
-        if let Some(node) = self.nodes[index].take() {
-            node.stop();
-        }
-        if let Some(network) = &self.memory {
-            network.unbind(&self.addresses[index]);
-        }
+        self.cluster.kill(index);
     }
 
-    fn client(&self) -> BlockClient {
-        let mut client = BlockClient::new(self.layout.clone(), self.transport.clone());
-        client.timeout = Duration::from_secs(5);
-        client
+    async fn restart(&mut self, index: usize) {
+        self.cluster.restart(index).await.expect("restart");
     }
 
     /// Sends a block write to one node only, as a delayed frame from the
     /// past would arrive; returns whether that segment took it.
     async fn deliver_to(&self, index: usize, write: BlockWrite) -> bool {
-        let mut connection = self.transport.connect(self.addresses[index].clone()).await.expect("connect");
+        let address = self.cluster.address(index).to_string();
+        let mut connection = self.transport.connect(address).await.expect("connect");
         connection.sender.try_send(Message::BlockWrite(write).encode()).expect("send");
         let frame = tokio::time::timeout(Duration::from_secs(5), connection.receiver.recv())
             .await
@@ -212,7 +165,7 @@ async fn clerk(server: &LockServer, id: u64, name: &'static str, events: &Events
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_delayed_past_its_lease_expiry_is_refused_and_never_visible() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let cluster = BlockCluster::tcp().await;
+        let cluster = BlockCluster::start(None).await;
         let client = Arc::new(cluster.client());
         let events: Events = Arc::default();
         let fencer = Arc::new(SealingFencer { client: client.clone(), events: events.clone() });
@@ -268,7 +221,7 @@ async fn a_write_delayed_past_its_lease_expiry_is_refused_and_never_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_writes_taken_by_segments_that_missed_the_fence_stay_invisible() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let mut cluster = BlockCluster::memory().await;
+        let mut cluster = BlockCluster::start(Some(MemoryNetwork::new(7))).await;
         let writer = cluster.client();
         let (old_epoch, old_token, dead_epoch, dead_token) = (3, 8, 5, 10);
         let (overwritten, untouched, partial) = (BlockId(1), BlockId(2), BlockId(3));
@@ -281,16 +234,16 @@ async fn late_writes_taken_by_segments_that_missed_the_fence_stay_invisible() {
         cluster.stop(4);
         cluster.stop(5);
         writer.write(partial, 1, dead_epoch, dead_token, in_time.clone()).await.expect("on four segments");
-        cluster.start(4).await;
-        cluster.start(5).await;
+        cluster.restart(4).await;
+        cluster.restart(5).await;
 
         // Segments 0 and 1 are down while the epoch is sealed on 2..=5.
         cluster.stop(0);
         cluster.stop(1);
         let report = writer.seal(dead_epoch).await.expect("sealed on four segments");
         assert_eq!(report.blocks, 2, "the dead epoch wrote two blocks that the fenced segments hold");
-        cluster.start(0).await;
-        cluster.start(1).await;
+        cluster.restart(0).await;
+        cluster.restart(1).await;
 
         // The late writes reach the two segments that never heard of the fence.
         for block in [overwritten, untouched, partial] {
@@ -315,7 +268,7 @@ async fn late_writes_taken_by_segments_that_missed_the_fence_stay_invisible() {
                 assert_eq!(&read.data, expected, "{block} read through segments 0, 1 and {fenced}");
             }
             for index in (2..REPLICAS).filter(|index| *index != fenced) {
-                cluster.start(index).await;
+                cluster.restart(index).await;
             }
         }
     })

@@ -22,6 +22,9 @@ use std::time::Duration;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 const LOCK: LockName = LockName { table: 1, id: 42 };
+/// For servers with leases under a second.
+const SHORT_LEASE_CLERK: ClerkConfig =
+    ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
 
 /// What happened, in order, across the server's fencer and the workstations.
 type Events = Arc<Mutex<Vec<String>>>;
@@ -123,8 +126,7 @@ async fn a_dead_holder_is_fenced_and_recovered_before_its_lock_moves() {
         let events: Events = Arc::default();
         let lease = Duration::from_millis(400);
         let server = start_server(lease, &events).await;
-        let config =
-            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let config = SHORT_LEASE_CLERK;
         let a = clerk(&server, 1, "a", config, &events).await;
         let b = clerk(&server, 2, "b", config, &events).await;
         let held = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it");
@@ -197,8 +199,7 @@ async fn a_clerk_whose_server_is_gone_drops_its_locks_when_its_lease_runs_out() 
     tokio::time::timeout(TEST_TIMEOUT, async {
         let events: Events = Arc::default();
         let server = start_server(Duration::from_millis(400), &events).await;
-        let config =
-            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let config = SHORT_LEASE_CLERK;
         let a = clerk(&server, 1, "a", config, &events).await;
         drop(a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it"));
         server.stop();
@@ -235,8 +236,7 @@ async fn a_restarted_server_lets_clerks_reclaim_their_locks_and_grants_nothing_i
         };
         let server = start("127.0.0.1:0".into()).await.expect("lock server");
         let address = server.local_address().to_string();
-        let clerk_config =
-            ClerkConfig { lease_margin_micros: 50_000, renew_every_micros: 100_000, retransmit_micros: 50_000 };
+        let clerk_config = SHORT_LEASE_CLERK;
         let a = clerk(&server, 1, "a", clerk_config, &events).await;
         let b = clerk(&server, 2, "b", clerk_config, &events).await;
         let held = a.acquire(LOCK, Mode::Exclusive, Duration::from_secs(5)).await.expect("a holds it");

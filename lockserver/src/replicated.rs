@@ -574,11 +574,6 @@ impl ReplicatedLockServer {
         self.shared.is_leader()
     }
 
-    /// The leader as this replica knows it.
-    pub fn leader(&self) -> Option<u64> {
-        self.shared.raft.metrics().borrow().current_leader
-    }
-
     /// Holders of `lock` in this replica's copy of the state.
     pub fn holders(
         &self,

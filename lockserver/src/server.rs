@@ -741,6 +741,10 @@ impl LockServerCore {
 
     /// Checks the server's invariants; the first broken one as an error.
     pub fn check_invariants(&self) -> Result<(), String> {
+        let reclaiming = self.sessions.values().filter(|session| session.reclaiming).count();
+        if reclaiming != self.unknown_holdings {
+            return Err(format!("{reclaiming} sessions reclaim, but {} are counted", self.unknown_holdings));
+        }
         for (lock, state) in &self.locks {
             for (index, first) in state.holders.iter().enumerate() {
                 for second in &state.holders[index + 1..] {

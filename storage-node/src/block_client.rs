@@ -27,7 +27,6 @@
 //!   between steps 1 and 2 leaves that window to the next run: the decision
 //!   of step 1 is not made durable. ARCHITECTURE.md §11 lists it.)
 
-use crate::block_segment::BlockSegmentConfig;
 use bytes::Bytes;
 use common::block_message::{
     BlockImage, BlockRead, BlockVersionInfo, BlockWrite, FenceAck, FencePhase, FenceRequest, FencedBlock,
@@ -68,14 +67,6 @@ impl BlockVolumeLayout {
             return Err(BlockError::OutOfRange { block, blocks: self.blocks_per_pg * self.pgs.len() as u64 });
         }
         Ok(PgId(pg as u32))
-    }
-
-    /// The segment each node at `address` hosts, for node configuration.
-    pub fn segments_at(&self, address: &str) -> Vec<BlockSegmentConfig> {
-        (0..self.pgs.len())
-            .filter(|pg| self.pgs[*pg].iter().any(|held| held == address))
-            .map(|pg| BlockSegmentConfig::new(PgId(pg as u32), self.blocks_per_pg, self.block_bytes_max))
-            .collect()
     }
 }
 
@@ -180,10 +171,6 @@ impl BlockClient {
             }),
             timeout: Duration::from_secs(10),
         }
-    }
-
-    pub fn layout(&self) -> &BlockVolumeLayout {
-        &self.layout
     }
 
     /// A connection to `address`, opened if there is none.
@@ -367,7 +354,7 @@ impl BlockClient {
         });
         let data = match carried {
             Some(data) => data,
-            None => self.read_version(pg, block, replica, chosen).await?.ok_or_else(|| {
+            None => self.read_version(pg, block, replica, chosen.key()).await?.ok_or_else(|| {
                 BlockError::Refused(format!("{block} changed while it was read (a newer grant wrote it): retry"))
             })?,
         };
@@ -379,23 +366,24 @@ impl BlockClient {
         })
     }
 
-    /// Fetches the bytes of one version from one replica; `None` if the
-    /// replica no longer holds that version.
+    /// Fetches the bytes of the version `(fencing token, version)` from one
+    /// replica; `None` if the replica no longer holds that version.
     async fn read_version(
         &self,
         pg: PgId,
         block: BlockId,
         replica: usize,
-        version: BlockVersionInfo,
+        key: (u64, u64),
     ) -> Result<Option<Bytes>, BlockError> {
+        let (token, _) = key;
         let mut data = None;
         let make = |_, request_id| {
-            Message::BlockRead(BlockRead { request_id, pg, block, want_token: version.fencing_token, sealed_cursor: 0 })
+            Message::BlockRead(BlockRead { request_id, pg, block, want_token: token, sealed_cursor: 0 })
         };
         let done = |_, message| match message {
             Message::BlockImage(image) => {
-                let held = image.history.iter().any(|held| held.key() == version.key());
-                data = (held && image.data_token == version.fencing_token).then_some(image.data);
+                let held = image.history.iter().any(|held| held.key() == key);
+                data = (held && image.data_token == token).then_some(image.data);
                 Ok(true)
             }
             _ => Ok(false),
@@ -504,15 +492,9 @@ impl BlockClient {
         holders: &[usize],
         fenced: &[usize],
     ) -> Result<usize, BlockError> {
-        let info = BlockVersionInfo {
-            version: newest.version,
-            lease_epoch: epoch,
-            fencing_token: newest.fencing_token,
-            repaired: true,
-        };
         let mut data = None;
         for &holder in holders {
-            match self.read_version(pg, block, holder, info).await {
+            match self.read_version(pg, block, holder, (newest.fencing_token, newest.version)).await {
                 Ok(Some(bytes)) => {
                     data = Some(bytes);
                     break;

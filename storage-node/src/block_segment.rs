@@ -130,6 +130,37 @@ impl StoredBlock {
     }
 }
 
+/// Lease epochs in the order a segment learned them, and as a set.
+#[derive(Debug, Default)]
+struct EpochList {
+    order: Vec<u64>,
+    set: IdHashSet<u64>,
+}
+
+impl EpochList {
+    fn insert(&mut self, epoch: u64) {
+        if self.set.insert(epoch) {
+            self.order.push(epoch);
+        }
+    }
+
+    fn contains(&self, epoch: u64) -> bool {
+        self.set.contains(&epoch)
+    }
+}
+
+/// The log entry of a block write or repair.
+fn logged(write: &BlockWrite) -> BlockVersion {
+    BlockVersion {
+        block: write.block,
+        version: write.version,
+        lease_epoch: write.lease_epoch,
+        fencing_token: write.fencing_token,
+        repaired: write.repair,
+        data: write.data.clone(),
+    }
+}
+
 /// Writes (and their waiters) queued or in flight for one block.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
@@ -141,7 +172,8 @@ struct Pending {
 struct InFlight {
     id: u64,
     file: u64,
-    writes: Vec<(BlockWrite, ReplyTo)>,
+    /// Each write as logged, its request id and who waits for it.
+    writes: Vec<(BlockVersion, u64, ReplyTo)>,
     relogged: Vec<BlockVersion>,
     fences: Vec<(FenceRequest, ReplyTo)>,
     delete_after: Vec<u64>,
@@ -152,14 +184,11 @@ struct InFlight {
 pub struct BlockSegmentCore {
     config: BlockSegmentConfig,
     failed: Option<String>,
-    needs_repair: bool,
     /// Durable history per block, newest first.
     blocks: IdHashMap<BlockId, Vec<StoredBlock>>,
-    /// Durable fences and seals, in the order learned.
-    fenced: Vec<u64>,
-    fenced_set: IdHashSet<u64>,
-    sealed: Vec<u64>,
-    sealed_set: IdHashSet<u64>,
+    /// Durable fences and seals.
+    fenced: EpochList,
+    sealed: EpochList,
     /// Epochs whose fence is queued or in flight: already refused.
     fencing: IdHashSet<u64>,
 
@@ -184,12 +213,9 @@ impl BlockSegmentCore {
         Ok(BlockSegmentCore {
             config,
             failed: None,
-            needs_repair: false,
             blocks: IdHashMap::default(),
-            fenced: Vec::new(),
-            fenced_set: IdHashSet::default(),
-            sealed: Vec::new(),
-            sealed_set: IdHashSet::default(),
+            fenced: EpochList::default(),
+            sealed: EpochList::default(),
             fencing: IdHashSet::default(),
             queued_writes: Vec::new(),
             queued_bytes: 0,
@@ -230,16 +256,8 @@ impl BlockSegmentCore {
                         ));
                     }
                     saw_checkpoint = true;
-                    for epoch in checkpoint.fenced {
-                        if core.fenced_set.insert(epoch) {
-                            core.fenced.push(epoch);
-                        }
-                    }
-                    for epoch in checkpoint.sealed {
-                        if core.sealed_set.insert(epoch) {
-                            core.sealed.push(epoch);
-                        }
-                    }
+                    checkpoint.fenced.into_iter().for_each(|epoch| core.fenced.insert(epoch));
+                    checkpoint.sealed.into_iter().for_each(|epoch| core.sealed.insert(epoch));
                 }
                 Entry::BlockVersions(versions) => {
                     for version in versions {
@@ -254,7 +272,6 @@ impl BlockSegmentCore {
         if !saw_checkpoint {
             return Err("log holds no block checkpoint: not a block segment log".into());
         }
-        core.needs_repair = !scan.corruptions.is_empty();
         core.cursor = cursor;
         Ok((core, scan.corruptions.len()))
     }
@@ -268,24 +285,14 @@ impl BlockSegmentCore {
         self.in_flight.is_none()
     }
 
-    /// A corrupt entry was found in the middle of the log.
-    pub fn needs_repair(&self) -> bool {
-        self.needs_repair
-    }
-
     /// Durably fenced lease epochs, in the order learned.
     pub fn fenced(&self) -> &[u64] {
-        &self.fenced
+        &self.fenced.order
     }
 
     /// Durably sealed lease epochs, in the order learned.
     pub fn sealed(&self) -> &[u64] {
-        &self.sealed
-    }
-
-    /// Log files that still hold something.
-    pub fn live_files(&self) -> Vec<u64> {
-        self.file_live.iter().filter(|(_, live)| **live > 0).map(|(file, _)| *file).collect()
+        &self.sealed.order
     }
 
     fn refuse(&self, to: ReplyTo, request_id: u64, code: ErrorCode, message: String) -> BlockAction {
@@ -322,7 +329,7 @@ impl BlockSegmentCore {
             return vec![self.refuse(from, request_id, ErrorCode::InvalidRequest, problem)];
         }
         let epoch = write.lease_epoch;
-        if !write.repair && (self.fenced_set.contains(&epoch) || self.fencing.contains(&epoch)) {
+        if !write.repair && (self.fenced.contains(epoch) || self.fencing.contains(&epoch)) {
             let message = format!("lease epoch {epoch} is fenced: write to {} refused", write.block);
             return vec![self.refuse(from, request_id, ErrorCode::FencedEpoch, message)];
         }
@@ -370,21 +377,22 @@ impl BlockSegmentCore {
             return vec![self.refuse(from, request_id, ErrorCode::InvalidRequest, format!("not {}", request.pg))];
         }
         let done = match request.phase {
-            FencePhase::Fence => self.fenced_set.contains(&epoch),
-            FencePhase::Sealed => self.sealed_set.contains(&epoch),
+            FencePhase::Fence => self.fenced.contains(epoch),
+            FencePhase::Sealed => self.sealed.contains(epoch),
         };
         if done {
             return vec![BlockAction::Send { to: from, message: Message::FenceAck(self.fence_ack(&request)) }];
         }
         match request.phase {
-            FencePhase::Fence if self.fenced.len() + self.fencing.len() >= FENCED_EPOCHS_MAX => {
-                let message = format!("{} epochs fenced; FENCED_EPOCHS_MAX is {FENCED_EPOCHS_MAX}", self.fenced.len());
+            FencePhase::Fence if self.fenced.order.len() + self.fencing.len() >= FENCED_EPOCHS_MAX => {
+                let fenced = self.fenced.order.len();
+                let message = format!("{fenced} epochs fenced; FENCED_EPOCHS_MAX is {FENCED_EPOCHS_MAX}");
                 return vec![self.refuse(from, request_id, ErrorCode::InvalidRequest, message)];
             }
             FencePhase::Fence => {
                 self.fencing.insert(epoch);
             }
-            FencePhase::Sealed if !self.fenced_set.contains(&epoch) && !self.fencing.contains(&epoch) => {
+            FencePhase::Sealed if !self.fenced.contains(epoch) && !self.fencing.contains(&epoch) => {
                 let message = format!("lease epoch {epoch} cannot be sealed before it is fenced here");
                 return vec![self.refuse(from, request_id, ErrorCode::InvalidRequest, message)];
             }
@@ -438,7 +446,8 @@ impl BlockSegmentCore {
             0 => history.first(),
             token => history.iter().find(|stored| stored.fencing_token == token),
         };
-        let cursor = if request.sealed_cursor as usize > self.sealed.len() { 0 } else { request.sealed_cursor };
+        let sealed = &self.sealed.order;
+        let cursor = if request.sealed_cursor as usize > sealed.len() { 0 } else { request.sealed_cursor };
         Message::BlockImage(BlockImage {
             request_id: request.request_id,
             pg: self.config.pg,
@@ -455,7 +464,7 @@ impl BlockSegmentCore {
             data_token: chosen.map_or(0, |stored| stored.fencing_token),
             data: chosen.map(|stored| stored.data.clone()).unwrap_or_default(),
             sealed_cursor: cursor,
-            sealed: self.sealed[cursor as usize..].to_vec(),
+            sealed: sealed[cursor as usize..].to_vec(),
         })
     }
 
@@ -469,35 +478,21 @@ impl BlockSegmentCore {
         let in_flight = self.in_flight.take().expect("write_done without a write in flight");
         assert_eq!(in_flight.id, id, "write completions arrive in order, one at a time");
         let mut actions = Vec::new();
-        for (write, from) in in_flight.writes {
-            let block = write.block;
+        for (version, request_id, from) in in_flight.writes {
+            let (block, key, repair) = (version.block, (version.fencing_token, version.version), version.repaired);
             if let Some(pending) = self.pending.get_mut(&block) {
                 pending.count -= 1;
                 if pending.count == 0 {
                     self.pending.remove(&block);
                 }
             }
-            let version = BlockVersion {
-                block,
-                version: write.version,
-                lease_epoch: write.lease_epoch,
-                fencing_token: write.fencing_token,
-                repaired: write.repair,
-                data: write.data,
-            };
-            let key = (version.fencing_token, version.version);
             self.insert_version(version, in_flight.file);
             let repaired_here = self.blocks[&block].iter().any(|held| held.key() == key && held.repaired);
-            let message = if !write.repair || repaired_here {
-                Message::BlockWriteAck(BlockWriteAck { request_id: write.request_id, pg: self.config.pg, block })
+            let message = if !repair || repaired_here {
+                Message::BlockWriteAck(BlockWriteAck { request_id, pg: self.config.pg, block })
             } else {
                 let message = format!("repair of {block} under token {} is older than every version kept", key.0);
-                let error = ErrorResponse {
-                    request_id: write.request_id,
-                    pg: self.config.pg,
-                    code: ErrorCode::Superseded,
-                    message,
-                };
+                let error = ErrorResponse { request_id, pg: self.config.pg, code: ErrorCode::Superseded, message };
                 Message::Error(error)
             };
             actions.push(BlockAction::Send { to: from, message });
@@ -510,15 +505,9 @@ impl BlockSegmentCore {
             match request.phase {
                 FencePhase::Fence => {
                     self.fencing.remove(&epoch);
-                    if self.fenced_set.insert(epoch) {
-                        self.fenced.push(epoch);
-                    }
+                    self.fenced.insert(epoch);
                 }
-                FencePhase::Sealed => {
-                    if self.sealed_set.insert(epoch) {
-                        self.sealed.push(epoch);
-                    }
-                }
+                FencePhase::Sealed => self.sealed.insert(epoch),
             }
         }
         for (request, from) in &in_flight.fences {
@@ -535,12 +524,12 @@ impl BlockSegmentCore {
         let in_flight = self.in_flight.take().expect("write_failed without a write in flight");
         assert_eq!(in_flight.id, id);
         self.failed = Some(format!("log write failed: {reason}"));
-        let writes = in_flight.writes.into_iter().chain(std::mem::take(&mut self.queued_writes));
+        let in_flight_writes = in_flight.writes.into_iter().map(|(_, request_id, from)| (request_id, from));
+        let queued_writes =
+            std::mem::take(&mut self.queued_writes).into_iter().map(|(write, from)| (write.request_id, from));
         let fences = in_flight.fences.into_iter().chain(std::mem::take(&mut self.queued_fences));
-        let waiters: Vec<(u64, ReplyTo)> = writes
-            .map(|(write, from)| (write.request_id, from))
-            .chain(fences.map(|(fence, from)| (fence.request_id, from)))
-            .collect();
+        let waiters: Vec<(u64, ReplyTo)> =
+            in_flight_writes.chain(queued_writes).chain(fences.map(|(fence, from)| (fence.request_id, from))).collect();
         self.queued_bytes = 0;
         self.pending.clear();
         self.fencing.clear();
@@ -672,31 +661,21 @@ impl BlockSegmentCore {
         if take == 0 && relogged.is_empty() && fences.is_empty() && self.checkpoint_due.is_empty() {
             return Vec::new();
         }
-        let writes: Vec<(BlockWrite, ReplyTo)> = self.queued_writes.drain(..take).collect();
-        self.queued_bytes -= writes.iter().map(|(write, _)| write.data.len()).sum::<usize>();
+        let writes: Vec<(BlockVersion, u64, ReplyTo)> =
+            self.queued_writes.drain(..take).map(|(write, from)| (logged(&write), write.request_id, from)).collect();
+        self.queued_bytes -= writes.iter().map(|(version, _, _)| version.data.len()).sum::<usize>();
         let mut bytes = BytesMut::new();
         if !writes.is_empty() || !relogged.is_empty() {
-            let versions: Vec<BlockVersion> = writes
-                .iter()
-                .map(|(write, _)| BlockVersion {
-                    block: write.block,
-                    version: write.version,
-                    lease_epoch: write.lease_epoch,
-                    fencing_token: write.fencing_token,
-                    repaired: write.repair,
-                    data: write.data.clone(),
-                })
-                .chain(relogged.iter().cloned())
-                .collect();
-            encode_block_versions_entry(&mut bytes, self.cursor.take_sequence(), versions.iter());
+            let versions = writes.iter().map(|(version, _, _)| version).chain(&relogged);
+            encode_block_versions_entry(&mut bytes, self.cursor.take_sequence(), versions);
         }
         let delete_after = std::mem::take(&mut self.checkpoint_due);
         if !fences.is_empty() || !delete_after.is_empty() {
             let mut checkpoint = BlockCheckpoint {
                 pg: self.config.pg,
                 block_bytes_max: self.config.block_bytes_max as u32,
-                fenced: self.fenced.clone(),
-                sealed: self.sealed.clone(),
+                fenced: self.fenced.order.clone(),
+                sealed: self.sealed.order.clone(),
             };
             for (request, _) in &fences {
                 let list = match request.phase {

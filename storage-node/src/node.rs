@@ -13,7 +13,7 @@
 
 use crate::block_segment::{BlockAction, BlockSegmentConfig, BlockSegmentCore};
 use crate::disk::{DiskBackend, LogDisk, MemoryVolumeStore, StdFileDisk, UringDisk, UringRing};
-use crate::log_format::scan_log;
+use crate::log_format::{ScanResult, scan_log};
 use crate::segment::{Action, LogWrite, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
 use common::ids::{Epoch, NodeId, PgId};
 use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
@@ -246,6 +246,22 @@ fn open_disk(
 type RedoDriver = Arc<SegmentDriver<SegmentCore>>;
 type BlockDriver = Arc<SegmentDriver<BlockSegmentCore>>;
 
+/// Reads a segment's log back: `None` for a new segment (nothing but
+/// zeros), else what the scan found, with a torn tail already zeroed.
+fn read_log(disk: &dyn LogDisk, pg: PgId) -> io::Result<Option<ScanResult>> {
+    let files = disk.read_all()?;
+    if files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0)) {
+        return Ok(None);
+    }
+    let scan = scan_log(&files);
+    if scan.truncated_tail_bytes > 0 {
+        let (end, bytes) = (scan.end, scan.truncated_tail_bytes);
+        warn!(%pg, bytes, file = end.file, offset = end.offset, "torn log tail truncated");
+        disk.zero(end, bytes)?;
+    }
+    Ok(Some(scan))
+}
+
 /// Opens (or creates) one segment from its disk.
 fn open_segment(
     segment: SegmentConfig,
@@ -253,30 +269,23 @@ fn open_segment(
     replies: Arc<Replies>,
 ) -> Result<(RedoDriver, RecoveryReport, Vec<Action>), NodeError> {
     let pg = segment.pg;
-    let files = disk.read_all()?;
-    let (core, report, actions) = if is_blank(&files) {
-        let (core, actions) =
-            SegmentCore::create(segment, Epoch::INITIAL).map_err(|reason| NodeError::Segment { pg, reason })?;
-        (core, RecoveryReport::default(), actions)
-    } else {
-        let scan = scan_log(&files);
-        let end = scan.end;
-        let (core, report) = SegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
-        if report.truncated_tail_bytes > 0 {
-            warn!(%pg, bytes = report.truncated_tail_bytes, file = end.file, offset = end.offset, "torn log tail truncated");
-            disk.zero(end, report.truncated_tail_bytes)?;
+    let (core, report, actions) = match read_log(disk.as_ref(), pg)? {
+        None => {
+            let (core, actions) =
+                SegmentCore::create(segment, Epoch::INITIAL).map_err(|reason| NodeError::Segment { pg, reason })?;
+            (core, RecoveryReport::default(), actions)
         }
-        if report.mid_log_corruptions > 0 {
-            error!(%pg, corruptions = report.mid_log_corruptions, scl = %report.segment_complete_lsn,
-                "corrupt records in the middle of the log: segment needs repair");
+        Some(scan) => {
+            let (core, report) =
+                SegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
+            if report.mid_log_corruptions > 0 {
+                error!(%pg, corruptions = report.mid_log_corruptions, scl = %report.segment_complete_lsn,
+                    "corrupt records in the middle of the log: segment needs repair");
+            }
+            (core, report, Vec::new())
         }
-        (core, report, Vec::new())
     };
     Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), report, actions))
-}
-
-fn is_blank(files: &[(u64, bytes::Bytes)]) -> bool {
-    files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0))
 }
 
 /// Opens (or creates) one block segment from its disk.
@@ -286,22 +295,16 @@ fn open_block_segment(
     replies: Arc<Replies>,
 ) -> Result<(BlockDriver, Vec<BlockAction>), NodeError> {
     let pg = segment.pg;
-    let files = disk.read_all()?;
-    let (core, actions) = if is_blank(&files) {
-        BlockSegmentCore::create(segment).map_err(|reason| NodeError::Segment { pg, reason })?
-    } else {
-        let scan = scan_log(&files);
-        let (end, truncated) = (scan.end, scan.truncated_tail_bytes);
-        let (core, corruptions) =
-            BlockSegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
-        if truncated > 0 {
-            warn!(%pg, bytes = truncated, file = end.file, offset = end.offset, "torn block log tail truncated");
-            disk.zero(end, truncated)?;
+    let (core, actions) = match read_log(disk.as_ref(), pg)? {
+        None => BlockSegmentCore::create(segment).map_err(|reason| NodeError::Segment { pg, reason })?,
+        Some(scan) => {
+            let (core, corruptions) =
+                BlockSegmentCore::recover(segment, scan).map_err(|reason| NodeError::Segment { pg, reason })?;
+            if corruptions > 0 {
+                error!(%pg, corruptions, "corrupt entries in the middle of a block log: segment needs repair");
+            }
+            (core, Vec::new())
         }
-        if corruptions > 0 {
-            error!(%pg, corruptions, "corrupt entries in the middle of a block log: segment needs repair");
-        }
-        (core, Vec::new())
     };
     Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), actions))
 }
