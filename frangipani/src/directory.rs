@@ -1,6 +1,11 @@
 //! A directory block: the entries of a directory kept in one of its small
 //! blocks (`docs/frangipani-layout.md` §5). Directory blocks are metadata:
 //! each carries a version for log replay, like an inode.
+//!
+//! Removing a name leaves a *free slot* (kind 0) of the same size in place,
+//! so the logged change is the slot's kind and inode, not every entry after
+//! it. A later name of exactly that length takes the slot back; when a name
+//! does not fit otherwise, the free slots are dropped and the rest packed.
 
 use crate::inode::Kind;
 use crate::layout::SMALL_BLOCK_BYTES;
@@ -38,6 +43,7 @@ pub enum DirectoryError {
 pub struct DirectoryBlock {
     /// Grows with every logged update of this block.
     pub version: u64,
+    /// In block order; an entry of kind `Free` is a free slot.
     entries: Vec<Entry>,
 }
 
@@ -48,18 +54,23 @@ fn check_name(name: &[u8]) -> Result<(), DirectoryError> {
     Ok(())
 }
 
-fn kind_code(kind: Kind) -> Option<u8> {
+fn kind_code(kind: Kind) -> u8 {
     match kind {
-        Kind::File => Some(1),
-        Kind::Directory => Some(2),
-        Kind::Symlink => Some(3),
-        Kind::Free => None,
+        Kind::Free => 0,
+        Kind::File => 1,
+        Kind::Directory => 2,
+        Kind::Symlink => 3,
     }
 }
 
 impl DirectoryBlock {
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+    /// The names in the block (not the free slots).
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(|entry| entry.kind != Kind::Free)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries().next().is_none()
     }
 
     fn used_bytes(&self) -> usize {
@@ -68,7 +79,7 @@ impl DirectoryBlock {
 
     /// The entry called `name`.
     pub fn lookup(&self, name: &[u8]) -> Option<&Entry> {
-        self.entries.iter().find(|entry| entry.name == name)
+        self.entries().find(|entry| entry.name == name)
     }
 
     /// Adds a name; refuses a duplicate, a bad name, or a full block.
@@ -78,17 +89,38 @@ impl DirectoryBlock {
         if self.lookup(name).is_some() {
             return Err(DirectoryError::Exists);
         }
-        if HEADER_BYTES + self.used_bytes() + ENTRY_HEADER_BYTES + name.len() > SMALL_BLOCK_BYTES {
-            return Err(DirectoryError::Full);
+        let entry = Entry { name: name.to_vec(), inode, kind };
+        if let Some(slot) =
+            self.entries.iter_mut().find(|slot| slot.kind == Kind::Free && slot.name.len() == name.len())
+        {
+            *slot = entry;
+            return Ok(());
         }
-        self.entries.push(Entry { name: name.to_vec(), inode, kind });
+        let room = |entries: &[Entry]| {
+            let used: usize = entries.iter().map(|entry| ENTRY_HEADER_BYTES + entry.name.len()).sum();
+            HEADER_BYTES + used + ENTRY_HEADER_BYTES + name.len() <= SMALL_BLOCK_BYTES
+        };
+        if !room(&self.entries) {
+            self.entries.retain(|entry| entry.kind != Kind::Free);
+            if !room(&self.entries) {
+                return Err(DirectoryError::Full);
+            }
+        }
+        self.entries.push(entry);
         Ok(())
     }
 
-    /// Removes a name, returning its entry.
+    /// Removes a name, returning its entry; its slot stays, free.
     pub fn remove(&mut self, name: &[u8]) -> Option<Entry> {
-        let at = self.entries.iter().position(|entry| entry.name == name)?;
-        Some(self.entries.remove(at))
+        let slot = self.entries.iter_mut().find(|entry| entry.kind != Kind::Free && entry.name == name)?;
+        let removed = slot.clone();
+        slot.kind = Kind::Free;
+        slot.inode = 0;
+        // Trailing free slots go: the block ends at its last name.
+        while self.entries.last().is_some_and(|entry| entry.kind == Kind::Free) {
+            self.entries.pop();
+        }
+        Some(removed)
     }
 
     /// The 4 KiB block image.
@@ -102,7 +134,7 @@ impl DirectoryBlock {
         out.extend_from_slice(&[0; 4]);
         for entry in &self.entries {
             out.extend_from_slice(&entry.inode.to_le_bytes());
-            out.push(kind_code(entry.kind).expect("checked on insert"));
+            out.push(kind_code(entry.kind));
             out.push(entry.name.len() as u8);
             out.extend_from_slice(&entry.name);
         }
@@ -133,6 +165,7 @@ impl DirectoryBlock {
             let Some(header) = bytes.get(at..at + ENTRY_HEADER_BYTES) else { return corrupt("truncated entry".into()) };
             let inode = u64::from_le_bytes(header[..8].try_into().expect("8"));
             let kind = match header[8] {
+                0 => Kind::Free,
                 1 => Kind::File,
                 2 => Kind::Directory,
                 3 => Kind::Symlink,
@@ -193,7 +226,16 @@ mod tests {
         }
         assert_eq!(inserted, ((SMALL_BLOCK_BYTES - HEADER_BYTES) / (ENTRY_HEADER_BYTES + 13)) as u64);
         let image = block.encode();
-        assert_eq!(DirectoryBlock::decode(&image).expect("decodes").entries().len() as u64, inserted);
+        assert_eq!(DirectoryBlock::decode(&image).expect("decodes").entries().count() as u64, inserted);
+        // A freed slot is taken back by a name of its length; a longer name
+        // fits once the free slots are packed away.
+        let mut reused = block.clone();
+        reused.remove(b"file-00000003").expect("present");
+        reused.remove(b"file-00000004").expect("present");
+        reused.insert(b"file-99999999", 1, Kind::File).expect("the freed slot");
+        assert_eq!(reused.insert(b"file-999999990", 2, Kind::File), Ok(()), "packing made room");
+        assert_eq!(reused.entries().count() as u64, inserted);
+        assert_eq!(DirectoryBlock::decode(&reused.encode()), Ok(reused.clone()));
         for at in [0, 5, 9, 17, 30, 4095] {
             let mut damaged = image.clone();
             damaged[at] ^= 1;

@@ -95,6 +95,9 @@ pub struct Inode {
     pub links: u32,
     pub uid: u32,
     pub gid: u32,
+    /// A directory's parent directory (itself for the root); 0 otherwise.
+    /// Renaming a directory checks it against moving it under itself.
+    pub parent: u32,
     pub size: u64,
     /// Times in nanoseconds since the Unix epoch.
     pub accessed: i64,
@@ -124,6 +127,7 @@ impl Inode {
             links: 0,
             uid: 0,
             gid: 0,
+            parent: 0,
             size: 0,
             accessed: 0,
             modified: 0,
@@ -144,6 +148,7 @@ impl Inode {
         put(24, &self.links.to_le_bytes());
         put(28, &self.uid.to_le_bytes());
         put(32, &self.gid.to_le_bytes());
+        put(36, &self.parent.to_le_bytes());
         // A symbolic link's size is its target's length.
         let size = match &self.content {
             Content::Symlink(target) => target.len() as u64,
@@ -211,6 +216,7 @@ impl Inode {
             links: u32_at(24),
             uid: u32_at(28),
             gid: u32_at(32),
+            parent: u32_at(36),
             size,
             accessed: u64_at(48) as i64,
             modified: u64_at(56) as i64,
@@ -266,6 +272,7 @@ mod tests {
             links: 2,
             uid: 1000,
             gid: 100,
+            parent: 3,
             size: 70_000,
             accessed: -5,
             modified: 1_700_000_000_000_000_000,

@@ -67,16 +67,46 @@ pub fn apply(framing: Framing, image: &[u8], record: &Record) -> Result<Vec<u8>,
     Ok(out)
 }
 
-/// The record that takes a framed block from `before` (empty: never
-/// written) to `after`: the smallest span of payload bytes that differ,
-/// which is what the workstation logs.
-pub fn diff(before: &[u8], after: &[u8], block: u64, version: u64) -> Record {
+/// A gap of unchanged bytes shorter than this is logged with its
+/// neighbours: a second record would cost its 20-byte header.
+const SPAN_GAP_MIN: usize = 24;
+
+/// The records that take a metadata block from `before` (empty: never
+/// written) to `after`, which is what the workstation logs: the spans of
+/// payload bytes (past the frame of a framed block) that differ (gaps shorter than a record header are
+/// bridged), all carrying `version`. Removing a directory entry changes its
+/// slot and the count in the header, not the bytes between.
+pub fn diff(framing: Framing, before: &[u8], after: &[u8], block: u64, version: u64) -> Vec<Record> {
     assert!(before.is_empty() || before.len() == after.len(), "a record changes a block of one size");
-    let payload = |image: &[u8], at: usize| image.get(at).copied().unwrap_or(0);
-    let differs = |at: &usize| payload(before, *at) != after[*at];
-    let first = (16..after.len()).find(differs).unwrap_or(16);
-    let last = (16..after.len()).rev().find(differs).map_or(first, |at| at + 1);
-    Record { block, version, offset: first as u16, bytes: after[first..last].to_vec() }
+    let payload = |at: usize| before.get(at).copied().unwrap_or(0);
+    let first_payload = match framing {
+        Framing::Framed { .. } => 16,
+        Framing::Raw { .. } => 0,
+    };
+    let mut records: Vec<Record> = Vec::new();
+    let mut at = first_payload;
+    while at < after.len() {
+        if payload(at) == after[at] {
+            at += 1;
+            continue;
+        }
+        let first = at;
+        let mut last = at + 1; // one past the last differing byte
+        let mut probe = last;
+        while probe < after.len() && probe - last < SPAN_GAP_MIN {
+            if payload(probe) != after[probe] {
+                last = probe + 1;
+            }
+            probe += 1;
+        }
+        records.push(Record { block, version, offset: first as u16, bytes: after[first..last].to_vec() });
+        at = last;
+    }
+    if records.is_empty() {
+        // Nothing changed but the version: one empty record still moves it.
+        records.push(Record { block, version, offset: first_payload as u16, bytes: Vec::new() });
+    }
+    records
 }
 
 #[cfg(test)]
@@ -86,6 +116,10 @@ mod tests {
     use crate::inode::{Inode, Kind};
     use crate::layout::{ParameterBlock, Resource};
 
+    fn apply_all(framing: Framing, image: &[u8], records: &[Record]) -> Vec<u8> {
+        records.iter().fold(image.to_vec(), |image, record| apply(framing, &image, record).expect("fits"))
+    }
+
     #[test]
     fn a_logged_inode_change_replays_into_the_new_inode() {
         let layout = Layout::new(ParameterBlock::small()).expect("layout");
@@ -93,14 +127,15 @@ mod tests {
         let framing = framing(&layout, block, false).expect("an inode block is metadata");
         let before = Inode { version: 3, kind: Kind::File, size: 10, ..Inode::free() };
         let after = Inode { version: 4, size: 4096, links: 2, ..before.clone() };
-        let record = diff(&before.encode().expect("encodes"), &after.encode().expect("encodes"), block, 4);
-        assert!(record.bytes.len() < 40, "a record carries only what changed: {} bytes", record.bytes.len());
-        let replayed = apply(framing, &before.encode().expect("encodes"), &record).expect("fits");
+        let records = diff(framing, &before.encode().expect("encodes"), &after.encode().expect("encodes"), block, 4);
+        let logged: usize = records.iter().map(|record| record.bytes.len()).sum();
+        assert!(logged < 40, "records carry only what changed: {logged} bytes");
+        let replayed = apply_all(framing, &before.encode().expect("encodes"), &records);
         assert_eq!(Inode::decode(&replayed), Ok(after));
         // From a block never written, too (a new inode).
         let fresh = Inode { version: 1, kind: Kind::Directory, links: 2, ..Inode::free() };
-        let record = diff(&[], &fresh.encode().expect("encodes"), block, 1);
-        assert_eq!(Inode::decode(&apply(framing, &[], &record).expect("fits")), Ok(fresh));
+        let records = diff(framing, &[], &fresh.encode().expect("encodes"), block, 1);
+        assert_eq!(Inode::decode(&apply_all(framing, &[], &records)), Ok(fresh));
     }
 
     #[test]
@@ -115,9 +150,29 @@ mod tests {
         let before = directory.encode();
         directory.insert(b"b", 11, Kind::File).expect("room");
         directory.version = 9;
-        let record = diff(&before, &directory.encode(), block, 9);
-        let replayed = apply(framing_of_directory, &before, &record).expect("fits");
-        assert_eq!(DirectoryBlock::decode(&replayed), Ok(directory));
+        let records = diff(framing_of_directory, &before, &directory.encode(), block, 9);
+        let replayed = apply_all(framing_of_directory, &before, &records);
+        assert_eq!(DirectoryBlock::decode(&replayed), Ok(directory.clone()));
+
+        // Removing an entry from a full block logs its slot and the header,
+        // not the entries after it.
+        for n in 0..150u64 {
+            directory.insert(format!("entry-{n:07}").as_bytes(), 100 + n, Kind::File).expect("room");
+        }
+        let before = directory.encode();
+        directory.remove(b"entry-0000003").expect("present");
+        directory.version = 10;
+        let records = diff(framing_of_directory, &before, &directory.encode(), block, 10);
+        let logged: usize = records.iter().map(|record| record.bytes.len() + 20).sum();
+        assert!(logged < 200, "removing one entry logs {logged} bytes in {} records", records.len());
+        assert_eq!(DirectoryBlock::decode(&apply_all(framing_of_directory, &before, &records)), Ok(directory.clone()));
+        let unchanged = diff(framing_of_directory, &directory.encode(), &directory.encode(), block, 11);
+        assert_eq!(unchanged.len(), 1, "a version-only change is one empty record");
+        assert_eq!(
+            DirectoryBlock::decode(&apply_all(framing_of_directory, &directory.encode(), &unchanged))
+                .map(|d| d.version),
+            Ok(11)
+        );
 
         let bitmap = layout.bitmap_block(Resource::Inode, 0);
         let raw = framing(&layout, bitmap, false).expect("bitmaps are metadata");

@@ -258,18 +258,16 @@ pub fn scan(blocks: &[Option<Vec<u8>>]) -> Replay {
 }
 
 /// The records of `transactions` that replay changes, given each block's
-/// current version (`version_of`): those newer than the block, in log order.
+/// current version (`version_of`): those newer than the block, in log order
+/// (an update logged as several spans is several records of one version).
 pub fn to_apply(transactions: &[Vec<Record>], mut version_of: impl FnMut(u64) -> u64) -> Vec<Record> {
-    let mut applied: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut out = Vec::new();
-    for record in transactions.iter().flatten() {
-        let current = *applied.entry(record.block).or_insert_with(|| version_of(record.block));
-        if record.version > current {
-            applied.insert(record.block, record.version);
-            out.push(record.clone());
-        }
-    }
-    out
+    let mut current: BTreeMap<u64, u64> = BTreeMap::new();
+    transactions
+        .iter()
+        .flatten()
+        .filter(|record| record.version > *current.entry(record.block).or_insert_with(|| version_of(record.block)))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub mod sim;
 pub mod wire;
 
 pub use clerk::{Acquire, ClerkConfig, ClerkCore, ClerkOutput};
-pub use net::{Clerk, ClerkError, Fencer, LockGuard, LockServer, Workstation};
+pub use net::{Clerk, ClerkError, ClerkStats, Fencer, LockGuard, LockServer, Workstation};
 pub use protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, LockTable, Mode, ToClerk, ToServer};
 pub use registry::{FileRegistryStore, MemoryRegistryStore, RegistryStore, ServerRegistry};
 pub use replicated::{BoundReplica, ReplicatedLockServer};

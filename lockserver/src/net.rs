@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -311,6 +312,18 @@ struct ClerkShared {
     /// Signalled on every grant and on a new lease: waiting acquires retry.
     changed: Notify,
     start: Instant,
+    messages_sent: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// What a clerk has done so far (for benchmarks: lock traffic per operation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClerkStats {
+    /// Messages sent to the lock service (each counted once, even when
+    /// mode 2 sends it to every replica).
+    pub messages_sent: u64,
+    /// Revokes served: flushes the server asked for.
+    pub flushes: u64,
 }
 
 impl ClerkShared {
@@ -322,6 +335,7 @@ impl ClerkShared {
         for output in outputs {
             match output {
                 ClerkOutput::Send(message) => {
+                    self.messages_sent.fetch_add(1, Ordering::Relaxed);
                     let frame = message.encode();
                     for sender in self.senders.lock().iter().flatten() {
                         send_or_drop(Some(sender.clone()), frame.clone());
@@ -329,6 +343,7 @@ impl ClerkShared {
                 }
                 ClerkOutput::LeaseReady { .. } | ClerkOutput::Granted { .. } => self.changed.notify_waiters(),
                 ClerkOutput::Flush { lock, keep } => {
+                    self.flushes.fetch_add(1, Ordering::Relaxed);
                     let shared = self.clone();
                     tokio::spawn(async move {
                         shared.workstation.flush(lock, keep).await;
@@ -416,6 +431,8 @@ impl Clerk {
             workstation,
             changed: Notify::new(),
             start,
+            messages_sent: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
         });
         let mut tasks: Vec<JoinHandle<()>> = addresses
             .into_iter()
@@ -445,6 +462,13 @@ impl Clerk {
     /// The clerk's state of `lock`, for diagnostics.
     pub fn describe(&self, lock: LockName) -> String {
         self.shared.core.lock().describe(lock)
+    }
+
+    pub fn stats(&self) -> ClerkStats {
+        ClerkStats {
+            messages_sent: self.shared.messages_sent.load(Ordering::Relaxed),
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+        }
     }
 
     /// The current lease, if valid.

@@ -40,7 +40,8 @@
 //!
 //! ## Invariants ([`LockServerCore::check_invariants`])
 //! Holders of a lock are pairwise compatible; every holder belongs to a known
-//! session that lists the lock; fencing tokens of a lock only grow; nothing
+//! session that lists the lock; fencing tokens only grow (one sequence for
+//! every lock); nothing
 //! is granted while some lease's locks are unknown.
 
 use crate::protocol::{ClerkId, FencingToken, LeaseEpoch, LockName, Mode, ToClerk, ToServer};
@@ -124,7 +125,6 @@ struct Waiter {
 struct LockState {
     holders: Vec<Holder>,
     queue: VecDeque<Waiter>,
-    last_token: u64,
 }
 
 /// How much a revoke asks: releasing entirely asks more than downgrading.
@@ -151,6 +151,12 @@ pub struct LockServerCore {
     /// without visiting every lock (entries go once nothing is revoked).
     revoking: BTreeSet<LockName>,
     generation: u64,
+    /// The last fencing token issued, for any lock: tokens are one
+    /// server-wide sequence, so a grant's token exceeds every token granted
+    /// before it. A workstation stamps its writes with the highest token it
+    /// holds, so whoever writes a block after a hand-off (of its lock, or of
+    /// the bitmap portion that freed and reallocated it) stamps higher.
+    last_token: u64,
     /// Sessions restored by a restart whose locks are not all known yet
     /// (still reclaiming, or lapsed and not yet recovered). Nothing is
     /// granted while there are any.
@@ -172,6 +178,7 @@ impl LockServerCore {
             locks: BTreeMap::new(),
             revoking: BTreeSet::new(),
             generation: 0,
+            last_token: 0,
             unknown_holdings: 0,
             refused_reclaims: 0,
         }
@@ -358,7 +365,7 @@ impl LockServerCore {
         for (lock, mode, token) in holdings {
             let state = self.locks.entry(lock).or_default();
             state.holders.push(Holder { epoch, mode, token, revoked: None });
-            state.last_token = state.last_token.max(token.0);
+            self.last_token = self.last_token.max(token.0);
             session.held.insert(lock);
         }
         self.holdings_known(now, out);
@@ -503,9 +510,9 @@ impl LockServerCore {
             if !conflicting {
                 state.queue.pop_front();
                 // Tokens of a run stay below the next run's first token.
-                state.last_token = state.last_token.max(first_token) + 1;
-                assert!(state.last_token < first_token + (1 << TOKEN_GENERATION_SHIFT), "a run's tokens ran out");
-                let token = FencingToken(state.last_token);
+                self.last_token = self.last_token.max(first_token) + 1;
+                assert!(self.last_token < first_token + (1 << TOKEN_GENERATION_SHIFT), "a run's tokens ran out");
+                let token = FencingToken(self.last_token);
                 match state.holders.iter_mut().find(|holder| holder.epoch == head.epoch) {
                     Some(holder) => {
                         holder.mode = head.mode;
@@ -758,7 +765,7 @@ impl LockServerCore {
                 if !session.held.contains(lock) {
                     return Err(format!("{lock}: session {:?} does not list it", first.epoch));
                 }
-                if first.token.0 > state.last_token {
+                if first.token.0 > self.last_token {
                     return Err(format!("{lock}: token {:?} above the last issued", first.token));
                 }
             }
