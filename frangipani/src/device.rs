@@ -79,10 +79,12 @@ impl BlockDevice for BlockClient {
     }
 }
 
+/// A block's newest `(token, version)`, the epoch that wrote it, and its bytes.
+type MemoryBlock = ((u64, u64), u64, Vec<u8>);
+
 #[derive(Debug, Default)]
 struct MemoryBlocks {
-    /// Per block: the newest `(token, version)`, its epoch and bytes.
-    blocks: HashMap<u64, ((u64, u64), u64, Vec<u8>)>,
+    blocks: HashMap<u64, MemoryBlock>,
     fenced: BTreeSet<u64>,
 }
 

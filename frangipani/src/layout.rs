@@ -71,10 +71,20 @@ pub enum LayoutError {
 }
 
 impl ParameterBlock {
-    /// A small volume for tests and the demo: 8 workstations with 64-block
-    /// (256 KiB) logs, 4,096 inodes, 64 MiB of small and 256 MiB of large blocks.
+    /// A volume for tests and the demo: 8 workstations with 64-block
+    /// (256 KiB) logs, and four bitmap portions of each resource (so four
+    /// workstations allocate without sharing one): 131,072 inodes, 512 MiB
+    /// of small and 8 GiB of large blocks. The block space is sparse:
+    /// blocks never written take no room.
     pub fn small() -> ParameterBlock {
-        ParameterBlock { workstations: 8, log_blocks: 64, inodes: 4096, small_blocks: 16_384, large_blocks: 4096 }
+        let four_portions = 4 * BITS_PER_PORTION;
+        ParameterBlock {
+            workstations: 8,
+            log_blocks: 64,
+            inodes: four_portions,
+            small_blocks: four_portions,
+            large_blocks: four_portions,
+        }
     }
 
     /// The block image: magic, version, the shape, then a CRC32C over the
@@ -235,6 +245,17 @@ impl Layout {
         }
     }
 
+    /// Which small or large block `block` is (the inverse of [`Self::data_block`]).
+    pub fn data_number(&self, block: u64) -> Option<(Resource, u64)> {
+        let end = self.large_base + self.parameters.large_blocks;
+        match block {
+            _ if block >= end => None,
+            _ if block >= self.large_base => Some((Resource::LargeBlock, block - self.large_base)),
+            _ if block >= self.small_base => Some((Resource::SmallBlock, block - self.small_base)),
+            _ => None,
+        }
+    }
+
     pub fn is_inode_block(&self, block: u64) -> bool {
         (self.inodes_base..self.small_base).contains(&block)
     }
@@ -305,7 +326,7 @@ mod tests {
         }
         assert_eq!(seen.len() as u64, layout.total_blocks(), "every block of the volume belongs to one region");
         assert_eq!(seen.last().copied(), Some(layout.total_blocks() - 1), "no gaps");
-        assert_eq!(layout.total_blocks(), 25_092, "the figure in docs/frangipani-layout.md");
+        assert_eq!(layout.total_blocks(), 393_741, "the figure in docs/frangipani-layout.md");
         assert_eq!(layout.block_bytes(layout.inode_block(7)), INODE_BYTES);
         assert_eq!(layout.block_bytes(layout.data_block(Resource::SmallBlock, 0)), SMALL_BLOCK_BYTES);
         assert_eq!(layout.block_bytes(layout.data_block(Resource::LargeBlock, 3)), LARGE_BLOCK_BYTES);
@@ -314,16 +335,20 @@ mod tests {
 
     #[test]
     fn each_bit_lives_in_exactly_one_portion() {
-        let layout = Layout::new(ParameterBlock::small()).expect("valid");
+        let tiny = ParameterBlock { inodes: 4096, small_blocks: 16_384, large_blocks: 4096, ..ParameterBlock::small() };
+        let layout = Layout::new(tiny).expect("valid");
         assert_eq!(layout.portions(Resource::Inode), 1);
         assert_eq!(layout.portions(Resource::SmallBlock), 1);
         let last = layout.parameters.small_blocks - 1;
         assert_eq!(layout.bit_of(Resource::SmallBlock, last), (0, last));
-        let big = Layout::new(ParameterBlock { small_blocks: 3 * BITS_PER_PORTION + 1, ..ParameterBlock::small() })
-            .expect("valid");
+        let big = Layout::new(ParameterBlock { small_blocks: 3 * BITS_PER_PORTION + 1, ..tiny }).expect("valid");
         assert_eq!(big.portions(Resource::SmallBlock), 4);
         assert_eq!(big.bit_of(Resource::SmallBlock, 3 * BITS_PER_PORTION), (3, 0));
         assert_eq!(big.bitmap_blocks(), 1 + 4 + 1);
+        let default = Layout::new(ParameterBlock::small()).expect("valid");
+        for resource in [Resource::Inode, Resource::SmallBlock, Resource::LargeBlock] {
+            assert_eq!(default.portions(resource), 4, "four workstations allocate apart");
+        }
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! the recovery demon, the FUSE mount, fsck and `lab bench fs`.
 
 pub mod bitmap;
+pub mod device;
 pub mod directory;
+pub mod fs;
 pub mod inode;
 pub mod layout;
 pub mod metadata;

@@ -1,0 +1,1562 @@
+//! A Frangipani workstation: the file system operations over a coherent
+//! write-back cache of the shared block device, under the lock service's
+//! locks, with metadata updates logged in the workstation's own log region
+//! before they are written back (F97 §4–§6).
+//!
+//! ## Locks
+//! - one per inode (table `frangipani.inode`): it covers the inode block and
+//!   every block of the file or directory;
+//! - one per bitmap portion (`frangipani.portion`): it covers that bitmap
+//!   block; workstation `w` allocates from portion `w mod portions` first;
+//! - one per replay of a log (`frangipani.recovery`, named by workstation
+//!   and lease epoch): its fresh token stamps the replay's writes, and two
+//!   replays of one lease's log take turns.
+//!
+//! An operation takes all its locks at once, in sorted order
+//! ([`lockserver::Clerk::acquire_all`]), before it touches the cache. When
+//! it finds it needs a lock it does not hold (the inode a directory entry
+//! names, a bitmap portion), it undoes what it changed, adds the lock, and
+//! runs again from the start with the larger set. Locks are sticky: the
+//! clerk keeps them until the server revokes them. On a revoke the
+//! workstation writes its log, then every dirty block, and drops the cached
+//! blocks of a lock it gives up entirely ([`FileSystem::flush_for_revoke`]).
+//!
+//! ## Versions and stamps
+//! Every block has one version in the block volume, which grows by one with
+//! each update; for an inode or a directory block it is also the version in
+//! its frame. A log record carries the version it makes, so replay applies
+//! it only over an older block. Writes are stamped with the workstation's
+//! lease epoch and the highest fencing token it ever received: the lock
+//! server issues tokens from one sequence, so whoever writes a block after a
+//! hand-off (of its inode lock, or of the bitmap portion through which it
+//! was freed and reused) stamps higher than every earlier writer. A small
+//! block is read before it is reused, so it continues its version (a stale
+//! log record about its previous life as a directory block is older).
+//!
+//! ## Logging
+//! Each operation's metadata changes are one transaction in the log
+//! ([`crate::wal`]). A dirty metadata block is written back only after the
+//! log holding its records is durable. File data is not logged: it is
+//! durable after `fsync` (or a revoke, or the write-back timer).
+
+use crate::bitmap::BitmapPortion;
+use crate::device::{BlockDevice, DeviceError, Stamp, Stored};
+use crate::directory::{DirectoryBlock, DirectoryError, Entry, NAME_BYTES_MAX};
+use crate::inode::{Content, Inode, InodeError, Kind, NO_BLOCK, Place, SMALL_POINTERS, SYMLINK_BYTES_MAX, place};
+use crate::layout::{
+    BITS_PER_PORTION, LARGE_BLOCK_BYTES, Layout, LayoutError, ParameterBlock, Resource, SMALL_BLOCK_BYTES,
+};
+use crate::metadata::{self, Framing};
+use crate::wal::{self, LogBlockWrite, LogWriter, Record, WalError};
+use common::transport::{BoxFuture, Transport};
+use lockserver::{Clerk, ClerkConfig, ClerkId, ClerkStats, LeaseEpoch, LockGuard, LockName, LockTable, Mode};
+use std::collections::{BTreeMap, HashMap, btree_map};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+/// The root directory's inode number (inode 0 is never used).
+pub const ROOT_INODE: u64 = 1;
+/// An operation that keeps finding locks it lacks gives up after this many runs.
+const OPERATION_RUNS_MAX: usize = 32;
+/// Dirty blocks written back at once.
+const WRITE_BACK_PARALLEL: usize = 32;
+
+/// Why a file-system operation failed; [`FsError::errno`] maps each to errno.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("no space left: {0}")]
+    NoSpace(&'static str),
+    #[error("name too long")]
+    NameTooLong,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("file too large")]
+    TooLarge,
+    #[error("lock service: {0}")]
+    Locks(String),
+    #[error("the lease was lost: cached changes are gone")]
+    LeaseLost,
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("damaged volume: {0}")]
+    Corrupt(String),
+}
+
+impl FsError {
+    /// The errno a system call reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotDirectory => libc::ENOTDIR,
+            FsError::IsDirectory => libc::EISDIR,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::TooLarge => libc::EFBIG,
+            FsError::Locks(_) | FsError::LeaseLost | FsError::Storage(_) | FsError::Corrupt(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<DeviceError> for FsError {
+    fn from(error: DeviceError) -> Self {
+        match error {
+            DeviceError::Fenced(_) => FsError::LeaseLost,
+            other => FsError::Storage(other.to_string()),
+        }
+    }
+}
+
+impl From<InodeError> for FsError {
+    fn from(error: InodeError) -> Self {
+        match error {
+            InodeError::SymlinkTooLong(_) => FsError::NameTooLong,
+            InodeError::Corrupt(why) => FsError::Corrupt(why),
+        }
+    }
+}
+
+impl From<DirectoryError> for FsError {
+    fn from(error: DirectoryError) -> Self {
+        match error {
+            DirectoryError::BadName(length) if length > NAME_BYTES_MAX => FsError::NameTooLong,
+            DirectoryError::BadName(_) => FsError::Invalid("a name is 1..=255 bytes without '/' or NUL"),
+            DirectoryError::Exists => FsError::Exists,
+            DirectoryError::Full => FsError::NoSpace("directory block full"),
+            DirectoryError::Corrupt(why) => FsError::Corrupt(why),
+        }
+    }
+}
+
+impl From<LayoutError> for FsError {
+    fn from(error: LayoutError) -> Self {
+        FsError::Corrupt(error.to_string())
+    }
+}
+
+/// How an operation run ends early: with an error, or because it needs a
+/// lock it does not hold (undo, take it, run again).
+enum Fail {
+    Fs(FsError),
+    NeedLock,
+}
+
+impl<E: Into<FsError>> From<E> for Fail {
+    fn from(error: E) -> Self {
+        Fail::Fs(error.into())
+    }
+}
+
+type Run<T> = Result<T, Fail>;
+
+/// What `stat` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub permissions: u32,
+    pub links: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Blocks allocated, in bytes.
+    pub allocated: u64,
+    pub accessed: i64,
+    pub modified: i64,
+    pub changed: i64,
+    pub generation: u64,
+}
+
+/// What `setattr` changes (`None`: leave as is).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub permissions: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub accessed: Option<i64>,
+    pub modified: Option<i64>,
+}
+
+/// One name in a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+/// What `statfs` shows (read from the bitmaps without locks: a snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsSpace {
+    pub small_blocks: u64,
+    pub small_free: u64,
+    pub large_blocks: u64,
+    pub large_free: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+}
+
+/// Counters for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    pub operations: u64,
+    pub storage_reads: u64,
+    pub storage_writes: u64,
+    pub log_block_writes: u64,
+    pub lock: ClerkStats,
+}
+
+/// Tuning of a workstation.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// How long an operation waits for its locks.
+    pub lock_timeout: Duration,
+    /// Write back once this many blocks are dirty.
+    pub dirty_blocks_max: usize,
+    /// Drop clean cached blocks once this many are cached.
+    pub cached_blocks_max: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig { lock_timeout: Duration::from_secs(60), dirty_blocks_max: 8192, cached_blocks_max: 65_536 }
+    }
+}
+
+/// Where a workstation finds its lock service and how it talks to it.
+#[derive(Clone, Debug)]
+pub struct LockService {
+    pub transport: Arc<dyn Transport>,
+    /// One address, or every replica of a replicated service.
+    pub addresses: Vec<String>,
+    pub clerk: ClerkConfig,
+    pub lease_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tables {
+    inode: LockTable,
+    portion: LockTable,
+    recovery: LockTable,
+}
+
+impl Tables {
+    fn new() -> Result<Tables, FsError> {
+        let named = |name| LockTable::named(name).map_err(|error| FsError::Locks(error.to_string()));
+        Ok(Tables {
+            inode: named("frangipani.inode")?,
+            portion: named("frangipani.portion")?,
+            recovery: named("frangipani.recovery")?,
+        })
+    }
+
+    fn inode(&self, ino: u64) -> LockName {
+        self.inode.lock(ino)
+    }
+
+    fn portion(&self, resource: Resource, portion: u64) -> LockName {
+        let kind = match resource {
+            Resource::Inode => 0,
+            Resource::SmallBlock => 1,
+            Resource::LargeBlock => 2,
+        };
+        self.portion.lock(kind << 32 | portion)
+    }
+
+    /// The lock taken to replay the log that `workstation` wrote under
+    /// lease `epoch` (`starting` false), or by `workstation` itself as
+    /// lease `epoch` starts, to replay its earlier leases (`starting`
+    /// true). One name per replay, so its grant is always fresh (a token
+    /// above every token the replayed lease held) and never waits for that
+    /// lease's own locks; two replays of one lease take turns.
+    fn recovery(&self, workstation: u32, epoch: u64, starting: bool) -> LockName {
+        let epoch_bits = epoch & ((1 << 39) - 1);
+        self.recovery.lock(u64::from(workstation) << 40 | u64::from(starting) << 39 | epoch_bits)
+    }
+}
+
+/// A cached block: its image, the version the image has, whether storage
+/// has it, and the lock that covers it.
+#[derive(Clone, Debug)]
+struct Cached {
+    version: u64,
+    data: Vec<u8>,
+    dirty: bool,
+    lock: LockName,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    blocks: HashMap<u64, Cached>,
+    /// The log, once set up under the current lease (`log_epoch`).
+    log: Option<LogWriter>,
+    log_epoch: u64,
+    /// Closed log blocks not yet written, oldest first.
+    closed: Vec<LogBlockWrite>,
+    /// The open log block has transactions not yet written.
+    open_unflushed: bool,
+    /// How often the open block has been written (its writes' versions grow).
+    open_writes: (u64, u64),
+}
+
+impl State {
+    fn dirty_count(&self) -> usize {
+        self.blocks.values().filter(|cached| cached.dirty).count()
+    }
+}
+
+/// One workstation's file system.
+#[derive(Debug)]
+pub struct FileSystem {
+    workstation: u32,
+    layout: Layout,
+    device: Arc<dyn BlockDevice>,
+    tables: Tables,
+    config: FsConfig,
+    clerk: OnceLock<Clerk>,
+    state: tokio::sync::Mutex<State>,
+    /// The highest fencing token received: every write is stamped with it.
+    clock: AtomicU64,
+    operations: AtomicU64,
+    storage_reads: AtomicU64,
+    storage_writes: AtomicU64,
+    log_block_writes: AtomicU64,
+}
+
+/// The clerk's view of the workstation (the clerk is made before the file
+/// system it serves, so it holds it weakly).
+#[derive(Debug, Default)]
+struct ClerkCallbacks(OnceLock<Weak<FileSystem>>);
+
+impl lockserver::Workstation for ClerkCallbacks {
+    fn flush(&self, lock: LockName, keep: Option<Mode>) -> BoxFuture<'static, ()> {
+        let fs = self.0.get().and_then(Weak::upgrade);
+        Box::pin(async move {
+            if let Some(fs) = fs {
+                fs.flush_for_revoke(lock, keep).await;
+            }
+        })
+    }
+
+    fn recover(&self, dead: LeaseEpoch, dead_clerk: ClerkId) -> BoxFuture<'static, ()> {
+        let fs = self.0.get().and_then(Weak::upgrade);
+        Box::pin(async move {
+            let Some(fs) = fs else { return };
+            let Some(workstation) = dead_clerk.0.checked_sub(1).and_then(|w| u32::try_from(w).ok()) else { return };
+            // Retried until it succeeds: the dead workstation's locks stay
+            // held until it does.
+            for attempt in 0u32.. {
+                match fs.replay_log(workstation, dead.0).await {
+                    Ok(applied) => {
+                        info!(workstation, epoch = dead.0, applied, "recovered a dead workstation's log");
+                        return;
+                    }
+                    Err(error) => {
+                        warn!(workstation, attempt, %error, "recovery failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    fn lease_lost(&self) {
+        // Nothing to do at once: the next operation sees a new lease epoch
+        // and drops the cache (its dirty blocks are lost with the lease).
+        warn!("lease lost");
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64
+}
+
+fn framing_of(layout: &Layout, block: u64) -> Framing {
+    // Only directory blocks are logged among data blocks.
+    metadata::framing(layout, block, true).expect("logged blocks are metadata blocks")
+}
+
+/// Writes a fresh volume: the parameter block and an empty root directory.
+pub async fn format(device: &dyn BlockDevice, parameters: ParameterBlock) -> Result<Layout, FsError> {
+    let layout = Layout::new(parameters)?;
+    let stamp = Stamp { epoch: 0, token: 0 };
+    let existing = device.read(layout.parameter_block()).await?;
+    if !existing.data.is_empty() {
+        return Err(FsError::Invalid("the volume is formatted already"));
+    }
+    let now = now_nanos();
+    let root = Inode {
+        version: 1,
+        kind: Kind::Directory,
+        permissions: 0o755,
+        links: 2,
+        parent: ROOT_INODE as u32,
+        accessed: now,
+        modified: now,
+        changed: now,
+        generation: 1,
+        ..Inode::free()
+    };
+    device.write(layout.inode_block(ROOT_INODE), 1, stamp, root.encode()?).await?;
+    let mut bitmap = BitmapPortion::decode(&[], BITS_PER_PORTION.min(parameters.inodes)).expect("an empty portion");
+    for expected in [0, ROOT_INODE] {
+        assert_eq!(bitmap.allocate(), Some(expected), "inodes 0 and 1 come first");
+    }
+    device.write(layout.bitmap_block(Resource::Inode, 0), 1, stamp, bitmap.encode()).await?;
+    // Last: a volume is formatted once its parameter block is there.
+    device.write(layout.parameter_block(), 1, stamp, parameters.encode()).await?;
+    Ok(layout)
+}
+
+/// Reads a volume's layout from its parameter block.
+pub async fn read_layout(device: &dyn BlockDevice) -> Result<Layout, FsError> {
+    let stored = device.read(0).await?;
+    if stored.data.is_empty() {
+        return Err(FsError::Invalid("the volume is not formatted (no parameter block)"));
+    }
+    Ok(Layout::new(ParameterBlock::decode(&stored.data)?)?)
+}
+
+impl FileSystem {
+    /// Mounts the volume on `device` as workstation `workstation` (its log
+    /// region; clerk id `workstation + 1`).
+    pub async fn mount(
+        workstation: u32,
+        device: Arc<dyn BlockDevice>,
+        locks: LockService,
+        config: FsConfig,
+    ) -> Result<Arc<FileSystem>, FsError> {
+        let layout = read_layout(device.as_ref()).await?;
+        if workstation >= layout.parameters.workstations {
+            return Err(FsError::Invalid("the volume has no log region for this workstation number"));
+        }
+        let callbacks = Arc::new(ClerkCallbacks::default());
+        let clerk = Clerk::connect_replicated(
+            ClerkId(u64::from(workstation) + 1),
+            locks.clerk,
+            locks.transport,
+            locks.addresses,
+            callbacks.clone(),
+            locks.lease_timeout,
+        )
+        .await
+        .map_err(|error| FsError::Locks(error.to_string()))?;
+        let fs = Arc::new(FileSystem {
+            workstation,
+            layout,
+            device,
+            tables: Tables::new()?,
+            config,
+            clerk: OnceLock::new(),
+            state: tokio::sync::Mutex::new(State::default()),
+            clock: AtomicU64::new(0),
+            operations: AtomicU64::new(0),
+            storage_reads: AtomicU64::new(0),
+            storage_writes: AtomicU64::new(0),
+            log_block_writes: AtomicU64::new(0),
+        });
+        fs.clerk.set(clerk).expect("set once");
+        callbacks.0.set(Arc::downgrade(&fs)).expect("set once");
+        Ok(fs)
+    }
+
+    pub fn workstation(&self) -> u32 {
+        self.workstation
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn clerk(&self) -> &Clerk {
+        self.clerk.get().expect("set at mount")
+    }
+
+    pub fn stats(&self) -> FsStats {
+        FsStats {
+            operations: self.operations.load(Ordering::Relaxed),
+            storage_reads: self.storage_reads.load(Ordering::Relaxed),
+            storage_writes: self.storage_writes.load(Ordering::Relaxed),
+            log_block_writes: self.log_block_writes.load(Ordering::Relaxed),
+            lock: self.clerk().stats(),
+        }
+    }
+
+    /// Writes the log and every dirty block, then stops the clerk (its
+    /// locks are released when its lease lapses or the server sees it go).
+    pub async fn unmount(&self) -> Result<(), FsError> {
+        let result = self.sync().await;
+        self.clerk().stop();
+        result
+    }
+
+    /// Stops as a crash would: nothing more is written, nothing released.
+    pub fn crash(&self) {
+        self.clerk().stop();
+    }
+
+    fn stamp(&self) -> Result<Stamp, FsError> {
+        let epoch = self.clerk().lease().ok_or(FsError::LeaseLost)?;
+        Ok(Stamp { epoch: epoch.0, token: self.clock.load(Ordering::SeqCst) })
+    }
+
+    async fn device_read(&self, block: u64) -> Result<Stored, FsError> {
+        self.storage_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.device.read(block).await?)
+    }
+
+    async fn device_write(&self, block: u64, version: u64, stamp: Stamp, data: Vec<u8>) -> Result<(), FsError> {
+        self.storage_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(self.device.write(block, version, stamp, data).await?)
+    }
+
+    // ----- running operations -----
+
+    /// Runs `body` under the locks it needs: starting from `first`, and
+    /// adding each lock a run finds it lacks (the run's changes are undone).
+    async fn run<T>(
+        &self,
+        first: &[(LockName, Mode)],
+        mut body: impl AsyncFnMut(&mut Op<'_>) -> Run<T>,
+    ) -> Result<T, FsError> {
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        let mut want: BTreeMap<LockName, Mode> = BTreeMap::new();
+        for (lock, mode) in first {
+            let entry = want.entry(*lock).or_insert(*mode);
+            *entry = (*entry).max(*mode);
+        }
+        for _ in 0..OPERATION_RUNS_MAX {
+            let locks: Vec<(LockName, Mode)> = want.iter().map(|(lock, mode)| (*lock, *mode)).collect();
+            let guards = self
+                .clerk()
+                .acquire_all(&locks, self.config.lock_timeout)
+                .await
+                .map_err(|error| FsError::Locks(error.to_string()))?;
+            self.note_tokens(&guards);
+            let epoch = guards.first().map(|guard| guard.epoch.0).ok_or(FsError::Invalid("no locks"))?;
+            let mut state = self.state.lock().await;
+            if state.log_epoch != epoch || state.log.is_none() {
+                // A new lease: what was cached under the old one is gone.
+                let recovery = (self.tables.recovery(self.workstation, epoch, true), Mode::Exclusive);
+                if let btree_map::Entry::Vacant(slot) = want.entry(recovery.0) {
+                    slot.insert(recovery.1);
+                    continue;
+                }
+                self.start_log(&mut state, epoch).await?;
+            }
+            let held = guards.iter().map(|guard| (guard.lock, guard.mode)).collect();
+            let mut op = Op::new(self, &mut state, held);
+            let outcome = body(&mut op).await;
+            let outcome = match outcome {
+                Ok(value) => op.commit().await.map(|()| value),
+                Err(fail) => Err(fail),
+            };
+            match outcome {
+                Ok(value) => {
+                    drop(op);
+                    self.write_back_if_full(&mut state).await?;
+                    return Ok(value);
+                }
+                Err(Fail::NeedLock) => {
+                    let needed = op.rollback();
+                    for (lock, mode) in needed {
+                        let entry = want.entry(lock).or_insert(mode);
+                        *entry = (*entry).max(mode);
+                    }
+                }
+                Err(Fail::Fs(error)) => {
+                    op.rollback();
+                    return Err(error);
+                }
+            }
+        }
+        Err(FsError::Locks("an operation kept needing more locks".into()))
+    }
+
+    fn note_tokens(&self, guards: &[LockGuard]) {
+        for guard in guards {
+            self.clock.fetch_max(guard.token.0, Ordering::SeqCst);
+        }
+    }
+
+    /// Sets the log up under lease `epoch`: first replays what earlier
+    /// leases of this workstation left in it (under the recovery lock of
+    /// this lease, which the caller holds), then starts after it, empty.
+    /// (The lock service may have another workstation replay the same
+    /// leases at the same time: replay applies only records newer than
+    /// their blocks, so both write the same images.)
+    async fn start_log(&self, state: &mut State, epoch: u64) -> Result<(), FsError> {
+        state.blocks.clear();
+        state.closed.clear();
+        state.open_unflushed = false;
+        state.log = None;
+        self.replay_locked(self.workstation, |written| written != epoch).await?;
+        let next = self.scan_region(self.workstation, |_| true).await?.next_sequence;
+        state.log = Some(LogWriter::new(self.layout.parameters.log_blocks, next, next));
+        state.log_epoch = epoch;
+        debug!(workstation = self.workstation, epoch, next, "log started");
+        Ok(())
+    }
+
+    async fn scan_region(&self, workstation: u32, epoch_wanted: impl Fn(u64) -> bool) -> Result<wal::Replay, FsError> {
+        let mut blocks = Vec::with_capacity(self.layout.parameters.log_blocks as usize);
+        for index in 0..self.layout.parameters.log_blocks {
+            let stored = self.device_read(self.layout.log_block(workstation, index)).await?;
+            blocks.push((!stored.data.is_empty() && epoch_wanted(stored.lease_epoch)).then_some(stored.data));
+        }
+        Ok(wal::scan(&blocks))
+    }
+
+    /// Replays what `workstation` logged under lease `epoch` (the recovery
+    /// demon's work). Returns how many blocks it wrote.
+    pub async fn replay_log(&self, workstation: u32, epoch: u64) -> Result<usize, FsError> {
+        debug!(workstation, epoch, "replaying a log");
+        let guard = self
+            .clerk()
+            .acquire(self.tables.recovery(workstation, epoch, false), Mode::Exclusive, self.config.lock_timeout)
+            .await
+            .map_err(|error| FsError::Locks(error.to_string()))?;
+        self.note_tokens(std::slice::from_ref(&guard));
+        debug!(workstation, epoch, token = guard.token.0, "replay lock held");
+        self.replay_locked(workstation, |written| written == epoch).await
+    }
+
+    /// Applies every live record newer than its block, straight to storage.
+    /// Restartable: replaying again changes nothing.
+    async fn replay_locked(&self, workstation: u32, epoch_wanted: impl Fn(u64) -> bool) -> Result<usize, FsError> {
+        let replay = self.scan_region(workstation, epoch_wanted).await?;
+        let mut current: BTreeMap<u64, Stored> = BTreeMap::new();
+        for record in replay.transactions.iter().flatten() {
+            if let btree_map::Entry::Vacant(slot) = current.entry(record.block) {
+                slot.insert(self.device_read(record.block).await?);
+            }
+        }
+        let records = wal::to_apply(&replay.transactions, |block| current[&block].version);
+        let mut changed: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
+        for record in records {
+            let (version, image) =
+                changed.entry(record.block).or_insert_with(|| (0, current[&record.block].data.clone()));
+            let framing = framing_of(&self.layout, record.block);
+            *image = metadata::apply(framing, image, &record)
+                .map_err(|error| FsError::Corrupt(format!("log record: {error}")))?;
+            *version = record.version;
+        }
+        let stamp = self.stamp()?;
+        let written = changed.len();
+        for (block, (version, image)) in changed {
+            match self.device_write(block, version, stamp, image).await {
+                // A later lock holder wrote it: its version is newer.
+                Err(FsError::Storage(why)) if why.contains("stale") => {}
+                other => other?,
+            }
+        }
+        Ok(written)
+    }
+
+    // ----- write-back -----
+
+    async fn write_log(&self, state: &mut State) -> Result<(), FsError> {
+        let stamp = self.stamp()?;
+        let mut closed = std::mem::take(&mut state.closed);
+        let open = if state.open_unflushed { state.log.as_ref().and_then(LogWriter::flush) } else { None };
+        closed.extend(open);
+        for (at, write) in closed.iter().enumerate() {
+            let writes = if state.open_writes.0 == write.sequence { state.open_writes.1 + 1 } else { 1 };
+            state.open_writes = (write.sequence, writes);
+            let version = write.sequence << 32 | writes;
+            let block = self.layout.log_block(self.workstation, write.index);
+            self.log_block_writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = self.device_write(block, version, stamp, write.image.clone()).await {
+                // Keep what is not written, in order, for the next try.
+                state.closed =
+                    closed[at..].iter().filter(|left| Some(left.sequence) != open_sequence(state)).cloned().collect();
+                return Err(error);
+            }
+        }
+        state.open_unflushed = false;
+        Ok(())
+    }
+
+    /// Writes back the dirty blocks `which` selects (after the log).
+    async fn write_back(&self, state: &mut State, which: impl Fn(u64, &Cached) -> bool) -> Result<(), FsError> {
+        self.write_log(state).await?;
+        let stamp = self.stamp()?;
+        let dirty: Vec<(u64, u64, Vec<u8>)> = state
+            .blocks
+            .iter()
+            .filter(|(block, cached)| cached.dirty && which(**block, cached))
+            .map(|(block, cached)| (*block, cached.version, cached.data.clone()))
+            .collect();
+        for chunk in dirty.chunks(WRITE_BACK_PARALLEL) {
+            let writes =
+                chunk.iter().map(|(block, version, data)| self.device_write(*block, *version, stamp, data.clone()));
+            let results = futures::future::join_all(writes).await;
+            for ((block, version, _), result) in chunk.iter().zip(results) {
+                result?;
+                if let Some(cached) = state.blocks.get_mut(block)
+                    && cached.version == *version
+                {
+                    cached.dirty = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_back_if_full(&self, state: &mut State) -> Result<(), FsError> {
+        if state.dirty_count() > self.config.dirty_blocks_max {
+            self.write_back(state, |_, _| true).await?;
+        }
+        if state.blocks.len() > self.config.cached_blocks_max {
+            state.blocks.retain(|_, cached| cached.dirty);
+        }
+        Ok(())
+    }
+
+    /// Makes the log durable (the periodic log flush of F97 §4): the
+    /// operations so far survive a crash of this workstation, replayed by
+    /// another; their blocks stay dirty in the cache.
+    pub async fn flush_log(&self) -> Result<(), FsError> {
+        let mut state = self.state.lock().await;
+        if state.log.is_none() {
+            return Ok(());
+        }
+        self.write_log(&mut state).await
+    }
+
+    /// Makes everything durable: the log, then every dirty block (fsync).
+    pub async fn sync(&self) -> Result<(), FsError> {
+        let mut state = self.state.lock().await;
+        if state.log.is_none() {
+            return Ok(()); // nothing done under this lease
+        }
+        self.write_back(&mut state, |_, _| true).await
+    }
+
+    /// A revoke: write the log, then the dirty blocks, then drop the cached
+    /// blocks of `lock` unless a shared hold is kept.
+    async fn flush_for_revoke(&self, lock: LockName, keep: Option<Mode>) {
+        let mut state = self.state.lock().await;
+        if state.log.is_some() {
+            for attempt in 0..3 {
+                match self.write_back(&mut state, |_, _| true).await {
+                    Ok(()) => break,
+                    Err(FsError::LeaseLost) => break,
+                    Err(error) => warn!(%lock, attempt, %error, "write-back for a revoke failed"),
+                }
+            }
+        }
+        if keep.is_none() {
+            state.blocks.retain(|_, cached| cached.lock != lock);
+        }
+    }
+
+    /// The log is full: write back what its oldest quarter covers, then
+    /// reclaim that quarter.
+    async fn reclaim_log(&self, state: &mut State) -> Result<(), FsError> {
+        let (through, covered) = state.log.as_ref().expect("started").oldest_quarter();
+        let covered: std::collections::HashSet<u64> = covered.into_iter().map(|(block, _)| block).collect();
+        self.write_back(state, |block, _| covered.contains(&block)).await?;
+        state.log.as_mut().expect("started").reclaim(through);
+        Ok(())
+    }
+
+    // ----- operations -----
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let lock = self.tables.inode(ino);
+        self.run(&[(lock, Mode::Shared)], async |op| op.attr(ino).await).await
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        check_name(name)?;
+        self.run(&[(self.tables.inode(parent), Mode::Shared)], async |op| {
+            let (_, entry) = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
+            op.attr(entry.inode).await
+        })
+        .await
+    }
+
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
+            let inode = op.inode(ino, Mode::Shared).await?;
+            if inode.kind != Kind::Directory {
+                return Err(FsError::NotDirectory.into());
+            }
+            let mut out = vec![
+                DirEntry { name: b".".to_vec(), ino, kind: Kind::Directory },
+                DirEntry { name: b"..".to_vec(), ino: u64::from(inode.parent), kind: Kind::Directory },
+            ];
+            for block in directory_blocks(&inode) {
+                let directory = op.directory(block, ino, Mode::Shared).await?;
+                out.extend(directory.entries().map(|entry| DirEntry {
+                    name: entry.name.clone(),
+                    ino: entry.inode,
+                    kind: entry.kind,
+                }));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
+            match op.inode(ino, Mode::Shared).await?.content {
+                Content::Symlink(target) => Ok(target),
+                Content::Blocks(_) => Err(FsError::Invalid("not a symbolic link").into()),
+            }
+        })
+        .await
+    }
+
+    /// Makes a file, directory or symbolic link (`target`) called `name` in `parent`.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        permissions: u32,
+        owner: (u32, u32),
+        target: Option<&[u8]>,
+    ) -> Result<Attr, FsError> {
+        check_name(name)?;
+        if target.is_some_and(|target| target.len() > SYMLINK_BYTES_MAX) {
+            return Err(FsError::NameTooLong);
+        }
+        self.run(&[(self.tables.inode(parent), Mode::Exclusive)], async |op| {
+            let mut directory = op.inode(parent, Mode::Exclusive).await?;
+            if directory.kind != Kind::Directory {
+                return Err(FsError::NotDirectory.into());
+            }
+            if op.find(parent, name).await?.is_some() {
+                return Err(FsError::Exists.into());
+            }
+            let ino = op.allocate(Resource::Inode).await?;
+            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            if inode.kind != Kind::Free {
+                return Err(FsError::Corrupt(format!("inode {ino} is marked free but in use")).into());
+            }
+            let now = op.now;
+            inode = Inode {
+                version: inode.version,
+                kind,
+                permissions: permissions & 0o7777,
+                links: if kind == Kind::Directory { 2 } else { 1 },
+                uid: owner.0,
+                gid: owner.1,
+                parent: if kind == Kind::Directory { parent as u32 } else { 0 },
+                size: 0,
+                accessed: now,
+                modified: now,
+                changed: now,
+                generation: inode.generation + 1,
+                content: match target {
+                    Some(target) => Content::Symlink(target.to_vec()),
+                    None => Content::empty(),
+                },
+            };
+            op.put_inode(ino, &inode)?;
+            op.insert_entry(parent, &mut directory, name, ino, kind).await?;
+            if kind == Kind::Directory {
+                directory.links += 1;
+            }
+            directory.modified = now;
+            directory.changed = now;
+            op.put_inode(parent, &directory)?;
+            op.attr(ino).await
+        })
+        .await
+    }
+
+    /// Removes `name` from `parent`: a file or link (`directory` false), or
+    /// an empty directory (`directory` true).
+    pub async fn remove(&self, parent: u64, name: &[u8], directory: bool) -> Result<(), FsError> {
+        check_name(name)?;
+        self.run(&[(self.tables.inode(parent), Mode::Exclusive)], async |op| {
+            let mut parent_inode = op.inode(parent, Mode::Exclusive).await?;
+            if parent_inode.kind != Kind::Directory {
+                return Err(FsError::NotDirectory.into());
+            }
+            let (_, entry) = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
+            match (entry.kind == Kind::Directory, directory) {
+                (true, false) => return Err(FsError::IsDirectory.into()),
+                (false, true) => return Err(FsError::NotDirectory.into()),
+                _ => {}
+            }
+            op.unlink_target(&entry).await?;
+            op.remove_entry(parent, &parent_inode, name).await?;
+            if directory {
+                parent_inode.links -= 1;
+            }
+            parent_inode.modified = op.now;
+            parent_inode.changed = op.now;
+            op.put_inode(parent, &parent_inode)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A new name `name` in `parent` for the file `ino`.
+    pub async fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        check_name(name)?;
+        let locks = [(self.tables.inode(ino), Mode::Exclusive), (self.tables.inode(parent), Mode::Exclusive)];
+        self.run(&locks, async |op| {
+            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            if inode.kind == Kind::Directory {
+                return Err(FsError::NotPermitted("hard links to directories").into());
+            }
+            let mut directory = op.inode(parent, Mode::Exclusive).await?;
+            if directory.kind != Kind::Directory {
+                return Err(FsError::NotDirectory.into());
+            }
+            if op.find(parent, name).await?.is_some() {
+                return Err(FsError::Exists.into());
+            }
+            op.insert_entry(parent, &mut directory, name, ino, inode.kind).await?;
+            inode.links += 1;
+            inode.changed = op.now;
+            op.put_inode(ino, &inode)?;
+            directory.modified = op.now;
+            directory.changed = op.now;
+            op.put_inode(parent, &directory)?;
+            op.attr(ino).await
+        })
+        .await
+    }
+
+    /// Renames `from_parent/from` to `to_parent/to`, replacing a file or an
+    /// empty directory there; one log transaction.
+    pub async fn rename(&self, from_parent: u64, from: &[u8], to_parent: u64, to: &[u8]) -> Result<(), FsError> {
+        check_name(from)?;
+        check_name(to)?;
+        let locks =
+            [(self.tables.inode(from_parent), Mode::Exclusive), (self.tables.inode(to_parent), Mode::Exclusive)];
+        self.run(&locks, async |op| {
+            let mut source = op.inode(from_parent, Mode::Exclusive).await?;
+            let mut destination = op.inode(to_parent, Mode::Exclusive).await?;
+            if source.kind != Kind::Directory || destination.kind != Kind::Directory {
+                return Err(FsError::NotDirectory.into());
+            }
+            let (_, moved) = op.find(from_parent, from).await?.ok_or(FsError::NotFound)?;
+            let replaced = op.find(to_parent, to).await?.map(|(_, entry)| entry);
+            if replaced.as_ref().is_some_and(|entry| entry.inode == moved.inode) {
+                return Ok(()); // two names of one file: nothing to do
+            }
+            let moving_directory = moved.kind == Kind::Directory;
+            if moving_directory && from_parent != to_parent {
+                // Not under itself: walk up from the destination.
+                let mut at = to_parent;
+                while at != ROOT_INODE {
+                    if at == moved.inode {
+                        return Err(FsError::Invalid("a directory cannot move under itself").into());
+                    }
+                    at = u64::from(op.inode(at, Mode::Shared).await?.parent);
+                }
+            }
+            let mut moved_inode = op.inode(moved.inode, Mode::Exclusive).await?;
+            if let Some(replaced) = &replaced {
+                match (replaced.kind == Kind::Directory, moving_directory) {
+                    (true, false) => return Err(FsError::IsDirectory.into()),
+                    (false, true) => return Err(FsError::NotDirectory.into()),
+                    _ => {}
+                }
+                op.unlink_target(replaced).await?;
+                op.remove_entry(to_parent, &destination, to).await?;
+                if replaced.kind == Kind::Directory {
+                    destination.links -= 1;
+                }
+            }
+            op.remove_entry(from_parent, &source, from).await?;
+            if from_parent == to_parent {
+                destination = op.inode(to_parent, Mode::Exclusive).await?;
+                if replaced.as_ref().is_some_and(|entry| entry.kind == Kind::Directory) {
+                    destination.links -= 1;
+                }
+            }
+            op.insert_entry(to_parent, &mut destination, to, moved.inode, moved.kind).await?;
+            let now = op.now;
+            if moving_directory && from_parent != to_parent {
+                source.links -= 1;
+                destination.links += 1;
+                moved_inode.parent = to_parent as u32;
+            }
+            moved_inode.changed = now;
+            op.put_inode(moved.inode, &moved_inode)?;
+            destination.modified = now;
+            destination.changed = now;
+            if from_parent != to_parent {
+                source.modified = now;
+                source.changed = now;
+                op.put_inode(from_parent, &source)?;
+            }
+            op.put_inode(to_parent, &destination)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn setattr(&self, ino: u64, change: SetAttr) -> Result<Attr, FsError> {
+        self.run(&[(self.tables.inode(ino), Mode::Exclusive)], async |op| {
+            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            if inode.kind == Kind::Free {
+                return Err(FsError::NotFound.into());
+            }
+            if let Some(size) = change.size {
+                if inode.kind == Kind::Directory {
+                    return Err(FsError::IsDirectory.into());
+                }
+                op.truncate(ino, &mut inode, size).await?;
+                inode.modified = op.now;
+            }
+            if let Some(permissions) = change.permissions {
+                inode.permissions = permissions & 0o7777;
+            }
+            inode.uid = change.uid.unwrap_or(inode.uid);
+            inode.gid = change.gid.unwrap_or(inode.gid);
+            inode.accessed = change.accessed.unwrap_or(inode.accessed);
+            inode.modified = change.modified.unwrap_or(inode.modified);
+            inode.changed = op.now;
+            op.put_inode(ino, &inode)?;
+            op.attr(ino).await
+        })
+        .await
+    }
+
+    pub async fn read(&self, ino: u64, offset: u64, length: usize) -> Result<Vec<u8>, FsError> {
+        self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
+            let inode = op.inode(ino, Mode::Shared).await?;
+            let Content::Blocks(pointers) = &inode.content else {
+                return Err(FsError::Invalid("not a regular file").into());
+            };
+            if inode.kind == Kind::Directory {
+                return Err(FsError::IsDirectory.into());
+            }
+            let end = inode.size.min(offset.saturating_add(length as u64));
+            let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+            let mut at = offset;
+            while at < end {
+                let (block, within, block_bytes) = block_at(pointers, at)?;
+                let take = ((block_bytes - within) as u64).min(end - at) as usize;
+                if block == NO_BLOCK {
+                    out.resize(out.len() + take, 0);
+                } else {
+                    let cached = op.block(block, ino, Mode::Shared).await?;
+                    out.extend_from_slice(&cached.data[within..within + take]);
+                }
+                at += take as u64;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooLarge)?;
+        if place(end.saturating_sub(1)).is_none_or(|place| matches!(place, Place::Indirect { .. })) && !data.is_empty()
+        {
+            return Err(FsError::TooLarge);
+        }
+        self.run(&[(self.tables.inode(ino), Mode::Exclusive)], async |op| {
+            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            if inode.kind == Kind::Directory {
+                return Err(FsError::IsDirectory.into());
+            }
+            let mut at = offset;
+            while at < end {
+                let Content::Blocks(pointers) = &inode.content else {
+                    return Err(FsError::Invalid("not a regular file").into());
+                };
+                let (mut block, within, block_bytes) = block_at(pointers, at)?;
+                if block == NO_BLOCK {
+                    let resource =
+                        if block_bytes == SMALL_BLOCK_BYTES { Resource::SmallBlock } else { Resource::LargeBlock };
+                    block = op.allocate_data(resource, ino).await?;
+                    set_block_at(&mut inode, at, block);
+                }
+                let take = ((block_bytes - within) as u64).min(end - at) as usize;
+                let from = (at - offset) as usize;
+                op.patch_data(block, ino, within, &data[from..from + take]).await?;
+                at += take as u64;
+            }
+            inode.size = inode.size.max(end);
+            inode.modified = op.now;
+            inode.changed = op.now;
+            op.put_inode(ino, &inode)?;
+            Ok(data.len())
+        })
+        .await
+    }
+
+    /// Free space, read from the bitmaps without locks (a snapshot).
+    pub async fn statfs(&self) -> Result<FsSpace, FsError> {
+        let parameters = self.layout.parameters;
+        let mut free = [0u64; 3];
+        for (slot, (resource, total)) in [
+            (Resource::Inode, parameters.inodes),
+            (Resource::SmallBlock, parameters.small_blocks),
+            (Resource::LargeBlock, parameters.large_blocks),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for portion in 0..self.layout.portions(resource) {
+                let valid = (total - portion * BITS_PER_PORTION).min(BITS_PER_PORTION);
+                let stored = self.device_read(self.layout.bitmap_block(resource, portion)).await?;
+                let bits = BitmapPortion::decode(&stored.data, valid)
+                    .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
+                free[slot] += bits.free_count();
+            }
+        }
+        Ok(FsSpace {
+            inodes: parameters.inodes,
+            inodes_free: free[0],
+            small_blocks: parameters.small_blocks,
+            small_free: free[1],
+            large_blocks: parameters.large_blocks,
+            large_free: free[2],
+        })
+    }
+}
+
+fn open_sequence(state: &State) -> Option<u64> {
+    state.log.as_ref().and_then(LogWriter::flush).map(|open| open.sequence)
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".." {
+        return Err(FsError::Invalid("a name is 1..=255 bytes without '/' or NUL, and not . or .."));
+    }
+    Ok(())
+}
+
+/// The small blocks a directory's entries live in.
+fn directory_blocks(inode: &Inode) -> Vec<u64> {
+    match &inode.content {
+        Content::Blocks(pointers) => pointers.small.iter().copied().filter(|block| *block != NO_BLOCK).collect(),
+        Content::Symlink(_) => Vec::new(),
+    }
+}
+
+/// The block holding file byte `offset`: its number (or `NO_BLOCK`), the
+/// offset in it, and its size.
+fn block_at(pointers: &crate::inode::BlockPointers, offset: u64) -> Result<(u64, usize, usize), FsError> {
+    match place(offset) {
+        Some(Place::Small { index, offset }) => Ok((pointers.small[index], offset, SMALL_BLOCK_BYTES)),
+        Some(Place::Large { index, offset }) => Ok((pointers.large[index], offset, LARGE_BLOCK_BYTES)),
+        // The indirect block is not used yet: files end before it.
+        Some(Place::Indirect { .. }) | None => Err(FsError::TooLarge),
+    }
+}
+
+fn set_block_at(inode: &mut Inode, offset: u64, block: u64) {
+    let Content::Blocks(pointers) = &mut inode.content else { unreachable!("files have blocks") };
+    match place(offset) {
+        Some(Place::Small { index, .. }) => pointers.small[index] = block,
+        Some(Place::Large { index, .. }) => pointers.large[index] = block,
+        _ => unreachable!("checked by block_at"),
+    }
+}
+
+/// One run of an operation: the locks it holds, what it changed (to undo),
+/// and the log records of its changes.
+struct Op<'a> {
+    fs: &'a FileSystem,
+    state: &'a mut State,
+    held: BTreeMap<LockName, Mode>,
+    needed: Vec<(LockName, Mode)>,
+    /// Each changed block as it was before the run (`None`: not cached).
+    undo: HashMap<u64, Option<Cached>>,
+    records: Vec<Record>,
+    now: i64,
+}
+
+impl<'a> Op<'a> {
+    fn new(fs: &'a FileSystem, state: &'a mut State, held: BTreeMap<LockName, Mode>) -> Op<'a> {
+        Op { fs, state, held, needed: Vec::new(), undo: HashMap::new(), records: Vec::new(), now: now_nanos() }
+    }
+
+    /// Fails the run unless `lock` is held in `mode`; the next run takes it.
+    fn require(&mut self, lock: LockName, mode: Mode) -> Run<()> {
+        if self.held.get(&lock).is_some_and(|held| held.covers(mode)) {
+            return Ok(());
+        }
+        self.needed.push((lock, mode));
+        Err(Fail::NeedLock)
+    }
+
+    /// The cached block (read on a miss), which `lock` must cover.
+    async fn cached(&mut self, block: u64, lock: LockName, mode: Mode) -> Run<&mut Cached> {
+        self.require(lock, mode)?;
+        if !self.state.blocks.contains_key(&block) {
+            let stored = self.fs.device_read(block).await?;
+            self.state.blocks.insert(block, Cached { version: stored.version, data: stored.data, dirty: false, lock });
+        }
+        let cached = self.state.blocks.get_mut(&block).expect("just cached");
+        debug_assert_eq!(cached.lock, lock, "block {block} is covered by one lock");
+        Ok(cached)
+    }
+
+    async fn block(&mut self, block: u64, owner: u64, mode: Mode) -> Run<&mut Cached> {
+        let lock = self.fs.tables.inode(owner);
+        self.cached(block, lock, mode).await
+    }
+
+    async fn inode(&mut self, ino: u64, mode: Mode) -> Run<Inode> {
+        if ino == 0 || ino >= self.fs.layout.parameters.inodes {
+            return Err(FsError::NotFound.into());
+        }
+        let block = self.fs.layout.inode_block(ino);
+        let cached = self.block(block, ino, mode).await?;
+        Ok(Inode::decode(&cached.data)?)
+    }
+
+    async fn attr(&mut self, ino: u64) -> Run<Attr> {
+        let inode = self.inode(ino, Mode::Shared).await?;
+        if inode.kind == Kind::Free {
+            return Err(FsError::NotFound.into());
+        }
+        let allocated = match &inode.content {
+            Content::Blocks(pointers) => {
+                let small = pointers.small.iter().filter(|block| **block != NO_BLOCK).count() * SMALL_BLOCK_BYTES;
+                let large = pointers.large.iter().filter(|block| **block != NO_BLOCK).count() * LARGE_BLOCK_BYTES;
+                (small + large) as u64
+            }
+            Content::Symlink(_) => 0,
+        };
+        Ok(Attr {
+            ino,
+            kind: inode.kind,
+            permissions: inode.permissions,
+            links: inode.links,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: inode.size,
+            allocated,
+            accessed: inode.accessed,
+            modified: inode.modified,
+            changed: inode.changed,
+            generation: inode.generation,
+        })
+    }
+
+    async fn directory(&mut self, block: u64, owner: u64, mode: Mode) -> Run<DirectoryBlock> {
+        let cached = self.block(block, owner, mode).await?;
+        Ok(DirectoryBlock::decode(&cached.data)?)
+    }
+
+    /// The entry `name` of directory `parent`, and the block it is in.
+    async fn find(&mut self, parent: u64, name: &[u8]) -> Run<Option<(u64, Entry)>> {
+        let inode = self.inode(parent, Mode::Shared).await?;
+        if inode.kind != Kind::Directory {
+            return Err(FsError::NotDirectory.into());
+        }
+        for block in directory_blocks(&inode) {
+            if let Some(entry) = self.directory(block, parent, Mode::Shared).await?.lookup(name) {
+                return Ok(Some((block, entry.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Changes a cached block to `image` (version + 1), keeping the old one
+    /// to undo; a metadata block's change is logged.
+    fn change(&mut self, block: u64, image: Vec<u8>, logged: Option<Framing>) -> u64 {
+        let cached = self.state.blocks.get_mut(&block).expect("a block is read before it is changed");
+        self.undo.entry(block).or_insert_with(|| Some(cached.clone()));
+        let version = cached.version + 1;
+        if let Some(framing) = logged {
+            self.records.extend(metadata::diff(framing, &cached.data, &image, block, version));
+        }
+        cached.version = version;
+        cached.data = image;
+        cached.dirty = true;
+        version
+    }
+
+    /// The version a framed block gets on its next change.
+    fn next_version(&self, block: u64) -> u64 {
+        self.state.blocks[&block].version + 1
+    }
+
+    fn put_inode(&mut self, ino: u64, inode: &Inode) -> Run<()> {
+        let block = self.fs.layout.inode_block(ino);
+        let lock = self.fs.tables.inode(ino);
+        self.require(lock, Mode::Exclusive)?;
+        let mut inode = inode.clone();
+        inode.version = self.next_version(block);
+        let framing = framing_of(&self.fs.layout, block);
+        self.change(block, inode.encode()?, Some(framing));
+        Ok(())
+    }
+
+    fn put_directory(&mut self, block: u64, owner: u64, directory: &mut DirectoryBlock) -> Run<()> {
+        self.require(self.fs.tables.inode(owner), Mode::Exclusive)?;
+        directory.version = self.next_version(block);
+        let framing = framing_of(&self.fs.layout, block);
+        self.change(block, directory.encode(), Some(framing));
+        Ok(())
+    }
+
+    async fn patch_data(&mut self, block: u64, owner: u64, at: usize, bytes: &[u8]) -> Run<()> {
+        let cached = self.block(block, owner, Mode::Exclusive).await?;
+        let mut image = cached.data.clone();
+        let block_bytes = self.fs.layout.block_bytes(block);
+        image.resize(block_bytes, 0);
+        image[at..at + bytes.len()].copy_from_slice(bytes);
+        self.change(block, image, None);
+        Ok(())
+    }
+
+    /// Adds `name` to directory `parent` (whose inode is `directory`; a new
+    /// block is allocated and recorded in it when the others are full).
+    async fn insert_entry(&mut self, parent: u64, directory: &mut Inode, name: &[u8], ino: u64, kind: Kind) -> Run<()> {
+        for block in directory_blocks(directory) {
+            let mut entries = self.directory(block, parent, Mode::Exclusive).await?;
+            match entries.insert(name, ino, kind) {
+                Ok(()) => return self.put_directory(block, parent, &mut entries),
+                Err(DirectoryError::Full) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        let Content::Blocks(pointers) = &directory.content else { return Err(FsError::NotDirectory.into()) };
+        let Some(slot) = pointers.small.iter().position(|block| *block == NO_BLOCK) else {
+            return Err(FsError::NoSpace("a directory holds at most 16 blocks of names").into());
+        };
+        let block = self.allocate_data(Resource::SmallBlock, parent).await?;
+        let Content::Blocks(pointers) = &mut directory.content else { unreachable!("checked above") };
+        pointers.small[slot] = block;
+        directory.size = (SMALL_POINTERS.min(slot + 1) * SMALL_BLOCK_BYTES) as u64;
+        directory.size = directory.size.max((directory_blocks(directory).len() * SMALL_BLOCK_BYTES) as u64);
+        let mut entries = DirectoryBlock::default();
+        entries.insert(name, ino, kind)?;
+        self.put_directory(block, parent, &mut entries)
+    }
+
+    async fn remove_entry(&mut self, parent: u64, directory: &Inode, name: &[u8]) -> Run<()> {
+        for block in directory_blocks(directory) {
+            let mut entries = self.directory(block, parent, Mode::Exclusive).await?;
+            if entries.remove(name).is_some() {
+                return self.put_directory(block, parent, &mut entries);
+            }
+        }
+        Err(FsError::NotFound.into())
+    }
+
+    /// Drops one link to the entry's inode; frees it (and its blocks) at
+    /// zero. A directory must be empty, and goes at once.
+    async fn unlink_target(&mut self, entry: &Entry) -> Run<()> {
+        let mut inode = self.inode(entry.inode, Mode::Exclusive).await?;
+        if inode.kind == Kind::Directory {
+            for block in directory_blocks(&inode) {
+                if !self.directory(block, entry.inode, Mode::Shared).await?.is_empty() {
+                    return Err(FsError::NotEmpty.into());
+                }
+            }
+            inode.links = 0;
+        } else {
+            inode.links = inode.links.saturating_sub(1);
+        }
+        inode.changed = self.now;
+        if inode.links == 0 {
+            self.truncate(entry.inode, &mut inode, 0).await?;
+            let Content::Blocks(pointers) = &mut inode.content else { unreachable!("truncated") };
+            for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
+                self.free_block(*block).await?;
+                *block = NO_BLOCK;
+            }
+            self.free(Resource::Inode, entry.inode).await?;
+            inode = Inode { version: inode.version, generation: inode.generation, ..Inode::free() };
+        }
+        self.put_inode(entry.inode, &inode)
+    }
+
+    /// Shortens or lengthens a file; frees whole blocks past the new end
+    /// and zeroes the tail of the last one.
+    async fn truncate(&mut self, ino: u64, inode: &mut Inode, size: u64) -> Run<()> {
+        if size > 0 && place(size - 1).is_none_or(|place| matches!(place, Place::Indirect { .. })) {
+            return Err(FsError::TooLarge.into());
+        }
+        if inode.kind == Kind::Directory || matches!(inode.content, Content::Symlink(_)) {
+            inode.size = if inode.kind == Kind::Directory { inode.size } else { size };
+            return Ok(());
+        }
+        let Content::Blocks(pointers) = &inode.content else { unreachable!("checked above") };
+        let mut pointers = pointers.clone();
+        if size < inode.size {
+            // Zero the tail of the block holding the new end.
+            if size > 0 {
+                let (block, within, block_bytes) = block_at(&pointers, size)?;
+                if block != NO_BLOCK && within > 0 {
+                    self.patch_data(block, ino, within, &vec![0; block_bytes - within]).await?;
+                }
+            }
+            let first_free_small = (size as usize).div_ceil(SMALL_BLOCK_BYTES);
+            for index in first_free_small.min(SMALL_POINTERS)..SMALL_POINTERS {
+                let block = std::mem::replace(&mut pointers.small[index], NO_BLOCK);
+                if block != NO_BLOCK {
+                    self.free_block(block).await?;
+                }
+            }
+            let small_bytes = (SMALL_POINTERS * SMALL_BLOCK_BYTES) as u64;
+            let first_free_large = (size.saturating_sub(small_bytes) as usize).div_ceil(LARGE_BLOCK_BYTES);
+            for index in first_free_large..pointers.large.len() {
+                let block = std::mem::replace(&mut pointers.large[index], NO_BLOCK);
+                if block != NO_BLOCK {
+                    self.free_block(block).await?;
+                }
+            }
+        }
+        inode.content = Content::Blocks(pointers);
+        inode.size = size;
+        Ok(())
+    }
+
+    /// Frees a data block and drops it from the cache (undoably): it must
+    /// never be written back.
+    async fn free_block(&mut self, block: u64) -> Run<()> {
+        let (resource, number) = self
+            .fs
+            .layout
+            .data_number(block)
+            .ok_or_else(|| FsError::Corrupt(format!("a file points at block {block}, not a data block")))?;
+        self.free(resource, number).await?;
+        if let Some(cached) = self.state.blocks.remove(&block) {
+            self.undo.entry(block).or_insert(Some(cached));
+        }
+        Ok(())
+    }
+
+    async fn bitmap(&mut self, resource: Resource, portion: u64) -> Run<(u64, BitmapPortion)> {
+        let lock = self.fs.tables.portion(resource, portion);
+        let block = self.fs.layout.bitmap_block(resource, portion);
+        let total = match resource {
+            Resource::Inode => self.fs.layout.parameters.inodes,
+            Resource::SmallBlock => self.fs.layout.parameters.small_blocks,
+            Resource::LargeBlock => self.fs.layout.parameters.large_blocks,
+        };
+        let valid = (total - portion * BITS_PER_PORTION).min(BITS_PER_PORTION);
+        let cached = self.cached(block, lock, Mode::Exclusive).await?;
+        let bits = BitmapPortion::decode(&cached.data, valid)
+            .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
+        Ok((block, bits))
+    }
+
+    fn put_bitmap(&mut self, block: u64, bits: &BitmapPortion) {
+        self.change(block, bits.encode(), Some(Framing::Raw { bytes: SMALL_BLOCK_BYTES }));
+    }
+
+    /// Takes the lowest free number of `resource`, from this workstation's
+    /// portion first, then the others in turn.
+    async fn allocate(&mut self, resource: Resource) -> Run<u64> {
+        let portions = self.fs.layout.portions(resource);
+        let first = u64::from(self.fs.workstation) % portions;
+        for step in 0..portions {
+            let portion = (first + step) % portions;
+            let (block, mut bits) = self.bitmap(resource, portion).await?;
+            if let Some(bit) = bits.allocate() {
+                self.put_bitmap(block, &bits);
+                return Ok(portion * BITS_PER_PORTION + bit);
+            }
+        }
+        Err(FsError::NoSpace(match resource {
+            Resource::Inode => "no free inodes",
+            Resource::SmallBlock => "no free small blocks",
+            Resource::LargeBlock => "no free large blocks",
+        })
+        .into())
+    }
+
+    /// Allocates a data block for `owner`. A small block (which may have
+    /// been a directory block) is read first, so its version continues.
+    async fn allocate_data(&mut self, resource: Resource, owner: u64) -> Run<u64> {
+        let number = self.allocate(resource).await?;
+        let block = self.fs.layout.data_block(resource, number);
+        let lock = self.fs.tables.inode(owner);
+        let version = if resource == Resource::SmallBlock {
+            match self.state.blocks.get(&block) {
+                Some(cached) => cached.version,
+                None => self.fs.device_read(block).await?.version,
+            }
+        } else {
+            0 // large blocks are never metadata: no log record names them
+        };
+        let bytes = self.fs.layout.block_bytes(block);
+        let previous = self.state.blocks.insert(block, Cached { version, data: vec![0; bytes], dirty: true, lock });
+        self.undo.entry(block).or_insert(previous);
+        Ok(block)
+    }
+
+    async fn free(&mut self, resource: Resource, number: u64) -> Run<()> {
+        let (portion, bit) = self.fs.layout.bit_of(resource, number);
+        let (block, mut bits) = self.bitmap(resource, portion).await?;
+        if !bits.free(bit) {
+            return Err(FsError::Corrupt(format!("{resource:?} {number} freed but not allocated")).into());
+        }
+        self.put_bitmap(block, &bits);
+        Ok(())
+    }
+
+    /// Logs the run's records as one transaction.
+    async fn commit(&mut self) -> Run<()> {
+        if self.records.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.records);
+        loop {
+            let log = self.state.log.as_mut().expect("started before any operation");
+            match log.append(records.clone()) {
+                Ok(closed) => {
+                    self.state.closed.extend(closed);
+                    self.state.open_unflushed = true;
+                    return Ok(());
+                }
+                Err(WalError::Full) => {
+                    // Undo is not needed past this point for the blocks
+                    // written back: they carry this run's changes only once
+                    // the transaction is logged, so log first.
+                    self.fs.reclaim_log(self.state).await?;
+                }
+                Err(WalError::TransactionTooLarge(bytes)) => {
+                    warn!(bytes, "an operation's metadata changes do not fit in one log block");
+                    return Err(FsError::NoSpace("an operation too large for one log block").into());
+                }
+            }
+        }
+    }
+
+    /// Restores every block the run changed; returns the locks it lacked.
+    fn rollback(&mut self) -> Vec<(LockName, Mode)> {
+        for (block, before) in self.undo.drain() {
+            match before {
+                Some(cached) => self.state.blocks.insert(block, cached),
+                None => self.state.blocks.remove(&block),
+            };
+        }
+        self.records.clear();
+        std::mem::take(&mut self.needed)
+    }
+}
