@@ -28,6 +28,8 @@ pub mod bitmap;
 pub mod device;
 pub mod directory;
 pub mod fs;
+pub mod fsck;
+pub mod fuse;
 pub mod inode;
 pub mod layout;
 pub mod metadata;

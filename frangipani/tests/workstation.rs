@@ -46,6 +46,11 @@ async fn volume() -> Volume {
 }
 
 impl Volume {
+    async fn assert_clean(&self) {
+        let report = frangipani::fsck::check(self.device.as_ref()).await.expect("fsck reads the volume");
+        assert!(report.is_clean(), "fsck: {:#?}", report.problems);
+    }
+
     async fn mount(&self, workstation: u32) -> Arc<FileSystem> {
         let locks = LockService {
             transport: Arc::new(TcpTransport::new()),
@@ -134,6 +139,7 @@ async fn operations_behave_like_a_local_file_system() {
     assert_eq!(after.inodes_free, before.inodes_free + 1, "the inode is free again");
     assert!(after.small_free > before.small_free, "and its blocks");
     fs.unmount().await.expect("unmount");
+    volume.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,6 +159,9 @@ async fn two_workstations_see_each_others_changes_at_once() {
     }
     let (a_stats, b_stats) = (a.stats(), b.stats());
     assert!(a_stats.lock.flushes > 0 && b_stats.lock.flushes > 0, "sharing makes revokes: {a_stats:?} {b_stats:?}");
+    a.sync().await.expect("sync");
+    b.sync().await.expect("sync");
+    volume.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +188,8 @@ async fn a_crashed_workstations_log_is_replayed_by_another() {
     // Replaying again (a restarted demon) changes nothing.
     let dead_epoch = 1; // a's lease, the first the server granted
     assert_eq!(b.replay_log(0, dead_epoch).await, Ok(0));
+    b.sync().await.expect("sync");
+    volume.assert_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,4 +212,7 @@ async fn a_stale_log_never_undoes_newer_work() {
     let seen = c.lookup(ROOT_INODE, b"a").await.expect("b's a survives");
     assert_eq!(seen.ino, second);
     assert_eq!(c.read(second, 0, 100).await.expect("read"), b"second, by b");
+    b.sync().await.expect("sync");
+    c.sync().await.expect("sync");
+    volume.assert_clean().await;
 }
