@@ -10,9 +10,12 @@
 //! - [`alloc_count`]: the counting allocator behind memory figures.
 //! - [`demo`]: `lab demo`, the guided tour of a running cluster.
 //! - [`locks`]: `lab locks sim`, the lock service's seeded simulation.
+//! - [`fs`]: `lab fs serve`, `lab fs mount` and `lab fs fsck`: the Frangipani
+//!   file system on the block volume, mounted with FUSE.
 
 pub mod alloc_count;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod fs;
 pub mod locks;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use lab::bench::locks::{self as lock_bench, LocksOptions};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
 use lab::demo::{self, DemoOptions};
+use lab::fs::{self as lab_fs, FsckOptions, MountOptions, ServeOptions};
 use lab::locks::{self, SimOptions};
 
 #[derive(Debug, Parser)]
@@ -31,6 +32,23 @@ enum Command {
     /// The Frangipani lock service.
     #[command(subcommand)]
     Locks(Locks),
+    /// The Frangipani file system: serve a volume, mount it with FUSE, check it.
+    #[command(subcommand)]
+    Fs(Fs),
+}
+
+#[derive(Debug, Subcommand)]
+enum Fs {
+    /// Start six storage nodes with a block volume and a lock server; format the file system
+    /// on first use; write the volume file that mounts read. Runs until Ctrl-C.
+    Serve(ServeOptions),
+    /// Mount the volume on a directory as one workstation (a coherent write-back cache and its
+    /// own log). Several mounts, from separate processes, share the volume. Runs until the
+    /// directory is unmounted or the process gets SIGINT/SIGTERM. Needs root and /dev/fuse.
+    Mount(MountOptions),
+    /// Check the whole volume offline (no mounts writing): dangling entries, link counts,
+    /// orphan and doubly used blocks. Exits 1 if it finds any inconsistency.
+    Fsck(FsckOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +84,9 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Demo(options) => demo::run(options).await,
             Command::Locks(Locks::Sim(options)) => locks::run(&options),
+            Command::Fs(Fs::Serve(options)) => lab_fs::serve(options).await,
+            Command::Fs(Fs::Mount(options)) => lab_fs::mount(options).await,
+            Command::Fs(Fs::Fsck(options)) => lab_fs::fsck(options).await,
             Command::Bench(Bench::Locks(options)) => {
                 let report = lock_bench::run(options).await?;
                 println!("{}", lock_bench::render(&report));

@@ -1383,10 +1383,12 @@ impl<'a> Op<'a> {
         inode.changed = self.now;
         if inode.links == 0 {
             self.truncate(entry.inode, &mut inode, 0).await?;
-            let Content::Blocks(pointers) = &mut inode.content else { unreachable!("truncated") };
-            for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
-                self.free_block(*block).await?;
-                *block = NO_BLOCK;
+            // A directory's blocks are not file bytes: truncating kept them.
+            if let Content::Blocks(pointers) = &mut inode.content {
+                for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
+                    self.free_block(*block).await?;
+                    *block = NO_BLOCK;
+                }
             }
             self.free(Resource::Inode, entry.inode).await?;
             inode = Inode { version: inode.version, generation: inode.generation, ..Inode::free() };

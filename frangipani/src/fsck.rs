@@ -132,7 +132,10 @@ pub async fn check(device: &dyn BlockDevice) -> Result<FsckReport, FsError> {
                     for entry in directory.entries() {
                         let name = String::from_utf8_lossy(&entry.name);
                         if !inode_bits.contains(&entry.inode) {
-                            problems.push(format!("dangling entry {name:?} in directory {ino}: inode {} is free", entry.inode));
+                            problems.push(format!(
+                                "dangling entry {name:?} in directory {ino}: inode {} is free",
+                                entry.inode
+                            ));
                             continue;
                         }
                         *names.entry(entry.inode).or_default() += 1;
@@ -163,7 +166,10 @@ pub async fn check(device: &dyn BlockDevice) -> Result<FsckReport, FsError> {
                     problems.push(format!("directory {ino} has link count {}, expected {expected}", inode.links));
                 }
                 if u64::from(inode.parent) != parent_of[ino] {
-                    problems.push(format!("directory {ino} records parent {}, but sits in {}", inode.parent, parent_of[ino]));
+                    problems.push(format!(
+                        "directory {ino} records parent {}, but sits in {}",
+                        inode.parent, parent_of[ino]
+                    ));
                 }
             }
             Some(inode) => {

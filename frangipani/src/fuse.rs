@@ -169,11 +169,21 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::from_i32(libc::EPERM)); // only regular files
         }
-        let created = self.fs.create(parent.0, name.as_bytes(), Kind::File, mode & !umask, (req.uid(), req.gid()), None);
+        let created =
+            self.fs.create(parent.0, name.as_bytes(), Kind::File, mode & !umask, (req.uid(), req.gid()), None);
         reply_entry(reply, self.block_on(created));
     }
 
@@ -252,6 +262,20 @@ impl fuser::Filesystem for FuseAdapter {
             Ok(written) => reply.written(written as u32),
             Err(error) => reply.error(errno(&error)),
         }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        // close(2): nothing to do. Another workstation that opens the file
+        // revokes the lock, which writes the data back first.
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::from_i32(libc::ENODATA)); // no extended attributes
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
