@@ -12,10 +12,12 @@
 //! - [`locks`]: `lab locks sim`, the lock service's seeded simulation.
 //! - [`fs`]: `lab fs serve`, `lab fs mount` and `lab fs fsck`: the Frangipani
 //!   file system on the block volume, mounted with FUSE.
+//! - [`fs_crash`]: `lab fs crash-test`, kill -9 at seeded points.
 
 pub mod alloc_count;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod fs;
+pub mod fs_crash;
 pub mod locks;

@@ -308,3 +308,15 @@ fn git_tar_and_cp_work_on_a_mount() {
     drop((a, b));
     served.fsck();
 }
+
+#[test]
+fn a_workstation_killed_mid_workload_loses_nothing_it_fsynced() {
+    // `lab fs crash-test` runs 200 points; three here keep the suite short.
+    let options = lab::fs_crash::CrashOptions { points: 3, seed: 42, operations_max: 30, lease_ms: 600, json: None };
+    let report = lab::fs_crash::run(&options, Path::new(env!("CARGO_BIN_EXE_lab")), |_| {}).expect("crash test");
+    assert_eq!(report.points.len(), 3);
+    for point in &report.points {
+        assert!(point.survived_prefix >= point.synced_operations, "{point:?}");
+        assert!(point.fsck_problems.is_empty(), "{point:?}");
+    }
+}

@@ -1060,8 +1060,13 @@ impl FileSystem {
                 if block == NO_BLOCK {
                     out.resize(out.len() + take, 0);
                 } else {
+                    // A block allocated but never written back (its
+                    // writer crashed before fsync) reads as zeros.
                     let cached = op.block(block, ino, Mode::Shared).await?;
-                    out.extend_from_slice(&cached.data[within..within + take]);
+                    let stored = cached.data.get(within..).unwrap_or_default();
+                    let available = stored.len().min(take);
+                    out.extend_from_slice(&stored[..available]);
+                    out.resize(out.len() + take - available, 0);
                 }
                 at += take as u64;
             }
