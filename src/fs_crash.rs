@@ -176,13 +176,20 @@ fn operation(rng: &mut SimRng, root: &Path, tree: &mut Tree, number: u64) -> Res
         }
         6 => {
             let target = join(&format!("f{}", rng.below(6)));
-            if target != file && let Some(content) = tree.files.remove(&file) {
+            if target != file
+                && let Some(content) = tree.files.remove(&file)
+            {
                 std::fs::rename(root.join(&file), root.join(&target))?;
                 tree.files.insert(target, content);
             }
         }
         7 => {
-            if let Some(empty) = tree.directories.iter().find(|dir| !tree.names().iter().any(|name| name.starts_with(&format!("{dir}/")))).cloned() {
+            if let Some(empty) = tree
+                .directories
+                .iter()
+                .find(|dir| !tree.names().iter().any(|name| name.starts_with(&format!("{dir}/"))))
+                .cloned()
+            {
                 std::fs::remove_dir(root.join(&empty))?;
                 tree.directories.remove(&empty);
             }
@@ -241,20 +248,23 @@ pub fn run(options: &CrashOptions, lab: &Path, progress: impl Fn(&CrashPoint)) -
         let (mut tree, mut states) = (Tree::default(), vec![Tree::default()]);
         let mut synced = 0;
         for number in 1..=operations {
-            if operation(&mut rng, &root, &mut tree, number).with_context(|| format!("point {point}, operation {number}"))? {
+            if operation(&mut rng, &root, &mut tree, number)
+                .with_context(|| format!("point {point}, operation {number}"))?
+            {
                 synced = number;
             }
             states.push(tree.clone());
         }
         victim.kill();
         let killed = Instant::now();
-        let seen = read_tree(&survivor.dir.join(&directory)).with_context(|| format!("point {point}: reading after the crash"))?;
+        let seen = read_tree(&survivor.dir.join(&directory))
+            .with_context(|| format!("point {point}: reading after the crash"))?;
         let takeover_ms = killed.elapsed().as_secs_f64() * 1000.0;
         // The survivor's tree is the model after some operation from the last fsync on.
-        let survived_prefix = (synced..=operations)
-            .rev()
-            .find(|prefix| states[*prefix as usize].names() == seen.names())
-            .with_context(|| format!("point {point}: the tree {:?} matches no state after operation {synced}", seen.names()))?;
+        let survived_prefix =
+            (synced..=operations).rev().find(|prefix| states[*prefix as usize].names() == seen.names()).with_context(
+                || format!("point {point}: the tree {:?} matches no state after operation {synced}", seen.names()),
+            )?;
         for (path, (content, written)) in &states[survived_prefix as usize].files {
             if *written <= synced {
                 ensure!(seen.files[path].0 == *content, "point {point}: {path}, written before the fsync, changed");

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use lab::bench::fs::{self as fs_bench, FsBenchOptions};
 use lab::bench::locks::{self as lock_bench, LocksOptions};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
 use lab::demo::{self, DemoOptions};
@@ -72,6 +73,10 @@ enum Bench {
     /// Lock service costs against a loopback round trip: cached and cold acquires, revoke
     /// ping-pong, throughput of N clerks, and server memory per lock and per clerk.
     Locks(LocksOptions),
+    /// Modified-Andrew phases on a FUSE mount against a local directory (same run), scaling
+    /// from 1 to 4 workstations (lock messages, revokes, storage round trips per operation),
+    /// and the contention cases. Needs root and /dev/fuse.
+    Fs(FsBenchOptions),
 }
 
 /// Counts heap bytes only while a memory figure is being measured.
@@ -98,7 +103,11 @@ fn main() -> Result<()> {
                     fs_crash::run(&options, &lab, |point| {
                         eprintln!(
                             "point {:>3}: {:>2} operations, {:>2} fsynced, {:>2} survived, takeover {:>5.0} ms",
-                            point.point, point.operations, point.synced_operations, point.survived_prefix, point.takeover_ms
+                            point.point,
+                            point.operations,
+                            point.synced_operations,
+                            point.survived_prefix,
+                            point.takeover_ms
                         )
                     })
                 })
@@ -110,6 +119,15 @@ fn main() -> Result<()> {
                 let report = lock_bench::run(options).await?;
                 println!("{}", lock_bench::render(&report));
                 if let Some(path) = &report.options.json {
+                    println!("JSON: {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Bench(Bench::Fs(options)) => {
+                let json = options.json.clone();
+                let report = fs_bench::run(options, &std::env::current_exe()?).await?;
+                println!("{}", fs_bench::render(&report));
+                if let Some(path) = json {
                     println!("JSON: {}", path.display());
                 }
                 Ok(())

@@ -63,6 +63,9 @@ pub const ROOT_INODE: u64 = 1;
 const OPERATION_RUNS_MAX: usize = 32;
 /// Dirty blocks written back at once.
 const WRITE_BACK_PARALLEL: usize = 32;
+/// Free blocks (or inodes) read in one round when allocating: a storage
+/// round trip per this many allocations.
+const PREFETCH_BLOCKS: usize = 32;
 
 /// Why a file-system operation failed; [`FsError::errno`] maps each to errno.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -851,7 +854,7 @@ impl FileSystem {
             if op.find(parent, name).await?.is_some() {
                 return Err(FsError::Exists.into());
             }
-            let ino = op.allocate(Resource::Inode).await?;
+            let ino = op.allocate_inode().await?;
             let mut inode = op.inode(ino, Mode::Exclusive).await?;
             if inode.kind != Kind::Free {
                 return Err(FsError::Corrupt(format!("inode {ino} is marked free but in use")).into());
@@ -1117,16 +1120,9 @@ impl FileSystem {
     pub async fn statfs(&self) -> Result<FsSpace, FsError> {
         let parameters = self.layout.parameters;
         let mut free = [0u64; 3];
-        for (slot, (resource, total)) in [
-            (Resource::Inode, parameters.inodes),
-            (Resource::SmallBlock, parameters.small_blocks),
-            (Resource::LargeBlock, parameters.large_blocks),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (slot, resource) in [Resource::Inode, Resource::SmallBlock, Resource::LargeBlock].into_iter().enumerate() {
             for portion in 0..self.layout.portions(resource) {
-                let valid = (total - portion * BITS_PER_PORTION).min(BITS_PER_PORTION);
+                let valid = self.layout.portion_bits(resource, portion);
                 let stored = self.device_read(self.layout.bitmap_block(resource, portion)).await?;
                 let bits = BitmapPortion::decode(&stored.data, valid)
                     .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
@@ -1221,7 +1217,9 @@ impl<'a> Op<'a> {
             self.state.blocks.insert(block, Cached { version: stored.version, data: stored.data, dirty: false, lock });
         }
         let cached = self.state.blocks.get_mut(&block).expect("just cached");
-        debug_assert_eq!(cached.lock, lock, "block {block} is covered by one lock");
+        // A free block or inode read ahead under its portion's lock is now
+        // covered by the lock it was asked for, which is held.
+        cached.lock = lock;
         Ok(cached)
     }
 
@@ -1391,7 +1389,7 @@ impl<'a> Op<'a> {
             // A directory's blocks are not file bytes: truncating kept them.
             if let Content::Blocks(pointers) = &mut inode.content {
                 for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
-                    self.free_block(*block).await?;
+                    self.free_block(*block, true).await?;
                     *block = NO_BLOCK;
                 }
             }
@@ -1425,7 +1423,7 @@ impl<'a> Op<'a> {
             for index in first_free_small.min(SMALL_POINTERS)..SMALL_POINTERS {
                 let block = std::mem::replace(&mut pointers.small[index], NO_BLOCK);
                 if block != NO_BLOCK {
-                    self.free_block(block).await?;
+                    self.free_block(block, false).await?;
                 }
             }
             let small_bytes = (SMALL_POINTERS * SMALL_BLOCK_BYTES) as u64;
@@ -1433,7 +1431,7 @@ impl<'a> Op<'a> {
             for index in first_free_large..pointers.large.len() {
                 let block = std::mem::replace(&mut pointers.large[index], NO_BLOCK);
                 if block != NO_BLOCK {
-                    self.free_block(block).await?;
+                    self.free_block(block, false).await?;
                 }
             }
         }
@@ -1442,17 +1440,28 @@ impl<'a> Op<'a> {
         Ok(())
     }
 
-    /// Frees a data block and drops it from the cache (undoably): it must
-    /// never be written back.
-    async fn free_block(&mut self, block: u64) -> Run<()> {
+    /// Frees a data block. A file's block stays cached as an empty, clean
+    /// entry under its portion's lock: its bytes are never written back, but
+    /// its version is kept for the next allocation. A directory block
+    /// (`logged`) keeps its dirty image: it is written back before the
+    /// portion goes to another workstation, so the volume is never older
+    /// than a log record naming the block.
+    async fn free_block(&mut self, block: u64, logged: bool) -> Run<()> {
         let (resource, number) = self
             .fs
             .layout
             .data_number(block)
             .ok_or_else(|| FsError::Corrupt(format!("a file points at block {block}, not a data block")))?;
         self.free(resource, number).await?;
-        if let Some(cached) = self.state.blocks.remove(&block) {
-            self.undo.entry(block).or_insert(Some(cached));
+        if !logged && let Some(cached) = self.state.blocks.get_mut(&block) {
+            self.undo.entry(block).or_insert_with(|| Some(cached.clone()));
+            let (portion, _) = self.fs.layout.bit_of(resource, number);
+            *cached = Cached {
+                version: cached.version,
+                data: Vec::new(),
+                dirty: false,
+                lock: self.fs.tables.portion(resource, portion),
+            };
         }
         Ok(())
     }
@@ -1460,12 +1469,7 @@ impl<'a> Op<'a> {
     async fn bitmap(&mut self, resource: Resource, portion: u64) -> Run<(u64, BitmapPortion)> {
         let lock = self.fs.tables.portion(resource, portion);
         let block = self.fs.layout.bitmap_block(resource, portion);
-        let total = match resource {
-            Resource::Inode => self.fs.layout.parameters.inodes,
-            Resource::SmallBlock => self.fs.layout.parameters.small_blocks,
-            Resource::LargeBlock => self.fs.layout.parameters.large_blocks,
-        };
-        let valid = (total - portion * BITS_PER_PORTION).min(BITS_PER_PORTION);
+        let valid = self.fs.layout.portion_bits(resource, portion);
         let cached = self.cached(block, lock, Mode::Exclusive).await?;
         let bits = BitmapPortion::decode(&cached.data, valid)
             .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
@@ -1497,24 +1501,67 @@ impl<'a> Op<'a> {
         .into())
     }
 
-    /// Allocates a data block for `owner`. A small block (which may have
-    /// been a directory block) is read first, so its version continues.
+    /// Allocates a data block for `owner`. Its version continues from the
+    /// newest known (a block may have been a directory block, whose old
+    /// versions a log may still hold).
     async fn allocate_data(&mut self, resource: Resource, owner: u64) -> Run<u64> {
         let number = self.allocate(resource).await?;
         let block = self.fs.layout.data_block(resource, number);
-        let lock = self.fs.tables.inode(owner);
-        let version = if resource == Resource::SmallBlock {
-            match self.state.blocks.get(&block) {
-                Some(cached) => cached.version,
-                None => self.fs.device_read(block).await?.version,
-            }
-        } else {
-            0 // large blocks are never metadata: no log record names them
-        };
-        let bytes = self.fs.layout.block_bytes(block);
+        self.prefetch_free(resource, number).await?;
+        let version = self.state.blocks[&block].version + 1;
+        let (lock, bytes) = (self.fs.tables.inode(owner), self.fs.layout.block_bytes(block));
         let previous = self.state.blocks.insert(block, Cached { version, data: vec![0; bytes], dirty: true, lock });
         self.undo.entry(block).or_insert(previous);
         Ok(block)
+    }
+
+    /// Allocates an inode, holding its lock, with its block cached.
+    async fn allocate_inode(&mut self) -> Run<u64> {
+        let ino = self.allocate(Resource::Inode).await?;
+        let lock = self.fs.tables.inode(ino);
+        self.require(lock, Mode::Exclusive)?;
+        self.prefetch_free(Resource::Inode, ino).await?;
+        Ok(ino)
+    }
+
+    /// Caches the block of free resource `number` (a no-op if cached),
+    /// reading it together with the next free ones of its portion in one
+    /// round of parallel reads. They are cached under the portion's lock:
+    /// while it is held, no one else may allocate (or write) them, and the
+    /// last holder wrote back everything before giving it up.
+    async fn prefetch_free(&mut self, resource: Resource, number: u64) -> Run<()> {
+        let block_of = |number| match resource {
+            Resource::Inode => self.fs.layout.inode_block(number),
+            _ => self.fs.layout.data_block(resource, number),
+        };
+        if self.state.blocks.contains_key(&block_of(number)) {
+            return Ok(());
+        }
+        let (portion, first_bit) = self.fs.layout.bit_of(resource, number);
+        let (_, bits) = self.bitmap(resource, portion).await?;
+        let valid = self.fs.layout.portion_bits(resource, portion);
+        let mut wanted = vec![block_of(number)];
+        for bit in first_bit + 1..valid {
+            if wanted.len() >= PREFETCH_BLOCKS {
+                break;
+            }
+            let block = block_of(portion * BITS_PER_PORTION + bit);
+            if !bits.is_allocated(bit) && !self.state.blocks.contains_key(&block) {
+                wanted.push(block);
+            }
+        }
+        let reads = futures::future::join_all(wanted.iter().map(|block| self.fs.device_read(*block))).await;
+        let lock = self.fs.tables.portion(resource, portion);
+        for (block, read) in wanted.into_iter().zip(reads) {
+            let stored = read?;
+            self.state.blocks.entry(block).or_insert(Cached {
+                version: stored.version,
+                data: stored.data,
+                dirty: false,
+                lock,
+            });
+        }
+        Ok(())
     }
 
     async fn free(&mut self, resource: Resource, number: u64) -> Run<()> {

@@ -36,14 +36,6 @@ impl FsckReport {
     }
 }
 
-fn resource_total(layout: &Layout, resource: Resource) -> u64 {
-    match resource {
-        Resource::Inode => layout.parameters.inodes,
-        Resource::SmallBlock => layout.parameters.small_blocks,
-        Resource::LargeBlock => layout.parameters.large_blocks,
-    }
-}
-
 /// The allocated numbers of `resource`, from its bitmaps.
 async fn allocated(
     device: &dyn BlockDevice,
@@ -52,9 +44,8 @@ async fn allocated(
     problems: &mut Vec<String>,
 ) -> Result<BTreeSet<u64>, FsError> {
     let mut out = BTreeSet::new();
-    let total = resource_total(layout, resource);
     for portion in 0..layout.portions(resource) {
-        let valid = (total - portion * BITS_PER_PORTION).min(BITS_PER_PORTION);
+        let valid = layout.portion_bits(resource, portion);
         let stored = device.read(layout.bitmap_block(resource, portion)).await?;
         let Some(bits) = BitmapPortion::decode(&stored.data, valid) else {
             problems.push(format!("bitmap portion {portion} of {resource:?} does not decode"));

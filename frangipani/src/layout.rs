@@ -194,12 +194,18 @@ impl Layout {
         self.logs_base + u64::from(workstation) * u64::from(self.parameters.log_blocks) + u64::from(index)
     }
 
-    fn count(&self, resource: Resource) -> u64 {
+    /// How many inodes, small blocks or large blocks the volume has.
+    pub fn count(&self, resource: Resource) -> u64 {
         match resource {
             Resource::Inode => self.parameters.inodes,
             Resource::SmallBlock => self.parameters.small_blocks,
             Resource::LargeBlock => self.parameters.large_blocks,
         }
+    }
+
+    /// The bits portion `portion` of `resource` covers (the last may cover fewer).
+    pub fn portion_bits(&self, resource: Resource, portion: u64) -> u64 {
+        (self.count(resource) - portion * BITS_PER_PORTION).min(BITS_PER_PORTION)
     }
 
     /// Bitmap portions (blocks) of one kind of resource.

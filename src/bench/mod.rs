@@ -2,6 +2,7 @@
 
 pub mod baselines;
 pub mod etcd;
+pub mod fs;
 pub mod locks;
 pub mod quorum_write;
 pub mod report;
