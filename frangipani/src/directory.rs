@@ -144,6 +144,41 @@ impl DirectoryBlock {
         out
     }
 
+    /// The entry `name` in a block image, without decoding the others (the
+    /// lookup path: no allocation but the answer). Checks the frame as
+    /// [`Self::decode`] does.
+    pub fn find(bytes: &[u8], name: &[u8]) -> Result<Option<Entry>, DirectoryError> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |why: &str| Err(DirectoryError::Corrupt(why.to_string()));
+        if bytes.len() != SMALL_BLOCK_BYTES || bytes[..4] != MAGIC {
+            return corrupt("bad size or magic");
+        }
+        if u32::from_le_bytes(bytes[4..8].try_into().expect("4")) != crc32c::crc32c(&bytes[8..]) {
+            return corrupt("checksum mismatch");
+        }
+        let count = usize::from(u16::from_le_bytes(bytes[16..18].try_into().expect("2")));
+        let mut at = HEADER_BYTES;
+        for _ in 0..count {
+            let Some(header) = bytes.get(at..at + ENTRY_HEADER_BYTES) else { return corrupt("truncated entry") };
+            let length = usize::from(header[9]);
+            let start = at + ENTRY_HEADER_BYTES;
+            at = start + length;
+            if header[8] != 0 && bytes.get(start..at) == Some(name) {
+                let kind = match header[8] {
+                    1 => Kind::File,
+                    2 => Kind::Directory,
+                    3 => Kind::Symlink,
+                    other => return Err(DirectoryError::Corrupt(format!("entry kind {other}"))),
+                };
+                let inode = u64::from_le_bytes(header[..8].try_into().expect("8"));
+                return Ok(Some(Entry { name: name.to_vec(), inode, kind }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Reads a directory block back; a block never written is empty.
     pub fn decode(bytes: &[u8]) -> Result<DirectoryBlock, DirectoryError> {
         if bytes.is_empty() {
@@ -206,6 +241,13 @@ mod tests {
         let decoded = DirectoryBlock::decode(&block.encode()).expect("decodes");
         assert_eq!(decoded, block);
         assert_eq!(decoded.lookup(b"sub").map(|entry| entry.inode), Some(13));
+        for name in [&b"a.txt"[..], b"sub", b"missing", &[b'n'; NAME_BYTES_MAX]] {
+            assert_eq!(
+                DirectoryBlock::find(&block.encode(), name),
+                Ok(decoded.lookup(name).cloned()),
+                "find agrees with decode"
+            );
+        }
         let mut removed = decoded.clone();
         assert_eq!(removed.remove(b"a.txt").map(|entry| entry.inode), Some(12));
         assert!(removed.lookup(b"a.txt").is_none());

@@ -61,8 +61,11 @@ use tracing::{debug, info, warn};
 pub const ROOT_INODE: u64 = 1;
 /// An operation that keeps finding locks it lacks gives up after this many runs.
 const OPERATION_RUNS_MAX: usize = 32;
-/// Dirty blocks written back at once.
-const WRITE_BACK_PARALLEL: usize = 32;
+/// Dirty blocks written back at once (the storage nodes commit a batch
+/// with one fdatasync).
+const WRITE_BACK_PARALLEL: usize = 256;
+/// Operations between checks of the cache's size and dirty blocks.
+const CACHE_CHECK_EVERY: u64 = 64;
 /// Free blocks (or inodes) read in one round when allocating: a storage
 /// round trip per this many allocations.
 const PREFETCH_BLOCKS: usize = 32;
@@ -726,6 +729,10 @@ impl FileSystem {
     }
 
     async fn write_back_if_full(&self, state: &mut State) -> Result<(), FsError> {
+        // Counting is a pass over the cache: done every few operations.
+        if self.operations.load(Ordering::Relaxed) % CACHE_CHECK_EVERY != 0 {
+            return Ok(());
+        }
         if state.dirty_count() > self.config.dirty_blocks_max {
             self.write_back(state, |_, _| true).await?;
         }
@@ -1278,8 +1285,9 @@ impl<'a> Op<'a> {
             return Err(FsError::NotDirectory.into());
         }
         for block in directory_blocks(&inode) {
-            if let Some(entry) = self.directory(block, parent, Mode::Shared).await?.lookup(name) {
-                return Ok(Some((block, entry.clone())));
+            let cached = self.block(block, parent, Mode::Shared).await?;
+            if let Some(entry) = DirectoryBlock::find(&cached.data, name)? {
+                return Ok(Some((block, entry)));
             }
         }
         Ok(None)

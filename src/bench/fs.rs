@@ -7,7 +7,8 @@
 //!   a generated source tree (about 1,000 files); stat everything; read and
 //!   grep everything; "compile" (read every source, write one output per
 //!   source). Each phase ends with the data it wrote made durable (fsync of
-//!   every file it wrote, as `make` and `cp` users would get from `sync`).
+//!   every file it wrote: `syncfs` locally, fsync on the mount, which
+//!   writes back the workstation's whole cache).
 //! - **Scaling**: 1 to 4 workstations (in this process, over the file-system
 //!   API, so their counters are exact), each in its own directory, run the
 //!   same workload at once. Per operation: lock messages, revokes, storage
@@ -102,8 +103,17 @@ fn source_tree(files: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Makes everything written under `path` durable: `syncfs` on a local
+/// file system (every dirty file), fsync on a Frangipani mount (which
+/// writes back the workstation's whole cache).
 fn fsync_path(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
+    use std::os::fd::AsRawFd;
+    let directory = std::fs::File::open(path)?;
+    directory.sync_all()?;
+    if unsafe { libc::syncfs(directory.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs the phases in `root`; returns (operations, time) per phase.
