@@ -730,7 +730,7 @@ impl FileSystem {
 
     async fn write_back_if_full(&self, state: &mut State) -> Result<(), FsError> {
         // Counting is a pass over the cache: done every few operations.
-        if self.operations.load(Ordering::Relaxed) % CACHE_CHECK_EVERY != 0 {
+        if !self.operations.load(Ordering::Relaxed).is_multiple_of(CACHE_CHECK_EVERY) {
             return Ok(());
         }
         if state.dirty_count() > self.config.dirty_blocks_max {
