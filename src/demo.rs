@@ -207,8 +207,8 @@ pub async fn run(options: DemoOptions) -> Result<()> {
 /// Lease of the demo's workstations: a killed one's locks come back this soon.
 const DEMO_LEASE_MS: u64 = 1000;
 
-/// 6. Two Frangipani workstations on a block volume: coherence, a kill
-/// while holding dirty locks, recovery, fsck.
+/// Step 6: two Frangipani workstations on a block volume (coherence, a
+/// kill while holding dirty locks, recovery, fsck).
 async fn frangipani_section(backend: DiskBackend) -> Result<()> {
     use frangipani::fs::ROOT_INODE;
     use frangipani::inode::Kind;
