@@ -1,28 +1,23 @@
-//! # frangipani: the file system over the shared block volume (being built)
+//! # frangipani: the file system over the shared block volume
 //!
 //! Frangipani (F97) on this kit: workstations with coherent write-back
 //! caches driven by the lock service, each with its own write-ahead log in
 //! the shared storage, over the block volume of `storage_node::block_client`
-//! (which already refuses writes of fenced leases).
+//! (which refuses writes of fenced leases and stale fencing tokens).
 //!
-//! Built so far:
-//! - [`layout`]: the on-disk layout (parameter block, per-workstation logs,
-//!   bitmap portions, 512-byte inodes, small and large blocks), drawn in
-//!   `docs/frangipani-layout.md`.
-//! - [`inode`]: the 512-byte inode (version, kind, permissions, times, 16
-//!   small-block pointers, 37 large-block pointers and one indirect large
-//!   block; a symbolic link's target inline) and where each file byte lives.
-//! - [`bitmap`]: a bitmap portion: allocate the lowest free bit, free one.
-//! - [`directory`]: a directory block (versioned entries: name, inode, kind).
-//! - [`metadata`]: how a logged update (a byte span and a version) changes
-//!   a framed block (inode, directory) or a raw one (bitmap), and the record
-//!   that takes a block from one image to the next.
-//! - [`wal`]: the metadata write-ahead log as pure data structures: log
-//!   blocks with sequence numbers, the end found where they stop growing,
-//!   reclaiming the oldest quarter after write-back, and replay by version.
-//!
-//! Not built yet (issue #6 continues): the workstation that drives the log against the block volume, the cache,
-//! the recovery demon, the FUSE mount, fsck and `lab bench fs`.
+//! - [`layout`], [`inode`], [`directory`], [`bitmap`]: the on-disk formats,
+//!   drawn in `docs/frangipani-layout.md`.
+//! - [`wal`]: the metadata log as pure data structures: log blocks with
+//!   sequence numbers, the end found where they stop growing, reclaiming
+//!   the oldest quarter after write-back, and replay by version.
+//! - [`metadata`]: how a logged update changes a metadata block, and the
+//!   records between two images.
+//! - [`device`]: the block device a workstation writes (the block volume,
+//!   or an in-memory one for tests).
+//! - [`fs`]: the workstation: file-system operations under locks, the
+//!   cache, the log writer, write-back, revokes, the recovery demon.
+//! - [`fsck`]: the offline check of a whole volume.
+//! - [`fuse`]: the FUSE mount (`fuser`).
 
 pub mod bitmap;
 pub mod device;
