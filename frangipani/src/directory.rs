@@ -69,6 +69,12 @@ impl DirectoryBlock {
         self.entries.iter().filter(|entry| entry.kind != Kind::Free)
     }
 
+    /// The names with their slot numbers, which stay put while other names
+    /// come and go (until a full block is packed).
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Entry)> {
+        self.entries.iter().enumerate().filter(|(_, entry)| entry.kind != Kind::Free)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries().next().is_none()
     }

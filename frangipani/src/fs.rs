@@ -64,6 +64,9 @@ const OPERATION_RUNS_MAX: usize = 32;
 /// Dirty blocks written back at once (the storage nodes commit a batch
 /// with one fdatasync).
 const WRITE_BACK_PARALLEL: usize = 256;
+/// A revoke's write-back is tried this many more times before the
+/// workstation gives up its lease instead.
+const REVOKE_WRITE_BACK_ATTEMPTS: u32 = 8;
 /// Operations between checks of the cache's size and dirty blocks.
 const CACHE_CHECK_EVERY: u64 = 64;
 /// Free blocks (or inodes) read in one round when allocating: a storage
@@ -208,6 +211,9 @@ pub struct DirEntry {
     pub name: Vec<u8>,
     pub ino: u64,
     pub kind: Kind,
+    /// Where the listing resumes after this entry: its block and slot, so
+    /// names added or removed meanwhile do not shift the others.
+    pub cookie: u64,
 }
 
 /// What `statfs` shows (read from the bitmaps without locks: a snapshot).
@@ -396,9 +402,10 @@ fn now_nanos() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64
 }
 
-fn framing_of(layout: &Layout, block: u64) -> Framing {
-    // Only directory blocks are logged among data blocks.
-    metadata::framing(layout, block, true).expect("logged blocks are metadata blocks")
+/// How a logged block is framed (only directory blocks are logged among
+/// data blocks); a pointer to anything else is damage.
+fn framing_of(layout: &Layout, block: u64) -> Result<Framing, FsError> {
+    metadata::framing(layout, block, true).map_err(|error| FsError::Corrupt(error.to_string()))
 }
 
 /// Writes a fresh volume: the parameter block and an empty root directory.
@@ -520,9 +527,26 @@ impl FileSystem {
         self.clerk().stop();
     }
 
-    fn stamp(&self) -> Result<Stamp, FsError> {
-        let epoch = self.clerk().lease().ok_or(FsError::LeaseLost)?;
-        Ok(Stamp { epoch: epoch.0, token: self.clock.load(Ordering::SeqCst) })
+    /// The stamp of writes made under lease `epoch`.
+    fn stamp(&self, epoch: u64) -> Stamp {
+        Stamp { epoch, token: self.clock.load(Ordering::SeqCst) }
+    }
+
+    /// The cache belongs to the lease it was built under: once the clerk's
+    /// lease is another (or none), the cache and the unwritten log are
+    /// dropped, and nothing of them is ever written under the new lease.
+    fn check_lease(&self, state: &mut State) -> Result<(), FsError> {
+        if self.clerk().lease().map(|epoch| epoch.0) == Some(state.log_epoch) {
+            return Ok(());
+        }
+        if state.log.is_some() {
+            warn!(workstation = self.workstation, epoch = state.log_epoch, "lease lost: dropping the cache");
+        }
+        state.blocks.clear();
+        state.closed.clear();
+        state.open_unflushed = false;
+        state.log = None;
+        Err(FsError::LeaseLost)
     }
 
     async fn device_read(&self, block: u64) -> Result<Stored, FsError> {
@@ -559,6 +583,11 @@ impl FileSystem {
                 .map_err(|error| FsError::Locks(error.to_string()))?;
             self.note_tokens(&guards);
             let epoch = guards.first().map(|guard| guard.epoch.0).ok_or(FsError::Invalid("no locks"))?;
+            if guards.iter().any(|guard| guard.epoch.0 != epoch)
+                || self.clerk().lease().map(|lease| lease.0) != Some(epoch)
+            {
+                continue; // the lease changed while the locks were taken: take them again
+            }
             let mut state = self.state.lock().await;
             if state.log_epoch != epoch || state.log.is_none() {
                 // A new lease: what was cached under the old one is gone.
@@ -579,7 +608,10 @@ impl FileSystem {
             match outcome {
                 Ok(value) => {
                     drop(op);
-                    self.write_back_if_full(&mut state).await?;
+                    if let Err(error) = self.write_back_if_full(&mut state).await {
+                        // The operation is done and logged: report it so.
+                        warn!(%error, "write-back of a full cache failed; it is retried later");
+                    }
                     return Ok(value);
                 }
                 Err(Fail::NeedLock) => {
@@ -661,12 +693,12 @@ impl FileSystem {
         for record in records {
             let (version, image) =
                 changed.entry(record.block).or_insert_with(|| (0, current[&record.block].data.clone()));
-            let framing = framing_of(&self.layout, record.block);
+            let framing = framing_of(&self.layout, record.block)?;
             *image = metadata::apply(framing, image, &record)
                 .map_err(|error| FsError::Corrupt(format!("log record: {error}")))?;
             *version = record.version;
         }
-        let stamp = self.stamp()?;
+        let stamp = self.stamp(self.clerk().lease().ok_or(FsError::LeaseLost)?.0);
         let written = changed.len();
         for (block, (version, image)) in changed {
             match self.device_write(block, version, stamp, image).await {
@@ -681,7 +713,8 @@ impl FileSystem {
     // ----- write-back -----
 
     async fn write_log(&self, state: &mut State) -> Result<(), FsError> {
-        let stamp = self.stamp()?;
+        self.check_lease(state)?;
+        let stamp = self.stamp(state.log_epoch);
         let mut closed = std::mem::take(&mut state.closed);
         let open = if state.open_unflushed { state.log.as_ref().and_then(LogWriter::flush) } else { None };
         closed.extend(open);
@@ -705,7 +738,7 @@ impl FileSystem {
     /// Writes back the dirty blocks `which` selects (after the log).
     async fn write_back(&self, state: &mut State, which: impl Fn(u64, &Cached) -> bool) -> Result<(), FsError> {
         self.write_log(state).await?;
-        let stamp = self.stamp()?;
+        let stamp = self.stamp(state.log_epoch);
         let dirty: Vec<(u64, u64, Vec<u8>)> = state
             .blocks
             .iter()
@@ -767,11 +800,23 @@ impl FileSystem {
     async fn flush_for_revoke(&self, lock: LockName, keep: Option<Mode>) {
         let mut state = self.state.lock().await;
         if state.log.is_some() {
-            for attempt in 0..3 {
+            let mut attempt = 0;
+            loop {
                 match self.write_back(&mut state, |_, _| true).await {
-                    Ok(()) => break,
-                    Err(FsError::LeaseLost) => break,
-                    Err(error) => warn!(%lock, attempt, %error, "write-back for a revoke failed"),
+                    Ok(()) | Err(FsError::LeaseLost) => break,
+                    Err(error) if attempt < REVOKE_WRITE_BACK_ATTEMPTS => {
+                        warn!(%lock, attempt, %error, "write-back for a revoke failed; retrying");
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+                    }
+                    Err(error) => {
+                        // Releasing now would hand out blocks older than
+                        // what this workstation logged. Stop instead: the
+                        // lease lapses, and recovery replays the log.
+                        warn!(%lock, %error, "write-back for a revoke keeps failing: stopping this workstation");
+                        self.clerk().stop();
+                        return;
+                    }
                 }
             }
         }
@@ -808,20 +853,22 @@ impl FileSystem {
 
     pub async fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
         self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
-            let inode = op.inode(ino, Mode::Shared).await?;
+            let inode = op.live_inode(ino, Mode::Shared).await?;
             if inode.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
             let mut out = vec![
-                DirEntry { name: b".".to_vec(), ino, kind: Kind::Directory },
-                DirEntry { name: b"..".to_vec(), ino: u64::from(inode.parent), kind: Kind::Directory },
+                DirEntry { name: b".".to_vec(), ino, kind: Kind::Directory, cookie: 1 },
+                DirEntry { name: b"..".to_vec(), ino: u64::from(inode.parent), kind: Kind::Directory, cookie: 2 },
             ];
-            for block in directory_blocks(&inode) {
-                let directory = op.directory(block, ino, Mode::Shared).await?;
-                out.extend(directory.entries().map(|entry| DirEntry {
+            let Content::Blocks(pointers) = &inode.content else { return Err(FsError::NotDirectory.into()) };
+            for (index, block) in pointers.small.iter().enumerate().filter(|(_, block)| **block != NO_BLOCK) {
+                let directory = op.directory(*block, ino, Mode::Shared).await?;
+                out.extend(directory.slots().map(|(slot, entry)| DirEntry {
                     name: entry.name.clone(),
                     ino: entry.inode,
                     kind: entry.kind,
+                    cookie: 3 + (index * SMALL_BLOCK_BYTES + slot) as u64,
                 }));
             }
             Ok(out)
@@ -831,7 +878,7 @@ impl FileSystem {
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
-            match op.inode(ino, Mode::Shared).await?.content {
+            match op.live_inode(ino, Mode::Shared).await?.content {
                 Content::Symlink(target) => Ok(target),
                 Content::Blocks(_) => Err(FsError::Invalid("not a symbolic link").into()),
             }
@@ -854,7 +901,7 @@ impl FileSystem {
             return Err(FsError::NameTooLong);
         }
         self.run(&[(self.tables.inode(parent), Mode::Exclusive)], async |op| {
-            let mut directory = op.inode(parent, Mode::Exclusive).await?;
+            let mut directory = op.live_inode(parent, Mode::Exclusive).await?;
             if directory.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
@@ -903,7 +950,7 @@ impl FileSystem {
     pub async fn remove(&self, parent: u64, name: &[u8], directory: bool) -> Result<(), FsError> {
         check_name(name)?;
         self.run(&[(self.tables.inode(parent), Mode::Exclusive)], async |op| {
-            let mut parent_inode = op.inode(parent, Mode::Exclusive).await?;
+            let mut parent_inode = op.live_inode(parent, Mode::Exclusive).await?;
             if parent_inode.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
@@ -931,11 +978,11 @@ impl FileSystem {
         check_name(name)?;
         let locks = [(self.tables.inode(ino), Mode::Exclusive), (self.tables.inode(parent), Mode::Exclusive)];
         self.run(&locks, async |op| {
-            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            let mut inode = op.live_inode(ino, Mode::Exclusive).await?;
             if inode.kind == Kind::Directory {
                 return Err(FsError::NotPermitted("hard links to directories").into());
             }
-            let mut directory = op.inode(parent, Mode::Exclusive).await?;
+            let mut directory = op.live_inode(parent, Mode::Exclusive).await?;
             if directory.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
@@ -962,8 +1009,8 @@ impl FileSystem {
         let locks =
             [(self.tables.inode(from_parent), Mode::Exclusive), (self.tables.inode(to_parent), Mode::Exclusive)];
         self.run(&locks, async |op| {
-            let mut source = op.inode(from_parent, Mode::Exclusive).await?;
-            let mut destination = op.inode(to_parent, Mode::Exclusive).await?;
+            let mut source = op.live_inode(from_parent, Mode::Exclusive).await?;
+            let mut destination = op.live_inode(to_parent, Mode::Exclusive).await?;
             if source.kind != Kind::Directory || destination.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
@@ -976,14 +1023,20 @@ impl FileSystem {
             if moving_directory && from_parent != to_parent {
                 // Not under itself: walk up from the destination.
                 let mut at = to_parent;
-                while at != ROOT_INODE {
+                for depth in 0.. {
+                    if at == ROOT_INODE {
+                        break;
+                    }
                     if at == moved.inode {
                         return Err(FsError::Invalid("a directory cannot move under itself").into());
                     }
-                    at = u64::from(op.inode(at, Mode::Shared).await?.parent);
+                    if depth > op.fs.layout.parameters.inodes {
+                        return Err(FsError::Corrupt("the parents of a directory form a cycle".into()).into());
+                    }
+                    at = u64::from(op.live_inode(at, Mode::Shared).await?.parent);
                 }
             }
-            let mut moved_inode = op.inode(moved.inode, Mode::Exclusive).await?;
+            let mut moved_inode = op.live_inode(moved.inode, Mode::Exclusive).await?;
             if let Some(replaced) = &replaced {
                 match (replaced.kind == Kind::Directory, moving_directory) {
                     (true, false) => return Err(FsError::IsDirectory.into()),
@@ -998,7 +1051,7 @@ impl FileSystem {
             }
             op.remove_entry(from_parent, &source, from).await?;
             if from_parent == to_parent {
-                destination = op.inode(to_parent, Mode::Exclusive).await?;
+                destination = op.live_inode(to_parent, Mode::Exclusive).await?;
                 if replaced.as_ref().is_some_and(|entry| entry.kind == Kind::Directory) {
                     destination.links -= 1;
                 }
@@ -1027,7 +1080,7 @@ impl FileSystem {
 
     pub async fn setattr(&self, ino: u64, change: SetAttr) -> Result<Attr, FsError> {
         self.run(&[(self.tables.inode(ino), Mode::Exclusive)], async |op| {
-            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            let mut inode = op.live_inode(ino, Mode::Exclusive).await?;
             if inode.kind == Kind::Free {
                 return Err(FsError::NotFound.into());
             }
@@ -1054,7 +1107,7 @@ impl FileSystem {
 
     pub async fn read(&self, ino: u64, offset: u64, length: usize) -> Result<Vec<u8>, FsError> {
         self.run(&[(self.tables.inode(ino), Mode::Shared)], async |op| {
-            let inode = op.inode(ino, Mode::Shared).await?;
+            let inode = op.live_inode(ino, Mode::Shared).await?;
             let Content::Blocks(pointers) = &inode.content else {
                 return Err(FsError::Invalid("not a regular file").into());
             };
@@ -1065,7 +1118,7 @@ impl FileSystem {
             let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
             let mut at = offset;
             while at < end {
-                let (block, within, block_bytes) = block_at(pointers, at)?;
+                let (block, within, block_bytes) = block_at(&op.fs.layout, pointers, at)?;
                 let take = ((block_bytes - within) as u64).min(end - at) as usize;
                 if block == NO_BLOCK {
                     out.resize(out.len() + take, 0);
@@ -1087,13 +1140,16 @@ impl FileSystem {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
+        if data.is_empty() {
+            return Ok(0);
+        }
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooLarge)?;
         if place(end.saturating_sub(1)).is_none_or(|place| matches!(place, Place::Indirect { .. })) && !data.is_empty()
         {
             return Err(FsError::TooLarge);
         }
         self.run(&[(self.tables.inode(ino), Mode::Exclusive)], async |op| {
-            let mut inode = op.inode(ino, Mode::Exclusive).await?;
+            let mut inode = op.live_inode(ino, Mode::Exclusive).await?;
             if inode.kind == Kind::Directory {
                 return Err(FsError::IsDirectory.into());
             }
@@ -1102,7 +1158,7 @@ impl FileSystem {
                 let Content::Blocks(pointers) = &inode.content else {
                     return Err(FsError::Invalid("not a regular file").into());
                 };
-                let (mut block, within, block_bytes) = block_at(pointers, at)?;
+                let (mut block, within, block_bytes) = block_at(&op.fs.layout, pointers, at)?;
                 if block == NO_BLOCK {
                     let resource =
                         if block_bytes == SMALL_BLOCK_BYTES { Resource::SmallBlock } else { Resource::LargeBlock };
@@ -1170,14 +1226,24 @@ fn directory_blocks(inode: &Inode) -> Vec<u64> {
 }
 
 /// The block holding file byte `offset`: its number (or `NO_BLOCK`), the
-/// offset in it, and its size.
-fn block_at(pointers: &crate::inode::BlockPointers, offset: u64) -> Result<(u64, usize, usize), FsError> {
-    match place(offset) {
-        Some(Place::Small { index, offset }) => Ok((pointers.small[index], offset, SMALL_BLOCK_BYTES)),
-        Some(Place::Large { index, offset }) => Ok((pointers.large[index], offset, LARGE_BLOCK_BYTES)),
+/// offset in it, and its size. A pointer to anything but a data block of
+/// the right size is damage.
+fn block_at(
+    layout: &Layout,
+    pointers: &crate::inode::BlockPointers,
+    offset: u64,
+) -> Result<(u64, usize, usize), FsError> {
+    let (block, within, resource) = match place(offset) {
+        Some(Place::Small { index, offset }) => (pointers.small[index], offset, Resource::SmallBlock),
+        Some(Place::Large { index, offset }) => (pointers.large[index], offset, Resource::LargeBlock),
         // The indirect block is not used yet: files end before it.
-        Some(Place::Indirect { .. }) | None => Err(FsError::TooLarge),
+        Some(Place::Indirect { .. }) | None => return Err(FsError::TooLarge),
+    };
+    let bytes = if resource == Resource::SmallBlock { SMALL_BLOCK_BYTES } else { LARGE_BLOCK_BYTES };
+    if block != NO_BLOCK && layout.data_number(block).is_none_or(|(found, _)| found != resource) {
+        return Err(FsError::Corrupt(format!("a file points at block {block}, not a {resource:?}")));
     }
+    Ok((block, within, bytes))
 }
 
 fn set_block_at(inode: &mut Inode, offset: u64, block: u64) {
@@ -1244,6 +1310,16 @@ impl<'a> Op<'a> {
         Ok(Inode::decode(&cached.data)?)
     }
 
+    /// An inode in use: a free one (deleted, perhaps by another
+    /// workstation) is not found.
+    async fn live_inode(&mut self, ino: u64, mode: Mode) -> Run<Inode> {
+        let inode = self.inode(ino, mode).await?;
+        if inode.kind == Kind::Free {
+            return Err(FsError::NotFound.into());
+        }
+        Ok(inode)
+    }
+
     async fn attr(&mut self, ino: u64) -> Run<Attr> {
         let inode = self.inode(ino, Mode::Shared).await?;
         if inode.kind == Kind::Free {
@@ -1280,7 +1356,7 @@ impl<'a> Op<'a> {
 
     /// The entry `name` of directory `parent`, and the block it is in.
     async fn find(&mut self, parent: u64, name: &[u8]) -> Run<Option<(u64, Entry)>> {
-        let inode = self.inode(parent, Mode::Shared).await?;
+        let inode = self.live_inode(parent, Mode::Shared).await?;
         if inode.kind != Kind::Directory {
             return Err(FsError::NotDirectory.into());
         }
@@ -1319,7 +1395,7 @@ impl<'a> Op<'a> {
         self.require(lock, Mode::Exclusive)?;
         let mut inode = inode.clone();
         inode.version = self.next_version(block);
-        let framing = framing_of(&self.fs.layout, block);
+        let framing = framing_of(&self.fs.layout, block)?;
         self.change(block, inode.encode()?, Some(framing));
         Ok(())
     }
@@ -1327,7 +1403,7 @@ impl<'a> Op<'a> {
     fn put_directory(&mut self, block: u64, owner: u64, directory: &mut DirectoryBlock) -> Run<()> {
         self.require(self.fs.tables.inode(owner), Mode::Exclusive)?;
         directory.version = self.next_version(block);
-        let framing = framing_of(&self.fs.layout, block);
+        let framing = framing_of(&self.fs.layout, block)?;
         self.change(block, directory.encode(), Some(framing));
         Ok(())
     }
@@ -1380,7 +1456,7 @@ impl<'a> Op<'a> {
     /// Drops one link to the entry's inode; frees it (and its blocks) at
     /// zero. A directory must be empty, and goes at once.
     async fn unlink_target(&mut self, entry: &Entry) -> Run<()> {
-        let mut inode = self.inode(entry.inode, Mode::Exclusive).await?;
+        let mut inode = self.live_inode(entry.inode, Mode::Exclusive).await?;
         if inode.kind == Kind::Directory {
             for block in directory_blocks(&inode) {
                 if !self.directory(block, entry.inode, Mode::Shared).await?.is_empty() {
@@ -1397,7 +1473,7 @@ impl<'a> Op<'a> {
             // A directory's blocks are not file bytes: truncating kept them.
             if let Content::Blocks(pointers) = &mut inode.content {
                 for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
-                    self.free_block(*block, true).await?;
+                    self.free_block(*block).await?;
                     *block = NO_BLOCK;
                 }
             }
@@ -1422,7 +1498,7 @@ impl<'a> Op<'a> {
         if size < inode.size {
             // Zero the tail of the block holding the new end.
             if size > 0 {
-                let (block, within, block_bytes) = block_at(&pointers, size)?;
+                let (block, within, block_bytes) = block_at(&self.fs.layout, &pointers, size)?;
                 if block != NO_BLOCK && within > 0 {
                     self.patch_data(block, ino, within, &vec![0; block_bytes - within]).await?;
                 }
@@ -1431,7 +1507,7 @@ impl<'a> Op<'a> {
             for index in first_free_small.min(SMALL_POINTERS)..SMALL_POINTERS {
                 let block = std::mem::replace(&mut pointers.small[index], NO_BLOCK);
                 if block != NO_BLOCK {
-                    self.free_block(block, false).await?;
+                    self.free_block(block).await?;
                 }
             }
             let small_bytes = (SMALL_POINTERS * SMALL_BLOCK_BYTES) as u64;
@@ -1439,7 +1515,7 @@ impl<'a> Op<'a> {
             for index in first_free_large..pointers.large.len() {
                 let block = std::mem::replace(&mut pointers.large[index], NO_BLOCK);
                 if block != NO_BLOCK {
-                    self.free_block(block, false).await?;
+                    self.free_block(block).await?;
                 }
             }
         }
@@ -1448,28 +1524,26 @@ impl<'a> Op<'a> {
         Ok(())
     }
 
-    /// Frees a data block. A file's block stays cached as an empty, clean
-    /// entry under its portion's lock: its bytes are never written back, but
-    /// its version is kept for the next allocation. A directory block
-    /// (`logged`) keeps its dirty image: it is written back before the
-    /// portion goes to another workstation, so the volume is never older
-    /// than a log record naming the block.
-    async fn free_block(&mut self, block: u64, logged: bool) -> Run<()> {
+    /// Frees a data block. It stays cached under its portion's lock, with
+    /// its version, for the next allocation; a dirty one stays dirty (it may
+    /// be a directory block whose log records are newer than the volume's
+    /// copy: written back, before the portion goes to another workstation,
+    /// the volume is never older than a log record naming the block). A
+    /// clean one keeps no bytes.
+    async fn free_block(&mut self, block: u64) -> Run<()> {
         let (resource, number) = self
             .fs
             .layout
             .data_number(block)
             .ok_or_else(|| FsError::Corrupt(format!("a file points at block {block}, not a data block")))?;
         self.free(resource, number).await?;
-        if !logged && let Some(cached) = self.state.blocks.get_mut(&block) {
+        if let Some(cached) = self.state.blocks.get_mut(&block) {
             self.undo.entry(block).or_insert_with(|| Some(cached.clone()));
             let (portion, _) = self.fs.layout.bit_of(resource, number);
-            *cached = Cached {
-                version: cached.version,
-                data: Vec::new(),
-                dirty: false,
-                lock: self.fs.tables.portion(resource, portion),
-            };
+            cached.lock = self.fs.tables.portion(resource, portion);
+            if !cached.dirty {
+                cached.data = Vec::new();
+            }
         }
         Ok(())
     }
@@ -1597,10 +1671,30 @@ impl<'a> Op<'a> {
                     return Ok(());
                 }
                 Err(WalError::Full) => {
-                    // Undo is not needed past this point for the blocks
-                    // written back: they carry this run's changes only once
-                    // the transaction is logged, so log first.
-                    self.fs.reclaim_log(self.state).await?;
+                    // Reclaiming writes blocks back; this run's changes
+                    // are not logged yet, so the blocks go back to their
+                    // images before the run meanwhile.
+                    let changed: Vec<(u64, Option<Cached>)> =
+                        self.undo.keys().map(|block| (*block, self.state.blocks.get(block).cloned())).collect();
+                    for (block, before) in &self.undo {
+                        match before {
+                            Some(cached) => self.state.blocks.insert(*block, cached.clone()),
+                            None => self.state.blocks.remove(block),
+                        };
+                    }
+                    let reclaimed = self.fs.reclaim_log(self.state).await;
+                    for (block, after) in changed {
+                        if let Some(before) = self.undo.get_mut(&block)
+                            && let (Some(before), Some(now)) = (before.as_mut(), self.state.blocks.get(&block))
+                        {
+                            before.dirty = now.dirty; // written back, perhaps
+                        }
+                        match after {
+                            Some(cached) => self.state.blocks.insert(block, cached),
+                            None => self.state.blocks.remove(&block),
+                        };
+                    }
+                    reclaimed?;
                 }
                 Err(WalError::TransactionTooLarge(bytes)) => {
                     warn!(bytes, "an operation's metadata changes do not fit in one log block");

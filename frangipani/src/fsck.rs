@@ -3,8 +3,8 @@
 //!
 //! It walks the tree from the root and compares what it finds with the
 //! bitmaps. It reports every inconsistency it sees:
-//! - an entry naming a free or unallocated inode (dangling), or with the
-//!   wrong kind;
+//! - an entry naming a free or unallocated inode (dangling), or with a
+//!   kind other than the inode's;
 //! - a link count that differs from the names (and, for a directory, the
 //!   subdirectories) that refer to the inode, or a wrong parent;
 //! - a block referred to twice, or referred to but free in its bitmap;
@@ -69,6 +69,7 @@ pub async fn check(device: &dyn BlockDevice) -> Result<FsckReport, FsError> {
     // for directories the subdirectories and the parent they sit in.
     let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
     let mut names: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut named_kind: BTreeMap<u64, Kind> = BTreeMap::new();
     let mut subdirectories: BTreeMap<u64, u32> = BTreeMap::new();
     let mut parent_of: BTreeMap<u64, u64> = BTreeMap::from([(ROOT_INODE, ROOT_INODE)]);
     let mut owner_of_block: BTreeMap<u64, u64> = BTreeMap::new();
@@ -130,6 +131,14 @@ pub async fn check(device: &dyn BlockDevice) -> Result<FsckReport, FsError> {
                             continue;
                         }
                         *names.entry(entry.inode).or_default() += 1;
+                        if let Some(other) = named_kind.insert(entry.inode, entry.kind)
+                            && other != entry.kind
+                        {
+                            problems.push(format!(
+                                "inode {} is named both as {other:?} and as {:?}",
+                                entry.inode, entry.kind
+                            ));
+                        }
                         if entry.kind == Kind::Directory {
                             *subdirectories.entry(ino).or_default() += 1;
                             if let Some(first) = parent_of.insert(entry.inode, ino) {
@@ -147,20 +156,25 @@ pub async fn check(device: &dyn BlockDevice) -> Result<FsckReport, FsError> {
         inodes.insert(ino, inode);
     }
 
-    // Entries against the inodes they name.
+    // Entries against the inodes they name (the root is named by none).
+    names.insert(ROOT_INODE, 0);
     for (ino, count) in &names {
         match inodes.get(ino) {
             None => problems.push(format!("dangling entries: inode {ino} is named {count} times but free")),
+            Some(inode) if named_kind.get(ino).is_some_and(|kind| *kind != inode.kind) => {
+                problems.push(format!("inode {ino} is a {:?}, but an entry says {:?}", inode.kind, named_kind[ino]));
+            }
             Some(inode) if inode.kind == Kind::Directory => {
                 let expected = 2 + subdirectories.get(ino).copied().unwrap_or(0);
                 if inode.links != expected {
                     problems.push(format!("directory {ino} has link count {}, expected {expected}", inode.links));
                 }
-                if u64::from(inode.parent) != parent_of[ino] {
-                    problems.push(format!(
-                        "directory {ino} records parent {}, but sits in {}",
-                        inode.parent, parent_of[ino]
-                    ));
+                match parent_of.get(ino) {
+                    Some(parent) if *parent == u64::from(inode.parent) => {}
+                    Some(parent) => {
+                        problems.push(format!("directory {ino} records parent {}, but sits in {parent}", inode.parent))
+                    }
+                    None => problems.push(format!("directory {ino} sits in no directory")),
                 }
             }
             Some(inode) => {

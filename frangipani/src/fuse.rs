@@ -289,9 +289,9 @@ impl fuser::Filesystem for FuseAdapter {
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         match self.block_on(self.fs.readdir(ino.0)) {
             Ok(entries) => {
-                for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+                for entry in entries.iter().filter(|entry| entry.cookie > offset) {
                     let name = OsStr::from_bytes(&entry.name);
-                    if reply.add(INodeNo(entry.ino), index as u64 + 1, file_type(entry.kind), name) {
+                    if reply.add(INodeNo(entry.ino), entry.cookie, file_type(entry.kind), name) {
                         break; // the kernel's buffer is full; it asks again from here
                     }
                 }

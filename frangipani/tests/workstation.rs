@@ -31,12 +31,16 @@ struct Volume {
 const LEASE_MICROS: u64 = 600_000;
 
 async fn volume() -> Volume {
+    volume_of(ParameterBlock::small()).await
+}
+
+async fn volume_of(parameters: ParameterBlock) -> Volume {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let device = Arc::new(MemoryDevice::default());
-    fs::format(device.as_ref(), ParameterBlock::small()).await.expect("format");
+    fs::format(device.as_ref(), parameters).await.expect("format");
     let config = ServerConfig { lease_micros: LEASE_MICROS, retransmit_micros: 50_000 };
     let fencer = Arc::new(MemoryFencer(device.clone()));
     let server = LockServer::start(config, Arc::new(TcpTransport::new()), "127.0.0.1:0".into(), fencer)
@@ -215,4 +219,56 @@ async fn a_stale_log_never_undoes_newer_work() {
     b.sync().await.expect("sync");
     c.sync().await.expect("sync");
     volume.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_is_reclaimed_mid_operation_without_writing_unlogged_changes() {
+    // A 4-block log fills every few dozen operations: the operation that
+    // finds it full writes back only logged state before reclaiming.
+    let volume = volume_of(ParameterBlock { log_blocks: 4, ..ParameterBlock::small() }).await;
+    let (a, b) = (volume.mount(0).await, volume.mount(1).await);
+    let dir = mkdir(&a, ROOT_INODE, "many").await.expect("mkdir");
+    // Run until an operation finds the log full, then crash at once: its
+    // own transaction never reached the log.
+    let mut created = 0;
+    loop {
+        let before = a.stats().log_block_writes;
+        create_file(&a, dir, &format!("file-{created:03}")).await.expect("create");
+        created += 1;
+        if a.stats().log_block_writes > before {
+            break; // this create reclaimed a quarter of the log
+        }
+        assert!(created < 1000, "the log never filled");
+    }
+    a.crash();
+    let listed = names(&b, dir).await.len();
+    assert!(listed == created - 1 || listed == created, "{listed} of {created} creates survived");
+    b.sync().await.expect("sync");
+    volume.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_file_is_not_found_and_a_damaged_volume_is_reported() {
+    let volume = volume().await;
+    let (a, b) = (volume.mount(0).await, volume.mount(1).await);
+    let file = create_file(&a, ROOT_INODE, "doomed").await.expect("create");
+    b.remove(ROOT_INODE, b"doomed", false).await.expect("delete on the other workstation");
+    assert_eq!(a.write(file, 0, b"late").await, Err(FsError::NotFound), "an open file deleted elsewhere");
+    assert_eq!(a.link(file, ROOT_INODE, b"revived").await, Err(FsError::NotFound));
+    assert_eq!(a.read(file, 0, 10).await, Err(FsError::NotFound));
+    assert_eq!(a.readdir(file).await, Err(FsError::NotFound));
+    a.sync().await.expect("sync");
+    b.sync().await.expect("sync");
+    volume.assert_clean().await;
+
+    // Damage: the root's link count, written over the file system's head.
+    let block = frangipani::layout::Layout::new(ParameterBlock::small()).expect("layout").inode_block(ROOT_INODE);
+    let stored = volume.device.read(block).await.expect("read");
+    let mut root = frangipani::inode::Inode::decode(&stored.data).expect("decode");
+    root.links += 5;
+    root.version = stored.version + 1;
+    let stamp = frangipani::device::Stamp { epoch: 0, token: u64::MAX };
+    volume.device.write(block, root.version, stamp, root.encode().expect("encode")).await.expect("write");
+    let report = frangipani::fsck::check(volume.device.as_ref()).await.expect("fsck");
+    assert!(report.problems.iter().any(|problem| problem.contains("link count")), "{:?}", report.problems);
 }
