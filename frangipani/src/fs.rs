@@ -192,6 +192,18 @@ pub struct Attr {
     pub modified: i64,
     pub changed: i64,
     pub generation: u64,
+    /// The inode's version: it changes with every change of the file.
+    pub version: u64,
+}
+
+/// What a write did to its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: usize,
+    /// The inode's version before and after the write (every change of an
+    /// inode makes it version + 1).
+    pub version_before: u64,
+    pub version_after: u64,
 }
 
 /// What `setattr` changes (`None`: leave as is).
@@ -1140,12 +1152,19 @@ impl FileSystem {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
-        if data.is_empty() {
-            return Ok(0);
-        }
+        Ok(self.write_versioned(ino, offset, data).await?.bytes)
+    }
+
+    /// [`Self::write`], also telling the inode's version before and after
+    /// (the FUSE mount keeps a file's pages across opens while only its own
+    /// writes changed it).
+    pub async fn write_versioned(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Written, FsError> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooLarge)?;
-        if place(end.saturating_sub(1)).is_none_or(|place| matches!(place, Place::Indirect { .. })) && !data.is_empty()
-        {
+        if data.is_empty() {
+            let version = self.getattr(ino).await?.version;
+            return Ok(Written { bytes: 0, version_before: version, version_after: version });
+        }
+        if place(end - 1).is_none_or(|place| matches!(place, Place::Indirect { .. })) {
             return Err(FsError::TooLarge);
         }
         self.run(&[(self.tables.inode(ino), Mode::Exclusive)], async |op| {
@@ -1173,8 +1192,9 @@ impl FileSystem {
             inode.size = inode.size.max(end);
             inode.modified = op.now;
             inode.changed = op.now;
+            let version_before = inode.version;
             op.put_inode(ino, &inode)?;
-            Ok(data.len())
+            Ok(Written { bytes: data.len(), version_before, version_after: version_before + 1 })
         })
         .await
     }
@@ -1346,6 +1366,7 @@ impl<'a> Op<'a> {
             modified: inode.modified,
             changed: inode.changed,
             generation: inode.generation,
+            version: inode.version,
         })
     }
 

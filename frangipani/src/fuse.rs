@@ -2,17 +2,20 @@
 //! [`FileSystem`] and its answers (errors as errno values, never a panic).
 //!
 //! Coherence with other workstations: attributes and names are never
-//! cached by the kernel (TTL zero), and a file's pages are dropped at every
-//! open (no `FOPEN_KEEP_CACHE`), so a file closed on one workstation reads
-//! back current when opened on another (close-to-open, as NFS gives).
+//! cached by the kernel (TTL zero). A file's pages are kept across opens
+//! (`FOPEN_KEEP_CACHE`) only if its inode's version is the one this mount
+//! last saw, after its own writes; any change from elsewhere drops them at
+//! the next open. So a file closed on one workstation reads back current
+//! when opened on another (close-to-open, as NFS gives).
 
 use crate::fs::{Attr, FileSystem, FsError, SetAttr};
 use crate::inode::Kind;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, MountOption, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -30,11 +33,13 @@ const FUSE_THREADS: usize = 4;
 pub struct FuseAdapter {
     fs: Arc<FileSystem>,
     runtime: Handle,
+    /// Per inode, the version the kernel's pages of it reflect.
+    page_versions: parking_lot::Mutex<HashMap<u64, u64>>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<FileSystem>, runtime: Handle) -> FuseAdapter {
-        FuseAdapter { fs, runtime }
+        FuseAdapter { fs, runtime, page_versions: parking_lot::Mutex::new(HashMap::new()) }
     }
 
     fn block_on<T>(&self, future: impl Future<Output = T>) -> T {
@@ -156,6 +161,7 @@ impl fuser::Filesystem for FuseAdapter {
             accessed: time_or_now(atime),
             modified: time_or_now(mtime),
         };
+        self.page_versions.lock().remove(&ino.0);
         match self.block_on(self.fs.setattr(ino.0, change)) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(error) => reply.error(errno(&error)),
@@ -258,9 +264,21 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.block_on(self.fs.write(ino.0, offset, data)) {
-            Ok(written) => reply.written(written as u32),
-            Err(error) => reply.error(errno(&error)),
+        match self.block_on(self.fs.write_versioned(ino.0, offset, data)) {
+            Ok(written) => {
+                // Our pages stay current only if nothing else changed the file.
+                let mut versions = self.page_versions.lock();
+                if versions.get(&ino.0) == Some(&written.version_before) {
+                    versions.insert(ino.0, written.version_after);
+                } else {
+                    versions.remove(&ino.0);
+                }
+                reply.written(written.bytes as u32)
+            }
+            Err(error) => {
+                self.page_versions.lock().remove(&ino.0);
+                reply.error(errno(&error))
+            }
         }
     }
 
@@ -276,6 +294,18 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
         if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
+        match self.block_on(self.fs.getattr(ino.0)) {
+            Ok(attr) => {
+                let previous = self.page_versions.lock().insert(ino.0, attr.version);
+                let flags =
+                    if previous == Some(attr.version) { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                reply.opened(FileHandle(0), flags)
+            }
+            Err(error) => reply.error(errno(&error)),
+        }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -327,6 +357,7 @@ impl fuser::Filesystem for FuseAdapter {
         let owner = (req.uid(), req.gid());
         match self.block_on(self.fs.create(parent.0, name.as_bytes(), Kind::File, mode & !umask, owner, None)) {
             Ok(attr) => {
+                self.page_versions.lock().insert(attr.ino, attr.version);
                 let generation = Generation(attr.generation);
                 reply.created(&TTL, &file_attr(&attr), generation, FileHandle(0), FopenFlags::empty())
             }
