@@ -207,8 +207,9 @@ pub struct MountOptions {
     pub volume: PathBuf,
 }
 
-fn is_mounted(dir: &Path) -> bool {
-    let Ok(canonical) = dir.canonicalize() else { return false };
+/// Whether `canonical` (a path resolved before mounting: resolving it now
+/// would go through the mount itself) is a mount point.
+fn is_mounted(canonical: &Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
     let wanted = canonical.to_string_lossy().replace(' ', "\\040");
     mounts.lines().any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))
@@ -229,6 +230,7 @@ pub async fn mount(options: MountOptions) -> Result<()> {
     if !options.dir.is_dir() {
         bail!("{} is not a directory", options.dir.display());
     }
+    let canonical = options.dir.canonicalize()?;
     let fs = mount_workstation(&volume, options.workstation).await?;
     let session = frangipani::fuse::mount(fs.clone(), tokio::runtime::Handle::current(), &options.dir)
         .with_context(|| format!("FUSE mount on {} (needs root and /dev/fuse)", options.dir.display()))?;
@@ -243,7 +245,7 @@ pub async fn mount(options: MountOptions) -> Result<()> {
                 break;
             }
             _ = poll.tick() => {
-                if !is_mounted(&options.dir) {
+                if !is_mounted(&canonical) {
                     break; // unmounted from outside
                 }
             }

@@ -61,8 +61,8 @@ use tracing::{debug, info, warn};
 pub const ROOT_INODE: u64 = 1;
 /// An operation that keeps finding locks it lacks gives up after this many runs.
 const OPERATION_RUNS_MAX: usize = 32;
-/// Dirty blocks written back at once (the storage nodes commit a batch
-/// with one fdatasync).
+/// Blocks written back (or log blocks read) at once (the storage nodes
+/// commit a batch of writes with one fdatasync).
 const WRITE_BACK_PARALLEL: usize = 256;
 /// A revoke's write-back is tried this many more times before the
 /// workstation gives up its lease instead.
@@ -357,6 +357,8 @@ pub struct FileSystem {
     tables: Tables,
     config: FsConfig,
     clerk: OnceLock<Clerk>,
+    /// This file system, for tasks it starts.
+    this: OnceLock<Weak<FileSystem>>,
     state: tokio::sync::Mutex<State>,
     /// The highest fencing token received: every write is stamped with it.
     clock: AtomicU64,
@@ -492,6 +494,7 @@ impl FileSystem {
             tables: Tables::new()?,
             config,
             clerk: OnceLock::new(),
+            this: OnceLock::new(),
             state: tokio::sync::Mutex::new(State::default()),
             clock: AtomicU64::new(0),
             operations: AtomicU64::new(0),
@@ -500,6 +503,7 @@ impl FileSystem {
             log_block_writes: AtomicU64::new(0),
         });
         fs.clerk.set(clerk).expect("set once");
+        fs.this.set(Arc::downgrade(&fs)).expect("set once");
         callbacks.0.set(Arc::downgrade(&fs)).expect("set once");
         Ok(fs)
     }
@@ -642,6 +646,21 @@ impl FileSystem {
         Err(FsError::Locks("an operation kept needing more locks".into()))
     }
 
+    /// Takes the locks of inodes about to be allocated in the background,
+    /// all at once: the creates that use them then find them held (locks
+    /// are sticky) instead of waiting a lock-server round trip each.
+    fn take_locks_ahead(&self, inodes: Vec<u64>) {
+        let Some(fs) = self.this.get().and_then(Weak::upgrade) else { return };
+        tokio::spawn(async move {
+            let acquires = inodes
+                .iter()
+                .map(|ino| fs.clerk().acquire(fs.tables.inode(*ino), Mode::Exclusive, fs.config.lock_timeout));
+            for guard in futures::future::join_all(acquires).await.into_iter().flatten() {
+                fs.note_tokens(std::slice::from_ref(&guard));
+            }
+        });
+    }
+
     fn note_tokens(&self, guards: &[LockGuard]) {
         for guard in guards {
             self.clock.fetch_max(guard.token.0, Ordering::SeqCst);
@@ -668,10 +687,14 @@ impl FileSystem {
     }
 
     async fn scan_region(&self, workstation: u32, epoch_wanted: impl Fn(u64) -> bool) -> Result<wal::Replay, FsError> {
-        let mut blocks = Vec::with_capacity(self.layout.parameters.log_blocks as usize);
-        for index in 0..self.layout.parameters.log_blocks {
-            let stored = self.device_read(self.layout.log_block(workstation, index)).await?;
-            blocks.push((!stored.data.is_empty() && epoch_wanted(stored.lease_epoch)).then_some(stored.data));
+        let indexes: Vec<u32> = (0..self.layout.parameters.log_blocks).collect();
+        let mut blocks = Vec::with_capacity(indexes.len());
+        for chunk in indexes.chunks(WRITE_BACK_PARALLEL) {
+            let reads = chunk.iter().map(|index| self.device_read(self.layout.log_block(workstation, *index)));
+            for stored in futures::future::join_all(reads).await {
+                let stored = stored?;
+                blocks.push((!stored.data.is_empty() && epoch_wanted(stored.lease_epoch)).then_some(stored.data));
+            }
         }
         Ok(wal::scan(&blocks))
     }
@@ -1652,6 +1675,9 @@ impl<'a> Op<'a> {
             if !bits.is_allocated(bit) && !self.state.blocks.contains_key(&block) {
                 wanted.push(block);
             }
+        }
+        if resource == Resource::Inode {
+            self.fs.take_locks_ahead(wanted.iter().map(|block| self.fs.layout.inode_number(*block)).collect());
         }
         let reads = futures::future::join_all(wanted.iter().map(|block| self.fs.device_read(*block))).await;
         let lock = self.fs.tables.portion(resource, portion);

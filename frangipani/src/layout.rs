@@ -71,8 +71,8 @@ pub enum LayoutError {
 }
 
 impl ParameterBlock {
-    /// A volume for tests and the demo: 8 workstations with 64-block
-    /// (256 KiB) logs, and four bitmap portions of each resource (so four
+    /// A volume for tests and the demo: 8 workstations with 1,024-block
+    /// (4 MiB) logs, and four bitmap portions of each resource (so four
     /// workstations allocate without sharing one): 131,072 inodes, 512 MiB
     /// of small and 8 GiB of large blocks. The block space is sparse:
     /// blocks never written take no room.
@@ -80,7 +80,7 @@ impl ParameterBlock {
         let four_portions = 4 * BITS_PER_PORTION;
         ParameterBlock {
             workstations: 8,
-            log_blocks: 64,
+            log_blocks: 1024,
             inodes: four_portions,
             small_blocks: four_portions,
             large_blocks: four_portions,
@@ -241,6 +241,12 @@ impl Layout {
         self.inodes_base + inode
     }
 
+    /// The inode whose block is `block` (the inverse of [`Self::inode_block`]).
+    pub fn inode_number(&self, block: u64) -> u64 {
+        assert!(self.is_inode_block(block), "block {block} is not an inode block");
+        block - self.inodes_base
+    }
+
     /// The block id of small block `number`, or of large block `number`.
     pub fn data_block(&self, resource: Resource, number: u64) -> u64 {
         assert!(number < self.count(resource), "{resource:?} {number} is outside the volume");
@@ -332,7 +338,7 @@ mod tests {
         }
         assert_eq!(seen.len() as u64, layout.total_blocks(), "every block of the volume belongs to one region");
         assert_eq!(seen.last().copied(), Some(layout.total_blocks() - 1), "no gaps");
-        assert_eq!(layout.total_blocks(), 393_741, "the figure in docs/frangipani-layout.md");
+        assert_eq!(layout.total_blocks(), 401_421, "the figure in docs/frangipani-layout.md");
         assert_eq!(layout.block_bytes(layout.inode_block(7)), INODE_BYTES);
         assert_eq!(layout.block_bytes(layout.data_block(Resource::SmallBlock, 0)), SMALL_BLOCK_BYTES);
         assert_eq!(layout.block_bytes(layout.data_block(Resource::LargeBlock, 3)), LARGE_BLOCK_BYTES);
