@@ -209,7 +209,7 @@ pub struct MountOptions {
 
 /// Whether `canonical` (a path resolved before mounting: resolving it now
 /// would go through the mount itself) is a mount point.
-fn is_mounted(canonical: &Path) -> bool {
+pub(crate) fn is_mounted(canonical: &Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
     let wanted = canonical.to_string_lossy().replace(' ', "\\040");
     mounts.lines().any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))

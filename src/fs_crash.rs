@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use storage_node::DiskBackend;
 
-use crate::fs::FsServer;
+use crate::fs::{FsServer, is_mounted};
 
 /// Options of `lab fs crash-test`.
 #[derive(Clone, Debug, clap::Args)]
@@ -65,12 +65,6 @@ pub struct CrashReport {
     pub points: Vec<CrashPoint>,
 }
 
-fn is_mounted(dir: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let dir = dir.to_string_lossy().to_string();
-    mounts.lines().any(|line| line.split(' ').nth(1) == Some(dir.as_str()))
-}
-
 /// A `lab fs mount` process.
 #[derive(Debug)]
 pub struct MountProcess {
@@ -83,6 +77,7 @@ pub struct MountProcess {
 impl MountProcess {
     pub fn start(lab: &Path, volume_file: &Path, dir: &Path, workstation: u32) -> Result<MountProcess> {
         std::fs::create_dir_all(dir)?;
+        let dir = &dir.canonicalize()?;
         let child = Command::new(lab)
             .args(["fs", "mount"])
             .arg(dir)

@@ -5,72 +5,24 @@
 
 use common::rng::SimRng;
 use lab::fs::FsServer;
+use lab::fs_crash::MountProcess;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 use storage_node::DiskBackend;
 
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn is_mounted(dir: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let dir = dir.to_string_lossy().to_string();
-    mounts.lines().any(|line| line.split(' ').nth(1) == Some(dir.as_str()))
-}
-
 /// A `lab fs mount` process; dropping it unmounts (SIGTERM, then force).
-struct Mount {
-    child: Child,
-    dir: PathBuf,
-}
+struct Mount(MountProcess);
 
 impl Mount {
     fn start(volume_file: &Path, dir: &Path, workstation: u32) -> Mount {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let child = Command::new(env!("CARGO_BIN_EXE_lab"))
-            .args(["fs", "mount"])
-            .arg(dir)
-            .args(["--workstation", &workstation.to_string(), "--volume"])
-            .arg(volume_file)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn lab fs mount");
-        let mount = Mount { child, dir: dir.to_path_buf() };
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        while !is_mounted(dir) {
-            assert!(
-                Instant::now() < deadline,
-                "{} was not mounted within {MOUNT_TIMEOUT:?} (root and /dev/fuse needed)",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        mount
+        let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+        Mount(MountProcess::start(lab, volume_file, dir, workstation).expect("mounted (root and /dev/fuse are needed)"))
     }
 
     fn path(&self, relative: &str) -> PathBuf {
-        self.dir.join(relative)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if is_mounted(&self.dir) {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
+        self.0.dir.join(relative)
     }
 }
 
@@ -286,8 +238,8 @@ fn git_tar_and_cp_work_on_a_mount() {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("frangipani");
 
     // cp -r, checked from the other workstation.
-    run(&a.dir, "cp", &["-r", &source.to_string_lossy(), "copy"]);
-    run(&b.dir, "diff", &["-r", &source.to_string_lossy(), "copy"]);
+    run(&a.0.dir, "cp", &["-r", &source.to_string_lossy(), "copy"]);
+    run(&b.0.dir, "diff", &["-r", &source.to_string_lossy(), "copy"]);
 
     // git init, add, commit; the other workstation sees the commit.
     let git = ["-c", "user.name=lab", "-c", "user.email=lab@example.com"];
@@ -301,10 +253,10 @@ fn git_tar_and_cp_work_on_a_mount() {
     assert!(status.is_empty(), "the tree matches the commit: {status}");
 
     // tar c on one workstation, tar x on the other.
-    run(&a.dir, "tar", &["cf", "copy.tar", "copy"]);
+    run(&a.0.dir, "tar", &["cf", "copy.tar", "copy"]);
     std::fs::create_dir(b.path("unpacked")).expect("mkdir");
-    run(&b.dir, "tar", &["xf", "copy.tar", "-C", "unpacked"]);
-    run(&a.dir, "diff", &["-r", "copy", "unpacked/copy"]);
+    run(&b.0.dir, "tar", &["xf", "copy.tar", "-C", "unpacked"]);
+    run(&a.0.dir, "diff", &["-r", "copy", "unpacked/copy"]);
     drop((a, b));
     served.fsck();
 }

@@ -406,8 +406,9 @@ impl lockserver::Workstation for ClerkCallbacks {
     }
 
     fn lease_lost(&self) {
-        // Nothing to do at once: the next operation sees a new lease epoch
-        // and drops the cache (its dirty blocks are lost with the lease).
+        // Nothing to do at once: the next operation or write-back sees that
+        // the clerk's lease is not the cache's (`check_lease`) and drops the
+        // cache; its dirty blocks are lost with the lease.
         warn!("lease lost");
     }
 }
