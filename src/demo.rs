@@ -221,7 +221,7 @@ async fn frangipani_section(backend: DiskBackend) -> Result<()> {
     let read = second.read(file, 0, 100).await?;
     ensure!(read == b"written by workstation 0", "workstation 1 read {read:?}");
     println!(
-        "   workstation 0 wrote hello.txt; workstation 1 read {:?} at once ({} revoke made 0 write back)",
+        "   workstation 0 wrote hello.txt; workstation 1 read {:?} at once (revokes served by workstation 0, which wrote it back first: {})",
         String::from_utf8_lossy(&read),
         first.stats().lock.flushes
     );
