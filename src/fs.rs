@@ -15,14 +15,14 @@ use common::transport::{BoxFuture, TcpTransport, Transport};
 use frangipani::device::BlockDevice;
 use frangipani::fs::{FileSystem, FsConfig, LockService};
 use frangipani::layout::ParameterBlock;
-use lockserver::{ClerkConfig, Fencer, LeaseEpoch, LockServer, ServerConfig};
+use lockserver::{ClerkConfig, Fencer, FileRegistryStore, LeaseEpoch, LockServer, ServerConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use storage_node::DiskBackend;
 use storage_node::block_client::{BlockClient, BlockVolumeLayout, REPLICAS};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cluster::{ClusterOptions, LocalCluster};
 
@@ -90,18 +90,8 @@ impl Fencer for SealingFencer {
     fn fence(&self, epoch: LeaseEpoch) -> BoxFuture<'static, ()> {
         let client = self.0.clone();
         Box::pin(async move {
-            for attempt in 0u64.. {
-                match client.seal(epoch.0).await {
-                    Ok(report) => {
-                        info!(epoch = epoch.0, blocks = report.blocks, repairs = report.repairs, "sealed a dead lease");
-                        return;
-                    }
-                    Err(error) => {
-                        warn!(epoch = epoch.0, attempt, %error, "seal failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
+            let report = client.seal_until_done(epoch.0).await;
+            info!(epoch = epoch.0, blocks = report.blocks, repairs = report.repairs, "sealed a dead lease");
         })
     }
 }
@@ -160,7 +150,12 @@ impl FsServer {
         let config = ServerConfig { lease_micros: lease_ms * 1000, retransmit_micros: (lease_ms * 50).max(20_000) };
         let fencer = Arc::new(SealingFencer(client));
         let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
-        let lock_server = LockServer::start(config, transport, "127.0.0.1:0".into(), fencer).await?;
+        // The lock server's registry sits beside the volume, so a restarted
+        // `serve` continues its lease epochs and fencing tokens (the volume
+        // remembers the old ones) and lets clerks reclaim their locks.
+        let registry = Arc::new(FileRegistryStore::open(&directory.join("lock-registry"))?);
+        let lock_server =
+            LockServer::start_with_registry(config, transport, "127.0.0.1:0".into(), fencer, registry).await?;
         let volume = VolumeFile {
             segments: (0..REPLICAS).map(|index| cluster.address(index).to_string()).collect(),
             blocks_per_pg: options.blocks_per_pg,
@@ -238,21 +233,24 @@ pub async fn mount(options: MountOptions) -> Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     let signal = wait_for_signal();
     tokio::pin!(signal);
-    loop {
+    let unmounted_outside = loop {
         tokio::select! {
             result = &mut signal => {
                 result?;
-                break;
+                break false;
             }
             _ = poll.tick() => {
                 if !is_mounted(&canonical) {
-                    break; // unmounted from outside
+                    break true;
                 }
             }
         }
-    }
+    };
     let synced = fs.sync().await;
-    tokio::task::spawn_blocking(move || drop(session)).await?;
+    // Dropping the session unmounts; once unmounted from outside, only
+    // its thread is left to join.
+    let closing = move || if unmounted_outside { session.join() } else { session.umount_and_join() };
+    tokio::task::spawn_blocking(closing).await?.context("closing the FUSE session")?;
     fs.unmount().await?;
     synced.context("writing back at unmount")?;
     println!("workstation {} unmounted", options.workstation);

@@ -109,15 +109,8 @@ impl Fencer for SealingFencer {
     fn fence(&self, epoch: LeaseEpoch) -> BoxFuture<'static, ()> {
         let (client, events) = (self.client.clone(), self.events.clone());
         Box::pin(async move {
-            loop {
-                match client.seal(epoch.0).await {
-                    Ok(report) => {
-                        events.lock().push(format!("sealed {} ({} blocks)", epoch.0, report.blocks));
-                        return;
-                    }
-                    Err(error) => events.lock().push(format!("seal {} retried: {error}", epoch.0)),
-                }
-            }
+            let report = client.seal_until_done(epoch.0).await;
+            events.lock().push(format!("sealed {} ({} blocks)", epoch.0, report.blocks));
         })
     }
 }

@@ -10,7 +10,7 @@
 //! lists the blocks that epoch wrote), repairs (copy each such block's newest
 //! version to every fenced segment), then [`FencePhase::Sealed`] (readers may
 //! now ignore any copy of that epoch's writes held by a segment that was not
-//! fenced when it took it). `docs/wire-format.md` §5 draws every payload.
+//! fenced when it took it). `docs/wire-format.md` §7 draws every payload.
 
 use crate::codec::{CodecError, Reader, read_length_prefixed};
 use crate::ids::{BlockId, PgId};

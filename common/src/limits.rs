@@ -57,6 +57,13 @@ pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;
 /// Slack reserved in every log write for entry headers and padding.
 pub const ENTRY_OVERHEAD_GUARD: usize = 256;
 
+/// Segment replicas of every protection group (two in each of three AZs).
+pub const SEGMENTS_PER_PG: usize = 6;
+/// Acknowledgements that make a write durable in its PG.
+pub const WRITE_QUORUM: usize = 4;
+/// Segments whose answers meet every write quorum.
+pub const READ_QUORUM: usize = 3;
+
 /// Largest block of a block volume (the file system's large blocks).
 pub const BLOCK_BYTES_MAX: usize = 64 * 1024;
 

@@ -63,7 +63,7 @@ pub const ROOT_INODE: u64 = 1;
 const OPERATION_RUNS_MAX: usize = 32;
 /// Blocks written back (or log blocks read) at once (the storage nodes
 /// commit a batch of writes with one fdatasync).
-const WRITE_BACK_PARALLEL: usize = 256;
+const STORAGE_PARALLEL: usize = 256;
 /// A revoke's write-back is tried this many more times before the
 /// workstation gives up its lease instead.
 const REVOKE_WRITE_BACK_ATTEMPTS: u32 = 8;
@@ -343,6 +343,14 @@ struct State {
 }
 
 impl State {
+    /// Forgets everything cached and the log not yet written (a new lease).
+    fn drop_cache(&mut self) {
+        self.blocks.clear();
+        self.closed.clear();
+        self.open_unflushed = false;
+        self.log = None;
+    }
+
     fn dirty_count(&self) -> usize {
         self.blocks.values().filter(|cached| cached.dirty).count()
     }
@@ -356,9 +364,9 @@ pub struct FileSystem {
     device: Arc<dyn BlockDevice>,
     tables: Tables,
     config: FsConfig,
-    clerk: OnceLock<Clerk>,
+    clerk: Clerk,
     /// This file system, for tasks it starts.
-    this: OnceLock<Weak<FileSystem>>,
+    this: Weak<FileSystem>,
     state: tokio::sync::Mutex<State>,
     /// The highest fencing token received: every write is stamped with it.
     clock: AtomicU64,
@@ -488,14 +496,15 @@ impl FileSystem {
         )
         .await
         .map_err(|error| FsError::Locks(error.to_string()))?;
-        let fs = Arc::new(FileSystem {
+        let tables = Tables::new()?;
+        let fs = Arc::new_cyclic(|this| FileSystem {
             workstation,
             layout,
             device,
-            tables: Tables::new()?,
+            tables,
             config,
-            clerk: OnceLock::new(),
-            this: OnceLock::new(),
+            clerk,
+            this: this.clone(),
             state: tokio::sync::Mutex::new(State::default()),
             clock: AtomicU64::new(0),
             operations: AtomicU64::new(0),
@@ -503,8 +512,6 @@ impl FileSystem {
             storage_writes: AtomicU64::new(0),
             log_block_writes: AtomicU64::new(0),
         });
-        fs.clerk.set(clerk).expect("set once");
-        fs.this.set(Arc::downgrade(&fs)).expect("set once");
         callbacks.0.set(Arc::downgrade(&fs)).expect("set once");
         Ok(fs)
     }
@@ -517,17 +524,13 @@ impl FileSystem {
         &self.layout
     }
 
-    fn clerk(&self) -> &Clerk {
-        self.clerk.get().expect("set at mount")
-    }
-
     pub fn stats(&self) -> FsStats {
         FsStats {
             operations: self.operations.load(Ordering::Relaxed),
             storage_reads: self.storage_reads.load(Ordering::Relaxed),
             storage_writes: self.storage_writes.load(Ordering::Relaxed),
             log_block_writes: self.log_block_writes.load(Ordering::Relaxed),
-            lock: self.clerk().stats(),
+            lock: self.clerk.stats(),
         }
     }
 
@@ -535,13 +538,13 @@ impl FileSystem {
     /// locks are released when its lease lapses or the server sees it go).
     pub async fn unmount(&self) -> Result<(), FsError> {
         let result = self.sync().await;
-        self.clerk().stop();
+        self.clerk.stop();
         result
     }
 
     /// Stops as a crash would: nothing more is written, nothing released.
     pub fn crash(&self) {
-        self.clerk().stop();
+        self.clerk.stop();
     }
 
     /// The stamp of writes made under lease `epoch`.
@@ -553,16 +556,13 @@ impl FileSystem {
     /// lease is another (or none), the cache and the unwritten log are
     /// dropped, and nothing of them is ever written under the new lease.
     fn check_lease(&self, state: &mut State) -> Result<(), FsError> {
-        if self.clerk().lease().map(|epoch| epoch.0) == Some(state.log_epoch) {
+        if self.clerk.lease().map(|epoch| epoch.0) == Some(state.log_epoch) {
             return Ok(());
         }
         if state.log.is_some() {
             warn!(workstation = self.workstation, epoch = state.log_epoch, "lease lost: dropping the cache");
         }
-        state.blocks.clear();
-        state.closed.clear();
-        state.open_unflushed = false;
-        state.log = None;
+        state.drop_cache();
         Err(FsError::LeaseLost)
     }
 
@@ -571,9 +571,9 @@ impl FileSystem {
         Ok(self.device.read(block).await?)
     }
 
-    async fn device_write(&self, block: u64, version: u64, stamp: Stamp, data: Vec<u8>) -> Result<(), FsError> {
+    async fn device_write(&self, block: u64, version: u64, stamp: Stamp, data: Vec<u8>) -> Result<(), DeviceError> {
         self.storage_writes.fetch_add(1, Ordering::Relaxed);
-        Ok(self.device.write(block, version, stamp, data).await?)
+        self.device.write(block, version, stamp, data).await
     }
 
     // ----- running operations -----
@@ -594,14 +594,14 @@ impl FileSystem {
         for _ in 0..OPERATION_RUNS_MAX {
             let locks: Vec<(LockName, Mode)> = want.iter().map(|(lock, mode)| (*lock, *mode)).collect();
             let guards = self
-                .clerk()
+                .clerk
                 .acquire_all(&locks, self.config.lock_timeout)
                 .await
                 .map_err(|error| FsError::Locks(error.to_string()))?;
             self.note_tokens(&guards);
             let epoch = guards.first().map(|guard| guard.epoch.0).ok_or(FsError::Invalid("no locks"))?;
             if guards.iter().any(|guard| guard.epoch.0 != epoch)
-                || self.clerk().lease().map(|lease| lease.0) != Some(epoch)
+                || self.clerk.lease().map(|lease| lease.0) != Some(epoch)
             {
                 continue; // the lease changed while the locks were taken: take them again
             }
@@ -651,11 +651,11 @@ impl FileSystem {
     /// all at once: the creates that use them then find them held (locks
     /// are sticky) instead of waiting a lock-server round trip each.
     fn take_locks_ahead(&self, inodes: Vec<u64>) {
-        let Some(fs) = self.this.get().and_then(Weak::upgrade) else { return };
+        let Some(fs) = self.this.upgrade() else { return };
         tokio::spawn(async move {
             let acquires = inodes
                 .iter()
-                .map(|ino| fs.clerk().acquire(fs.tables.inode(*ino), Mode::Exclusive, fs.config.lock_timeout));
+                .map(|ino| fs.clerk.acquire(fs.tables.inode(*ino), Mode::Exclusive, fs.config.lock_timeout));
             for guard in futures::future::join_all(acquires).await.into_iter().flatten() {
                 fs.note_tokens(std::slice::from_ref(&guard));
             }
@@ -675,49 +675,48 @@ impl FileSystem {
     /// leases at the same time: replay applies only records newer than
     /// their blocks, so both write the same images.)
     async fn start_log(&self, state: &mut State, epoch: u64) -> Result<(), FsError> {
-        state.blocks.clear();
-        state.closed.clear();
-        state.open_unflushed = false;
-        state.log = None;
-        self.replay_locked(self.workstation, |written| written != epoch).await?;
-        let next = self.scan_region(self.workstation, |_| true).await?.next_sequence;
+        state.drop_cache();
+        let region = self.read_region(self.workstation).await?;
+        self.replay(&select_epochs(&region, |written| written != epoch)).await?;
+        let next = wal::scan(&select_epochs(&region, |_| true)).next_sequence;
         state.log = Some(LogWriter::new(self.layout.parameters.log_blocks, next, next));
         state.log_epoch = epoch;
         debug!(workstation = self.workstation, epoch, next, "log started");
         Ok(())
     }
 
-    async fn scan_region(&self, workstation: u32, epoch_wanted: impl Fn(u64) -> bool) -> Result<wal::Replay, FsError> {
+    /// Every block of `workstation`'s log region, as the volume has it.
+    async fn read_region(&self, workstation: u32) -> Result<Vec<Stored>, FsError> {
         let indexes: Vec<u32> = (0..self.layout.parameters.log_blocks).collect();
-        let mut blocks = Vec::with_capacity(indexes.len());
-        for chunk in indexes.chunks(WRITE_BACK_PARALLEL) {
+        let mut region = Vec::with_capacity(indexes.len());
+        for chunk in indexes.chunks(STORAGE_PARALLEL) {
             let reads = chunk.iter().map(|index| self.device_read(self.layout.log_block(workstation, *index)));
             for stored in futures::future::join_all(reads).await {
-                let stored = stored?;
-                blocks.push((!stored.data.is_empty() && epoch_wanted(stored.lease_epoch)).then_some(stored.data));
+                region.push(stored?);
             }
         }
-        Ok(wal::scan(&blocks))
+        Ok(region)
     }
 
     /// Replays what `workstation` logged under lease `epoch` (the recovery
-    /// demon's work). Returns how many blocks it wrote.
+    /// demon's work), under that replay's lock. Returns how many blocks it
+    /// wrote.
     pub async fn replay_log(&self, workstation: u32, epoch: u64) -> Result<usize, FsError> {
-        debug!(workstation, epoch, "replaying a log");
         let guard = self
-            .clerk()
+            .clerk
             .acquire(self.tables.recovery(workstation, epoch, false), Mode::Exclusive, self.config.lock_timeout)
             .await
             .map_err(|error| FsError::Locks(error.to_string()))?;
         self.note_tokens(std::slice::from_ref(&guard));
-        debug!(workstation, epoch, token = guard.token.0, "replay lock held");
-        self.replay_locked(workstation, |written| written == epoch).await
+        let region = self.read_region(workstation).await?;
+        self.replay(&select_epochs(&region, |written| written == epoch)).await
     }
 
-    /// Applies every live record newer than its block, straight to storage.
-    /// Restartable: replaying again changes nothing.
-    async fn replay_locked(&self, workstation: u32, epoch_wanted: impl Fn(u64) -> bool) -> Result<usize, FsError> {
-        let replay = self.scan_region(workstation, epoch_wanted).await?;
+    /// Applies every live record of a log region (`wal::scan`) newer than
+    /// its block, straight to storage. Restartable: replaying again changes
+    /// nothing.
+    async fn replay(&self, region: &[Option<Vec<u8>>]) -> Result<usize, FsError> {
+        let replay = wal::scan(region);
         let mut current: BTreeMap<u64, Stored> = BTreeMap::new();
         for record in replay.transactions.iter().flatten() {
             if let btree_map::Entry::Vacant(slot) = current.entry(record.block) {
@@ -734,12 +733,12 @@ impl FileSystem {
                 .map_err(|error| FsError::Corrupt(format!("log record: {error}")))?;
             *version = record.version;
         }
-        let stamp = self.stamp(self.clerk().lease().ok_or(FsError::LeaseLost)?.0);
+        let stamp = self.stamp(self.clerk.lease().ok_or(FsError::LeaseLost)?.0);
         let written = changed.len();
         for (block, (version, image)) in changed {
             match self.device_write(block, version, stamp, image).await {
                 // A later lock holder wrote it: its version is newer.
-                Err(FsError::Storage(why)) if why.contains("stale") => {}
+                Err(DeviceError::Stale(_)) => {}
                 other => other?,
             }
         }
@@ -751,20 +750,22 @@ impl FileSystem {
     async fn write_log(&self, state: &mut State) -> Result<(), FsError> {
         self.check_lease(state)?;
         let stamp = self.stamp(state.log_epoch);
-        let mut closed = std::mem::take(&mut state.closed);
-        let open = if state.open_unflushed { state.log.as_ref().and_then(LogWriter::flush) } else { None };
-        closed.extend(open);
-        for (at, write) in closed.iter().enumerate() {
-            let writes = if state.open_writes.0 == write.sequence { state.open_writes.1 + 1 } else { 1 };
-            state.open_writes = (write.sequence, writes);
-            let version = write.sequence << 32 | writes;
+        let mut writes = std::mem::take(&mut state.closed);
+        let closed = writes.len();
+        if state.open_unflushed {
+            writes.extend(state.log.as_ref().and_then(LogWriter::flush));
+        }
+        for (at, write) in writes.iter().enumerate() {
+            let rewrites = if state.open_writes.0 == write.sequence { state.open_writes.1 + 1 } else { 1 };
+            state.open_writes = (write.sequence, rewrites);
+            let version = write.sequence << 32 | rewrites;
             let block = self.layout.log_block(self.workstation, write.index);
             self.log_block_writes.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = self.device_write(block, version, stamp, write.image.clone()).await {
-                // Keep what is not written, in order, for the next try.
-                state.closed =
-                    closed[at..].iter().filter(|left| Some(left.sequence) != open_sequence(state)).cloned().collect();
-                return Err(error);
+                // Keep the closed blocks not written, in order, for the next
+                // try (the open one is imaged afresh then).
+                state.closed = writes[at.min(closed)..closed].to_vec();
+                return Err(error.into());
             }
         }
         state.open_unflushed = false;
@@ -772,23 +773,25 @@ impl FileSystem {
     }
 
     /// Writes back the dirty blocks `which` selects (after the log).
-    async fn write_back(&self, state: &mut State, which: impl Fn(u64, &Cached) -> bool) -> Result<(), FsError> {
+    async fn write_back(&self, state: &mut State, which: impl Fn(u64) -> bool) -> Result<(), FsError> {
         self.write_log(state).await?;
         let stamp = self.stamp(state.log_epoch);
         let dirty: Vec<(u64, u64, Vec<u8>)> = state
             .blocks
             .iter()
-            .filter(|(block, cached)| cached.dirty && which(**block, cached))
+            .filter(|(block, cached)| cached.dirty && which(**block))
             .map(|(block, cached)| (*block, cached.version, cached.data.clone()))
             .collect();
-        for chunk in dirty.chunks(WRITE_BACK_PARALLEL) {
-            let writes =
-                chunk.iter().map(|(block, version, data)| self.device_write(*block, *version, stamp, data.clone()));
+        let mut dirty = dirty.into_iter().peekable();
+        while dirty.peek().is_some() {
+            let chunk: Vec<(u64, u64, Vec<u8>)> = dirty.by_ref().take(STORAGE_PARALLEL).collect();
+            let written: Vec<(u64, u64)> = chunk.iter().map(|(block, version, _)| (*block, *version)).collect();
+            let writes = chunk.into_iter().map(|(block, version, data)| self.device_write(block, version, stamp, data));
             let results = futures::future::join_all(writes).await;
-            for ((block, version, _), result) in chunk.iter().zip(results) {
+            for ((block, version), result) in written.into_iter().zip(results) {
                 result?;
-                if let Some(cached) = state.blocks.get_mut(block)
-                    && cached.version == *version
+                if let Some(cached) = state.blocks.get_mut(&block)
+                    && cached.version == version
                 {
                     cached.dirty = false;
                 }
@@ -803,7 +806,7 @@ impl FileSystem {
             return Ok(());
         }
         if state.dirty_count() > self.config.dirty_blocks_max {
-            self.write_back(state, |_, _| true).await?;
+            self.write_back(state, |_| true).await?;
         }
         if state.blocks.len() > self.config.cached_blocks_max {
             state.blocks.retain(|_, cached| cached.dirty);
@@ -828,7 +831,7 @@ impl FileSystem {
         if state.log.is_none() {
             return Ok(()); // nothing done under this lease
         }
-        self.write_back(&mut state, |_, _| true).await
+        self.write_back(&mut state, |_| true).await
     }
 
     /// A revoke: write the log, then the dirty blocks, then drop the cached
@@ -838,7 +841,7 @@ impl FileSystem {
         if state.log.is_some() {
             let mut attempt = 0;
             loop {
-                match self.write_back(&mut state, |_, _| true).await {
+                match self.write_back(&mut state, |_| true).await {
                     Ok(()) | Err(FsError::LeaseLost) => break,
                     Err(error) if attempt < REVOKE_WRITE_BACK_ATTEMPTS => {
                         warn!(%lock, attempt, %error, "write-back for a revoke failed; retrying");
@@ -850,7 +853,7 @@ impl FileSystem {
                         // what this workstation logged. Stop instead: the
                         // lease lapses, and recovery replays the log.
                         warn!(%lock, %error, "write-back for a revoke keeps failing: stopping this workstation");
-                        self.clerk().stop();
+                        self.clerk.stop();
                         return;
                     }
                 }
@@ -866,7 +869,7 @@ impl FileSystem {
     async fn reclaim_log(&self, state: &mut State) -> Result<(), FsError> {
         let (through, covered) = state.log.as_ref().expect("started").oldest_quarter();
         let covered: std::collections::HashSet<u64> = covered.into_iter().map(|(block, _)| block).collect();
-        self.write_back(state, |block, _| covered.contains(&block)).await?;
+        self.write_back(state, |block| covered.contains(&block)).await?;
         state.log.as_mut().expect("started").reclaim(through);
         Ok(())
     }
@@ -881,7 +884,7 @@ impl FileSystem {
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
         check_name(name)?;
         self.run(&[(self.tables.inode(parent), Mode::Shared)], async |op| {
-            let (_, entry) = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
+            let entry = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
             op.attr(entry.inode).await
         })
         .await
@@ -990,7 +993,7 @@ impl FileSystem {
             if parent_inode.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
-            let (_, entry) = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
+            let entry = op.find(parent, name).await?.ok_or(FsError::NotFound)?;
             match (entry.kind == Kind::Directory, directory) {
                 (true, false) => return Err(FsError::IsDirectory.into()),
                 (false, true) => return Err(FsError::NotDirectory.into()),
@@ -1050,8 +1053,8 @@ impl FileSystem {
             if source.kind != Kind::Directory || destination.kind != Kind::Directory {
                 return Err(FsError::NotDirectory.into());
             }
-            let (_, moved) = op.find(from_parent, from).await?.ok_or(FsError::NotFound)?;
-            let replaced = op.find(to_parent, to).await?.map(|(_, entry)| entry);
+            let moved = op.find(from_parent, from).await?.ok_or(FsError::NotFound)?;
+            let replaced = op.find(to_parent, to).await?;
             if replaced.as_ref().is_some_and(|entry| entry.inode == moved.inode) {
                 return Ok(()); // two names of one file: nothing to do
             }
@@ -1154,8 +1157,8 @@ impl FileSystem {
             let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
             let mut at = offset;
             while at < end {
-                let (block, within, block_bytes) = block_at(&op.fs.layout, pointers, at)?;
-                let take = ((block_bytes - within) as u64).min(end - at) as usize;
+                let FileBlock { block, within, bytes, .. } = block_at(&op.fs.layout, pointers, at)?;
+                let take = ((bytes - within) as u64).min(end - at) as usize;
                 if block == NO_BLOCK {
                     out.resize(out.len() + take, 0);
                 } else {
@@ -1201,14 +1204,12 @@ impl FileSystem {
                 let Content::Blocks(pointers) = &inode.content else {
                     return Err(FsError::Invalid("not a regular file").into());
                 };
-                let (mut block, within, block_bytes) = block_at(&op.fs.layout, pointers, at)?;
+                let FileBlock { mut block, within, resource, bytes } = block_at(&op.fs.layout, pointers, at)?;
                 if block == NO_BLOCK {
-                    let resource =
-                        if block_bytes == SMALL_BLOCK_BYTES { Resource::SmallBlock } else { Resource::LargeBlock };
                     block = op.allocate_data(resource, ino).await?;
                     set_block_at(&mut inode, at, block);
                 }
-                let take = ((block_bytes - within) as u64).min(end - at) as usize;
+                let take = ((bytes - within) as u64).min(end - at) as usize;
                 let from = (at - offset) as usize;
                 op.patch_data(block, ino, within, &data[from..from + take]).await?;
                 at += take as u64;
@@ -1229,11 +1230,8 @@ impl FileSystem {
         let mut free = [0u64; 3];
         for (slot, resource) in [Resource::Inode, Resource::SmallBlock, Resource::LargeBlock].into_iter().enumerate() {
             for portion in 0..self.layout.portions(resource) {
-                let valid = self.layout.portion_bits(resource, portion);
                 let stored = self.device_read(self.layout.bitmap_block(resource, portion)).await?;
-                let bits = BitmapPortion::decode(&stored.data, valid)
-                    .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
-                free[slot] += bits.free_count();
+                free[slot] += decode_portion(&self.layout, resource, portion, &stored.data)?.free_count();
             }
         }
         Ok(FsSpace {
@@ -1247,8 +1245,24 @@ impl FileSystem {
     }
 }
 
-fn open_sequence(state: &State) -> Option<u64> {
-    state.log.as_ref().and_then(LogWriter::flush).map(|open| open.sequence)
+/// Bitmap portion `portion` of `resource` from its block's image.
+pub(crate) fn decode_portion(
+    layout: &Layout,
+    resource: Resource,
+    portion: u64,
+    image: &[u8],
+) -> Result<BitmapPortion, FsError> {
+    BitmapPortion::decode(image, layout.portion_bits(resource, portion))
+        .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?} does not decode")))
+}
+
+/// The blocks of a log region written under the leases `epoch_wanted`
+/// selects (a block of another lease counts as never written).
+fn select_epochs(region: &[Stored], epoch_wanted: impl Fn(u64) -> bool) -> Vec<Option<Vec<u8>>> {
+    region
+        .iter()
+        .map(|stored| (!stored.data.is_empty() && epoch_wanted(stored.lease_epoch)).then(|| stored.data.clone()))
+        .collect()
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -1269,25 +1283,32 @@ fn directory_blocks(inode: &Inode) -> Vec<u64> {
     }
 }
 
-/// The block holding file byte `offset`: its number (or `NO_BLOCK`), the
-/// offset in it, and its size. A pointer to anything but a data block of
-/// the right size is damage.
-fn block_at(
-    layout: &Layout,
-    pointers: &crate::inode::BlockPointers,
-    offset: u64,
-) -> Result<(u64, usize, usize), FsError> {
-    let (block, within, resource) = match place(offset) {
-        Some(Place::Small { index, offset }) => (pointers.small[index], offset, Resource::SmallBlock),
-        Some(Place::Large { index, offset }) => (pointers.large[index], offset, Resource::LargeBlock),
+/// Where a file byte lives: its block (or `NO_BLOCK` in a hole), the
+/// offset in it, and the block's kind and size.
+struct FileBlock {
+    block: u64,
+    within: usize,
+    resource: Resource,
+    bytes: usize,
+}
+
+/// The block holding file byte `offset`. A pointer to anything but a data
+/// block of the right kind is damage.
+fn block_at(layout: &Layout, pointers: &crate::inode::BlockPointers, offset: u64) -> Result<FileBlock, FsError> {
+    let (block, within, resource, bytes) = match place(offset) {
+        Some(Place::Small { index, offset }) => {
+            (pointers.small[index], offset, Resource::SmallBlock, SMALL_BLOCK_BYTES)
+        }
+        Some(Place::Large { index, offset }) => {
+            (pointers.large[index], offset, Resource::LargeBlock, LARGE_BLOCK_BYTES)
+        }
         // The indirect block is not used yet: files end before it.
         Some(Place::Indirect { .. }) | None => return Err(FsError::TooLarge),
     };
-    let bytes = if resource == Resource::SmallBlock { SMALL_BLOCK_BYTES } else { LARGE_BLOCK_BYTES };
     if block != NO_BLOCK && layout.data_number(block).is_none_or(|(found, _)| found != resource) {
         return Err(FsError::Corrupt(format!("a file points at block {block}, not a {resource:?}")));
     }
-    Ok((block, within, bytes))
+    Ok(FileBlock { block, within, resource, bytes })
 }
 
 fn set_block_at(inode: &mut Inode, offset: u64, block: u64) {
@@ -1365,10 +1386,7 @@ impl<'a> Op<'a> {
     }
 
     async fn attr(&mut self, ino: u64) -> Run<Attr> {
-        let inode = self.inode(ino, Mode::Shared).await?;
-        if inode.kind == Kind::Free {
-            return Err(FsError::NotFound.into());
-        }
+        let inode = self.live_inode(ino, Mode::Shared).await?;
         let allocated = match &inode.content {
             Content::Blocks(pointers) => {
                 let small = pointers.small.iter().filter(|block| **block != NO_BLOCK).count() * SMALL_BLOCK_BYTES;
@@ -1399,8 +1417,8 @@ impl<'a> Op<'a> {
         Ok(DirectoryBlock::decode(&cached.data)?)
     }
 
-    /// The entry `name` of directory `parent`, and the block it is in.
-    async fn find(&mut self, parent: u64, name: &[u8]) -> Run<Option<(u64, Entry)>> {
+    /// The entry `name` of directory `parent`.
+    async fn find(&mut self, parent: u64, name: &[u8]) -> Run<Option<Entry>> {
         let inode = self.live_inode(parent, Mode::Shared).await?;
         if inode.kind != Kind::Directory {
             return Err(FsError::NotDirectory.into());
@@ -1408,7 +1426,7 @@ impl<'a> Op<'a> {
         for block in directory_blocks(&inode) {
             let cached = self.block(block, parent, Mode::Shared).await?;
             if let Some(entry) = DirectoryBlock::find(&cached.data, name)? {
-                return Ok(Some((block, entry)));
+                return Ok(Some(entry));
             }
         }
         Ok(None)
@@ -1416,7 +1434,7 @@ impl<'a> Op<'a> {
 
     /// Changes a cached block to `image` (version + 1), keeping the old one
     /// to undo; a metadata block's change is logged.
-    fn change(&mut self, block: u64, image: Vec<u8>, logged: Option<Framing>) -> u64 {
+    fn change(&mut self, block: u64, image: Vec<u8>, logged: Option<Framing>) {
         let cached = self.state.blocks.get_mut(&block).expect("a block is read before it is changed");
         self.undo.entry(block).or_insert_with(|| Some(cached.clone()));
         let version = cached.version + 1;
@@ -1426,7 +1444,6 @@ impl<'a> Op<'a> {
         cached.version = version;
         cached.data = image;
         cached.dirty = true;
-        version
     }
 
     /// The version a framed block gets on its next change.
@@ -1481,8 +1498,8 @@ impl<'a> Op<'a> {
         let block = self.allocate_data(Resource::SmallBlock, parent).await?;
         let Content::Blocks(pointers) = &mut directory.content else { unreachable!("checked above") };
         pointers.small[slot] = block;
-        directory.size = (SMALL_POINTERS.min(slot + 1) * SMALL_BLOCK_BYTES) as u64;
-        directory.size = directory.size.max((directory_blocks(directory).len() * SMALL_BLOCK_BYTES) as u64);
+        // A directory's blocks are never freed one by one: they fill from slot 0.
+        directory.size = ((slot + 1) * SMALL_BLOCK_BYTES) as u64;
         let mut entries = DirectoryBlock::default();
         entries.insert(name, ino, kind)?;
         self.put_directory(block, parent, &mut entries)
@@ -1514,12 +1531,10 @@ impl<'a> Op<'a> {
         }
         inode.changed = self.now;
         if inode.links == 0 {
-            self.truncate(entry.inode, &mut inode, 0).await?;
-            // A directory's blocks are not file bytes: truncating kept them.
-            if let Content::Blocks(pointers) = &mut inode.content {
-                for block in pointers.small.iter_mut().filter(|block| **block != NO_BLOCK) {
-                    self.free_block(*block).await?;
-                    *block = NO_BLOCK;
+            if let Content::Blocks(pointers) = &inode.content {
+                let blocks = pointers.small.iter().chain(&pointers.large).filter(|block| **block != NO_BLOCK);
+                for block in blocks.copied().collect::<Vec<u64>>() {
+                    self.free_block(block).await?;
                 }
             }
             self.free(Resource::Inode, entry.inode).await?;
@@ -1534,18 +1549,17 @@ impl<'a> Op<'a> {
         if size > 0 && place(size - 1).is_none_or(|place| matches!(place, Place::Indirect { .. })) {
             return Err(FsError::TooLarge.into());
         }
-        if inode.kind == Kind::Directory || matches!(inode.content, Content::Symlink(_)) {
-            inode.size = if inode.kind == Kind::Directory { inode.size } else { size };
-            return Ok(());
-        }
-        let Content::Blocks(pointers) = &inode.content else { unreachable!("checked above") };
+        // Only regular files: setattr refuses directories before this.
+        let Content::Blocks(pointers) = &inode.content else {
+            return Err(FsError::Invalid("a symbolic link has no bytes to truncate").into());
+        };
         let mut pointers = pointers.clone();
         if size < inode.size {
             // Zero the tail of the block holding the new end.
             if size > 0 {
-                let (block, within, block_bytes) = block_at(&self.fs.layout, &pointers, size)?;
+                let FileBlock { block, within, bytes, .. } = block_at(&self.fs.layout, &pointers, size)?;
                 if block != NO_BLOCK && within > 0 {
-                    self.patch_data(block, ino, within, &vec![0; block_bytes - within]).await?;
+                    self.patch_data(block, ino, within, &vec![0; bytes - within]).await?;
                 }
             }
             let first_free_small = (size as usize).div_ceil(SMALL_BLOCK_BYTES);
@@ -1596,11 +1610,9 @@ impl<'a> Op<'a> {
     async fn bitmap(&mut self, resource: Resource, portion: u64) -> Run<(u64, BitmapPortion)> {
         let lock = self.fs.tables.portion(resource, portion);
         let block = self.fs.layout.bitmap_block(resource, portion);
-        let valid = self.fs.layout.portion_bits(resource, portion);
+        let fs = self.fs;
         let cached = self.cached(block, lock, Mode::Exclusive).await?;
-        let bits = BitmapPortion::decode(&cached.data, valid)
-            .ok_or_else(|| FsError::Corrupt(format!("bitmap portion {portion} of {resource:?}")))?;
-        Ok((block, bits))
+        Ok((block, decode_portion(&fs.layout, resource, portion, &cached.data)?))
     }
 
     fn put_bitmap(&mut self, block: u64, bits: &BitmapPortion) {

@@ -12,10 +12,9 @@
 //!   (orphans);
 //! - a block that does not decode (inode, directory or bitmap).
 
-use crate::bitmap::BitmapPortion;
 use crate::device::BlockDevice;
 use crate::directory::DirectoryBlock;
-use crate::fs::{FsError, ROOT_INODE, read_layout};
+use crate::fs::{FsError, ROOT_INODE, decode_portion, read_layout};
 use crate::inode::{Content, Inode, Kind, NO_BLOCK};
 use crate::layout::{BITS_PER_PORTION, Layout, Resource};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -47,9 +46,12 @@ async fn allocated(
     for portion in 0..layout.portions(resource) {
         let valid = layout.portion_bits(resource, portion);
         let stored = device.read(layout.bitmap_block(resource, portion)).await?;
-        let Some(bits) = BitmapPortion::decode(&stored.data, valid) else {
-            problems.push(format!("bitmap portion {portion} of {resource:?} does not decode"));
-            continue;
+        let bits = match decode_portion(layout, resource, portion, &stored.data) {
+            Ok(bits) => bits,
+            Err(error) => {
+                problems.push(error.to_string());
+                continue;
+            }
         };
         out.extend((0..valid).filter(|bit| bits.is_allocated(*bit)).map(|bit| portion * BITS_PER_PORTION + bit));
     }

@@ -116,6 +116,20 @@ fn reply_entry(reply: ReplyEntry, result: Result<Attr, FsError>) {
     }
 }
 
+fn reply_attr(reply: ReplyAttr, result: Result<Attr, FsError>) {
+    match result {
+        Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+        Err(error) => reply.error(errno(&error)),
+    }
+}
+
+fn reply_data(reply: ReplyData, result: Result<Vec<u8>, FsError>) {
+    match result {
+        Ok(data) => reply.data(&data),
+        Err(error) => reply.error(errno(&error)),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
@@ -129,10 +143,7 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.block_on(self.fs.getattr(ino.0)) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(error) => reply.error(errno(&error)),
-        }
+        reply_attr(reply, self.block_on(self.fs.getattr(ino.0)));
     }
 
     fn setattr(
@@ -162,17 +173,11 @@ impl fuser::Filesystem for FuseAdapter {
             modified: time_or_now(mtime),
         };
         self.page_versions.lock().remove(&ino.0);
-        match self.block_on(self.fs.setattr(ino.0, change)) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(error) => reply.error(errno(&error)),
-        }
+        reply_attr(reply, self.block_on(self.fs.setattr(ino.0, change)));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.block_on(self.fs.readlink(ino.0)) {
-            Ok(target) => reply.data(&target),
-            Err(error) => reply.error(errno(&error)),
-        }
+        reply_data(reply, self.block_on(self.fs.readlink(ino.0)));
     }
 
     fn mknod(
@@ -246,10 +251,7 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.block_on(self.fs.read(ino.0, offset, size as usize)) {
-            Ok(data) => reply.data(&data),
-            Err(error) => reply.error(errno(&error)),
-        }
+        reply_data(reply, self.block_on(self.fs.read(ino.0, offset, size as usize)));
     }
 
     fn write(

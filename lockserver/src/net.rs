@@ -123,6 +123,15 @@ impl ServerShared {
         self.clerks.lock().clear();
     }
 
+    /// Spawns a task of the server: `stop` ends it (a fence finishing after
+    /// a stop must not save the stopped server's registry).
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(handle.abort_handle());
+    }
+
     fn carry_out(self: &Arc<Self>, outputs: Vec<ServerOutput>) {
         for output in outputs {
             match output {
@@ -137,7 +146,7 @@ impl ServerShared {
                 }
                 ServerOutput::Fence { epoch } => {
                     let shared = self.clone();
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         shared.fencer.fence(epoch).await;
                         let outputs = shared.core.lock().fence_durable(epoch, shared.now());
                         shared.carry_out(outputs);
@@ -207,10 +216,7 @@ impl LockServer {
         let accept = tokio::spawn(async move {
             while let Ok(connection) = listener.accept().await {
                 let shared = accept_shared.clone();
-                let task = tokio::spawn(async move { serve_clerk(shared, connection).await });
-                let mut tasks = accept_shared.tasks.lock();
-                tasks.retain(|task| !task.is_finished());
-                tasks.push(task.abort_handle());
+                accept_shared.spawn(async move { serve_clerk(shared, connection).await });
             }
         });
         let tick_shared = shared.clone();
@@ -420,8 +426,7 @@ impl Clerk {
         lease_timeout: Duration,
     ) -> Result<Clerk, ClerkError> {
         // Openings must grow across restarts of this clerk: start from the clock.
-        let first_attempt =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+        let first_attempt = micros_since_epoch();
         let start = Instant::now();
         // The opening goes out on each link as it connects (`hello`).
         let (core, _opening) = ClerkCore::new(clerk, config, first_attempt, 0);

@@ -42,12 +42,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
-/// Segments per PG, and how many make a write or a read quorum.
-pub const REPLICAS: usize = 6;
-pub const WRITE_QUORUM: usize = 4;
-pub const READ_QUORUM: usize = 3;
+/// Segments per PG, and how many make a write or a read quorum (the same
+/// quorums as the redo volume's).
+pub use common::limits::{READ_QUORUM, SEGMENTS_PER_PG as REPLICAS, WRITE_QUORUM};
 /// How long an operation waits before resending to segments that have not answered.
 const RESEND_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -401,6 +400,23 @@ impl BlockClient {
             view.cursors[*replica] = image.sealed_cursor.saturating_add(image.sealed.len() as u32);
         }
         view.epochs.clone()
+    }
+
+    /// [`Self::seal`], tried again (after a pause) until it succeeds: what a
+    /// lock service's fencer needs, since the dead lease's recovery waits
+    /// for the seal.
+    pub async fn seal_until_done(&self, epoch: u64) -> SealReport {
+        let mut attempt = 0u64;
+        loop {
+            match self.seal(epoch).await {
+                Ok(report) => return report,
+                Err(error) => {
+                    warn!(epoch, attempt, %error, "seal failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(RESEND_INTERVAL).await;
+                }
+            }
+        }
     }
 
     /// Seals lease epoch `epoch` on every PG: afterwards no write of that

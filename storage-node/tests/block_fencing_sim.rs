@@ -20,12 +20,11 @@ use common::ids::{BlockId, IdHashSet, PgId};
 use common::message::{ErrorCode, Message};
 use common::rng::SimRng;
 use std::collections::{BTreeMap, BTreeSet};
-use storage_node::block_client::choose_current;
+use storage_node::block_client::{REPLICAS, choose_current};
 use storage_node::block_segment::{BlockAction, BlockSegmentConfig, BlockSegmentCore};
 use storage_node::disk::{LogDisk, MemoryDisk};
 use storage_node::log_format::scan_log;
 
-const REPLICAS: usize = 6;
 const BLOCKS: u64 = 4;
 const OPERATIONS: usize = 250;
 const PG: PgId = PgId(0);

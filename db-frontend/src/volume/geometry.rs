@@ -9,12 +9,7 @@ use common::ids::{AzId, NodeId, PageId, PgId, ReplicaIndex};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Segments per protection group.
-pub const SEGMENTS_PER_PG: usize = 6;
-/// Acknowledgements that make a record durable in its PG.
-pub const WRITE_QUORUM: usize = 4;
-/// Segments whose answers cover every write quorum.
-pub const READ_QUORUM: usize = 3;
+pub use common::limits::{READ_QUORUM, SEGMENTS_PER_PG, WRITE_QUORUM};
 /// Default protection group size: 10 GiB.
 pub const PG_BYTES_DEFAULT: u64 = 10 * 1024 * 1024 * 1024;
 /// Default page size.

@@ -52,8 +52,6 @@ impl MemoryDisk {
         file[position.offset as usize..end].copy_from_slice(bytes);
     }
 
-    /// Power loss in the middle of `torn`: only its first `kept_bytes` reach
-    /// the medium (a torn tail for the next recovery to find).
     /// Carries out `actions` for `core` on this disk, feeding every write's
     /// follow-ups back, until none are left (tests and benches: the memory
     /// disk completes each write before returning). `observe` sees every
@@ -82,6 +80,8 @@ impl MemoryDisk {
         }
     }
 
+    /// Power loss in the middle of `torn`: only its first `kept_bytes` reach
+    /// the medium (a torn tail for the next recovery to find).
     pub fn crash_during(&self, torn: &LogWrite, kept_bytes: usize) {
         let kept = kept_bytes.min(torn.bytes.len());
         Self::apply(&mut self.files.lock(), torn.position, &torn.bytes[..kept]);
