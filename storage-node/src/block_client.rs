@@ -343,8 +343,7 @@ impl BlockClient {
             _ => Ok(false),
         };
         self.quorum_round("block read", pg, &all_replicas(), READ_QUORUM, make, done).await?;
-        let sealed = self.learn_sealed(pg, &images);
-        let Some((replica, chosen)) = choose_current(&images, &sealed) else {
+        let Some((replica, chosen)) = self.choose_learning_sealed(pg, &images) else {
             return Ok(BlockData { version: 0, lease_epoch: 0, fencing_token: 0, data: Bytes::new() });
         };
         let carried = images.iter().find_map(|(_, image)| {
@@ -391,15 +390,17 @@ impl BlockClient {
         Ok(data)
     }
 
-    /// Merges the sealed epochs the answers carry into this client's view of `pg`.
-    fn learn_sealed(&self, pg: PgId, images: &[(usize, BlockImage)]) -> IdHashSet<u64> {
+    /// Merges the sealed epochs the answers carry into this client's view of `pg`,
+    /// and chooses the current version among them against that view (under
+    /// its lock: the set of sealed epochs only grows, and is not copied).
+    fn choose_learning_sealed(&self, pg: PgId, images: &[(usize, BlockImage)]) -> Option<(usize, BlockVersionInfo)> {
         let mut views = self.shared.sealed.lock();
         let view = views.entry(pg).or_default();
         for (replica, image) in images {
             view.epochs.extend(image.sealed.iter().copied());
             view.cursors[*replica] = image.sealed_cursor.saturating_add(image.sealed.len() as u32);
         }
-        view.epochs.clone()
+        choose_current(images, &view.epochs)
     }
 
     /// [`Self::seal`], tried again (after a pause) until it succeeds: what a

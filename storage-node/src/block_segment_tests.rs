@@ -266,15 +266,6 @@ fn a_fence_waits_for_the_writes_queued_before_it() {
 }
 
 #[test]
-fn a_repair_older_than_every_kept_version_is_refused_as_superseded() {
-    let mut harness = Harness::new(config());
-    for token in 2..=(BLOCK_HISTORY_MAX as u64 + 1) {
-        assert!(is_ack(&harness.write(3, 1, 1, token, b"x")));
-    }
-    assert_eq!(error_code(&harness.write_as(3, 1, 1, 1, b"old", true)), Some(ErrorCode::Superseded));
-}
-
-#[test]
 fn a_seal_needs_its_fence_and_is_listed_to_readers_from_their_cursor() {
     let mut harness = Harness::new(config());
     assert_eq!(error_code(&harness.fence(5, FencePhase::Sealed)), Some(ErrorCode::InvalidRequest));
@@ -287,7 +278,11 @@ fn a_seal_needs_its_fence_and_is_listed_to_readers_from_their_cursor() {
     let Message::BlockImage(image) = harness.core.read(&request) else { panic!() };
     assert_eq!((image.sealed_cursor, image.sealed), (1, vec![8]));
     // Fencing again is idempotent: acknowledged at once, nothing logged twice.
-    assert!(matches!(harness.fence(5, FencePhase::Fence), Message::FenceAck(_)));
+    let again =
+        FenceRequest { request_id: 9, pg: PG, lease_epoch: 5, phase: FencePhase::Fence, from_block: BlockId(0) };
+    let actions = harness.core.fence(again, 2);
+    assert!(!actions.iter().any(|action| matches!(action, BlockAction::Write(_))), "a repeated fence is not logged");
+    assert!(actions.iter().any(|action| matches!(action, BlockAction::Send { message: Message::FenceAck(_), .. })));
     assert_eq!(harness.core.fenced(), &[5, 8]);
 }
 

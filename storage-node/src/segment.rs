@@ -233,6 +233,9 @@ struct InFlight {
     delete_after: Vec<u64>,
 }
 
+/// A record's entry in its log file's list: which record, of which page.
+pub(crate) type FileRecord = (Lsn, PageId);
+
 /// One segment replica of a protection group.
 #[derive(Debug)]
 pub struct SegmentCore {
@@ -269,7 +272,7 @@ pub struct SegmentCore {
     cursor: LogCursor,
     /// Live items (records and versions) per log file.
     file_live: BTreeMap<u64, usize>,
-    file_records: BTreeMap<u64, Vec<(Lsn, PageId)>>,
+    file_records: BTreeMap<u64, Vec<FileRecord>>,
     file_versions: BTreeMap<u64, Vec<(PageId, Lsn)>>,
     cleaning: Option<u64>,
     checkpoint_due: Vec<u64>,

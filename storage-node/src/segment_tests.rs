@@ -442,5 +442,5 @@ proptest! {
 #[test]
 fn a_record_in_memory_costs_what_the_docs_say() {
     assert_eq!(std::mem::size_of::<super::ChainRecord>(), 64, "a record in its page chain");
-    assert_eq!(std::mem::size_of::<(Lsn, PageId)>(), 16, "its entry in its log file's list");
+    assert_eq!(std::mem::size_of::<super::FileRecord>(), 16, "its entry in its log file's list");
 }

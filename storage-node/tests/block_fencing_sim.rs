@@ -486,7 +486,7 @@ fn run(seed: u64) -> Result<World, String> {
     for _ in 0..OPERATIONS {
         world.step().map_err(|error| format!("seed {seed}: {error}\n{}", world.log.join("\n")))?;
     }
-    // Finish every seal, then read every block from every set of three.
+    // Finish every seal, then read every block (from a random set of three).
     let dying: Vec<u64> = world.dead.keys().copied().collect();
     for epoch in dying {
         for _ in 0..3 {

@@ -238,8 +238,10 @@ impl VolumeClient {
                         && let Some(waiter) = waiter.take()
                     {
                         // Not durable yet: it was only just allocated.
-                        let early = core.wait_durable(*lsn, waiter);
-                        debug_assert!(early.is_none(), "a new LSN is above VDL");
+                        // (Handed back only if already durable: then say so.)
+                        if let Some(early) = core.wait_durable(*lsn, waiter) {
+                            let _ = early.send(());
+                        }
                     }
                     (allocated, others_in_flight)
                 };
