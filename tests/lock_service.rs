@@ -334,6 +334,11 @@ async fn a_replicated_service_fails_over_without_losing_a_held_lock() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let new_leader = survivors.iter().find(|replica| replica.is_leader()).expect("elected");
+        // A new leader applies the entries it inherited shortly after its
+        // election: wait for its state machine, then compare.
+        while new_leader.holders(LOCK).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(new_leader.holders(LOCK), vec![(epoch, Mode::Exclusive, token)], "the new leader knows a's lock");
 
         let taken = b.acquire(LOCK, Mode::Exclusive, Duration::from_secs(10)).await.expect("b gets it in the end");
