@@ -209,6 +209,44 @@ fn two_mounts_agree_with_a_model_over_a_thousand_operations() {
     assert!(report.contains("clean"), "{report}");
 }
 
+/// The kernel keeps names and attributes for a minute under the locks
+/// that cover them; each change on one mount must drop the other's at
+/// once (a missed release would show the old name, size or mode here).
+#[test]
+fn names_and_attributes_a_mount_cached_change_at_once_when_the_other_mount_changes_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let served = serve();
+    let (a, b) = (served.mount("a", 0), served.mount("b", 1));
+    std::fs::create_dir(a.path("d")).expect("mkdir");
+    std::fs::write(a.path("d/f"), b"first").expect("write");
+    for round in 0..20u32 {
+        let length = u64::from(round) * 100 + 7;
+        // b looks twice (the second from its kernel's cache), then a changes.
+        for _ in 0..2 {
+            assert!(b.path("d/f").exists(), "round {round}: b sees d/f");
+        }
+        std::fs::write(a.path("d/f"), vec![b'x'; length as usize]).expect("rewrite");
+        assert_eq!(std::fs::metadata(b.path("d/f")).expect("stat").len(), length, "round {round}: size on b");
+        std::fs::set_permissions(a.path("d/f"), std::fs::Permissions::from_mode(0o600 + round % 2 * 0o40))
+            .expect("chmod");
+        let mode = std::fs::metadata(b.path("d/f")).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600 + round % 2 * 0o40, "round {round}: mode on b");
+        std::fs::rename(a.path("d/f"), a.path("d/g")).expect("rename");
+        assert!(!b.path("d/f").exists(), "round {round}: b still sees the old name");
+        assert_eq!(std::fs::read(b.path("d/g")).expect("read the new name").len() as u64, length);
+        // And the other way round: b renames back, a sees it.
+        std::fs::rename(b.path("d/g"), b.path("d/f")).expect("rename back");
+        assert!(!a.path("d/g").exists(), "round {round}: a still sees g");
+        assert!(a.path("d/f").exists(), "round {round}: a sees f again");
+    }
+    std::fs::remove_file(b.path("d/f")).expect("unlink");
+    assert!(!a.path("d/f").exists(), "a still sees the unlinked file");
+    std::fs::remove_dir(a.path("d")).expect("rmdir");
+    assert!(!b.path("d").exists(), "b still sees the removed directory");
+    drop((a, b));
+    assert!(served.fsck().contains("clean"));
+}
+
 fn run(directory: &Path, program: &str, args: &[&str]) {
     let output = Command::new(program)
         .args(args)

@@ -374,6 +374,19 @@ pub struct FileSystem {
     storage_reads: AtomicU64,
     storage_writes: AtomicU64,
     log_block_writes: AtomicU64,
+    /// The kernel's cache of this file system, once mounted with FUSE.
+    kernel_cache: OnceLock<Arc<dyn KernelCache>>,
+}
+
+/// What the kernel may cache of this file system (a FUSE mount's names and
+/// attributes). It may keep only what a lock this workstation holds covers,
+/// so before a lock goes to another workstation it is told to forget.
+pub trait KernelCache: Send + Sync + std::fmt::Debug {
+    /// The lock on inode `ino` is about to be released: forget the inode's
+    /// attributes and, for a directory, the names in it.
+    fn release_inode(&self, ino: u64) -> BoxFuture<'_, ()>;
+    /// Every lock is gone (the lease lapsed): forget everything.
+    fn release_all(&self);
 }
 
 /// The clerk's view of the workstation (the clerk is made before the file
@@ -414,10 +427,14 @@ impl lockserver::Workstation for ClerkCallbacks {
     }
 
     fn lease_lost(&self) {
-        // Nothing to do at once: the next operation or write-back sees that
-        // the clerk's lease is not the cache's (`check_lease`) and drops the
-        // cache; its dirty blocks are lost with the lease.
+        // The kernel forgets at once what it cached. This cache is dropped
+        // by the next operation or write-back, which sees that the clerk's
+        // lease is not the cache's (`check_lease`); its dirty blocks are
+        // lost with the lease.
         warn!("lease lost");
+        if let Some(fs) = self.0.get().and_then(Weak::upgrade) {
+            fs.release_kernel_cache();
+        }
     }
 }
 
@@ -511,6 +528,7 @@ impl FileSystem {
             storage_reads: AtomicU64::new(0),
             storage_writes: AtomicU64::new(0),
             log_block_writes: AtomicU64::new(0),
+            kernel_cache: OnceLock::new(),
         });
         callbacks.0.set(Arc::downgrade(&fs)).expect("set once");
         Ok(fs)
@@ -518,6 +536,18 @@ impl FileSystem {
 
     pub fn workstation(&self) -> u32 {
         self.workstation
+    }
+
+    /// Keeps `cache` (the kernel's, for a FUSE mount) coherent with the
+    /// locks from now on. One per file system.
+    pub fn attach_kernel_cache(&self, cache: Arc<dyn KernelCache>) -> Result<(), FsError> {
+        self.kernel_cache.set(cache).map_err(|_| FsError::Invalid("a kernel cache is attached already"))
+    }
+
+    fn release_kernel_cache(&self) {
+        if let Some(cache) = self.kernel_cache.get() {
+            cache.release_all();
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -561,6 +591,7 @@ impl FileSystem {
         }
         if state.log.is_some() {
             warn!(workstation = self.workstation, epoch = state.log_epoch, "lease lost: dropping the cache");
+            self.release_kernel_cache();
         }
         state.drop_cache();
         Err(FsError::LeaseLost)
@@ -861,6 +892,14 @@ impl FileSystem {
         }
         if keep.is_none() {
             state.blocks.retain(|_, cached| cached.lock != lock);
+            drop(state);
+            // A downgrade keeps what the kernel has: nobody can change it
+            // while this workstation holds the lock shared.
+            if let Some(cache) = self.kernel_cache.get()
+                && self.tables.inode(lock.id) == lock
+            {
+                cache.release_inode(lock.id).await;
+            }
         }
     }
 

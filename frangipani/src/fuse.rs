@@ -1,58 +1,323 @@
 //! The FUSE mount (`fuser`): the kernel's requests, turned into calls on a
 //! [`FileSystem`] and its answers (errors as errno values, never a panic).
 //!
-//! Coherence with other workstations: attributes and names are never
-//! cached by the kernel (TTL zero). A file's pages are kept across opens
-//! (`FOPEN_KEEP_CACHE`) only if its inode's version is the one this mount
-//! last saw, after its own writes; any change from elsewhere drops them at
-//! the next open. So a file closed on one workstation reads back current
-//! when opened on another (close-to-open, as NFS gives).
+//! Coherence with other workstations. The kernel keeps a name (directory,
+//! name → inode) only while this workstation holds the directory's lock,
+//! and an inode's attributes only while it holds the inode's lock; before
+//! such a lock is released, [`KernelChannel`] makes the kernel forget them
+//! (see there). A file's pages are kept across opens (`FOPEN_KEEP_CACHE`)
+//! only if its inode's version is the one this mount last saw, after its
+//! own writes; any change from elsewhere drops them at the next open. So a
+//! file closed on one workstation reads back current when opened on
+//! another (close-to-open, as NFS gives), and a name or size another
+//! workstation changed is seen at once.
 
-use crate::fs::{Attr, FileSystem, FsError, SetAttr};
+use crate::fs::{Attr, FileSystem, FsError, KernelCache, SetAttr};
 use crate::inode::Kind;
+use common::transport::BoxFuture;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, MountOption, RenameFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow,
+    Request, Session, TimeOrNow,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
+use tracing::{debug, warn};
 
-/// The kernel keeps no attributes or names: another workstation may change them.
-const TTL: Duration = Duration::ZERO;
+/// How long the kernel may keep a name or attributes it was given under a
+/// lock. Releasing the lock ends it sooner; this only bounds the damage of
+/// a missed release.
+const CACHE_TTL: Duration = Duration::from_secs(60);
 /// FUSE request threads (a request waiting for a lock does not hold up the others).
 const FUSE_THREADS: usize = 4;
+/// `fuse_notify_code` values (linux/fuse.h).
+const NOTIFY_INVAL_INODE: i32 = 2;
+const NOTIFY_INC_EPOCH: i32 = 8;
+/// How long a release waits for the kernel to take in an answer already
+/// sent about the inode (see [`KernelChannel::release_inode`]).
+const ANSWER_IN_FLIGHT_WAIT: Duration = Duration::from_millis(500);
+
+/// The kernel's cache of names and attributes, kept coherent with the locks.
+///
+/// Two notifications, written to the mount's `/dev/fuse`, make the kernel
+/// forget; neither takes an inode lock, so neither can wait on a request
+/// that itself waits for the lock being released (which
+/// `FUSE_NOTIFY_INVAL_ENTRY`, taking the directory's `i_rwsem`, could):
+/// - attributes: `FUSE_NOTIFY_INVAL_INODE` with offset −1 (attributes only);
+/// - names: `FUSE_NOTIFY_INC_EPOCH` (Linux 6.16), after which every name
+///   the kernel got under an older epoch is looked up again at its next
+///   use. On an older kernel names are not cached at all.
+///
+/// Answers that cross a release: the kernel notes the epoch and an
+/// attribute version before it sends a lookup or getattr, and drops what
+/// an answer brings if a notification came in between. Answers the kernel
+/// does not check that way (create, mkdir, symlink, link, setattr) carry
+/// no cached attributes. One gap is left: an inode the kernel does not
+/// know yet has nothing to invalidate (`ENOENT`), and the answer that
+/// introduces it may still be on its way. So entry answers are counted
+/// per inode, less the kernel's forgets, and a release that meets
+/// `ENOENT` for a counted inode tries again until the kernel knows it.
+/// An answer computed across a release is sent with nothing cached.
+#[derive(Debug, Default)]
+pub struct KernelChannel {
+    /// A duplicate of the session's `/dev/fuse` descriptor.
+    device: OnceLock<File>,
+    /// The kernel takes `FUSE_NOTIFY_INC_EPOCH` (names may be cached).
+    epochs: OnceLock<bool>,
+    state: parking_lot::Mutex<KernelState>,
+}
+
+#[derive(Debug, Default)]
+struct KernelState {
+    /// Releases so far: an answer computed across one caches nothing.
+    releases: u64,
+    /// Per inode, entry answers sent less the kernel's forgets: its lookup
+    /// count plus answers on their way.
+    lookups: HashMap<u64, u64>,
+    /// Directories whose names the kernel may hold (since the last epoch).
+    named: HashSet<u64>,
+}
+
+/// What one answer may let the kernel cache.
+#[derive(Clone, Copy, Debug)]
+struct Ttls {
+    entry: Duration,
+    attr: Duration,
+}
+
+impl Ttls {
+    const NONE: Ttls = Ttls { entry: Duration::ZERO, attr: Duration::ZERO };
+}
+
+impl KernelChannel {
+    /// Takes the session's descriptor and finds out whether the kernel
+    /// takes epochs (by bumping the epoch once: nothing is cached yet).
+    fn connect(&self, device: File) {
+        let channel = self.device.get_or_init(|| device);
+        let epochs = match notify(channel, NOTIFY_INC_EPOCH, &[]) {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(%error, "the kernel takes no FUSE_NOTIFY_INC_EPOCH (Linux < 6.16): names are not cached");
+                false
+            }
+        };
+        let _ = self.epochs.set(epochs);
+    }
+
+    /// Where a request starts: answers are cacheable only if no release
+    /// comes between this and [`Self::answer`].
+    fn window(&self) -> u64 {
+        self.state.lock().releases
+    }
+
+    /// What an answer about `ino` may let the kernel cache: its name in
+    /// `parent` (if an entry answer) and, if `attrs_checked` (the kernel
+    /// checks the answer against notifications sent meanwhile), its
+    /// attributes. Counts entry answers.
+    fn answer(&self, window: u64, ino: u64, parent: Option<u64>, attrs_checked: bool) -> Ttls {
+        let mut state = self.state.lock();
+        if parent.is_some() {
+            *state.lookups.entry(ino).or_default() += 1;
+        }
+        if state.releases != window || self.device.get().is_none() {
+            return Ttls::NONE;
+        }
+        let mut ttls = Ttls::NONE;
+        if let Some(parent) = parent
+            && self.epochs.get() == Some(&true)
+        {
+            state.named.insert(parent);
+            ttls.entry = CACHE_TTL;
+        }
+        if attrs_checked {
+            ttls.attr = CACHE_TTL;
+        }
+        ttls
+    }
+
+    fn forget(&self, ino: u64, count: u64) {
+        let mut state = self.state.lock();
+        if let Some(lookups) = state.lookups.get_mut(&ino) {
+            *lookups = lookups.saturating_sub(count);
+            if *lookups == 0 {
+                state.lookups.remove(&ino);
+            }
+        }
+    }
+
+    /// Starts a release: later answers cache nothing until their next
+    /// window. Returns whether names in `directory` may be cached (all of
+    /// them, for `None`), forgetting that they are.
+    fn begin_release(&self, directory: Option<u64>) -> bool {
+        let mut state = self.state.lock();
+        state.releases += 1;
+        let named = match directory {
+            Some(directory) => state.named.contains(&directory),
+            None => !state.named.is_empty(),
+        };
+        if named {
+            state.named.clear(); // a new epoch forgets every name
+        }
+        named
+    }
+
+    fn new_epoch(&self, device: &File) {
+        if let Err(error) = notify(device, NOTIFY_INC_EPOCH, &[]) {
+            warn!(%error, "FUSE_NOTIFY_INC_EPOCH failed");
+        }
+    }
+
+    /// Tells the kernel to drop `ino`'s attributes; `Ok(false)` if it does
+    /// not know the inode.
+    fn invalidate_attributes(device: &File, ino: u64) -> std::io::Result<bool> {
+        let mut body = Vec::with_capacity(24);
+        body.extend_from_slice(&ino.to_ne_bytes());
+        body.extend_from_slice(&(-1i64).to_ne_bytes()); // offset −1: attributes only
+        body.extend_from_slice(&0i64.to_ne_bytes());
+        match notify(device, NOTIFY_INVAL_INODE, &body) {
+            Ok(()) => Ok(true),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn answers_pending(&self, ino: u64) -> bool {
+        self.state.lock().lookups.contains_key(&ino)
+    }
+}
+
+/// Writes one notification (`fuse_out_header` with `unique` 0, then `body`).
+fn notify(device: &File, code: i32, body: &[u8]) -> std::io::Result<()> {
+    let length = (16 + body.len()) as u32;
+    let mut message = Vec::with_capacity(length as usize);
+    message.extend_from_slice(&length.to_ne_bytes());
+    message.extend_from_slice(&code.to_ne_bytes());
+    message.extend_from_slice(&0u64.to_ne_bytes());
+    message.extend_from_slice(body);
+    let written = (&*device).write(&message)?;
+    if written != message.len() {
+        return Err(std::io::Error::other("a notification was written in part"));
+    }
+    Ok(())
+}
+
+impl KernelCache for KernelChannel {
+    fn release_inode(&self, ino: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(device) = self.device.get() else { return };
+            if self.begin_release(Some(ino)) {
+                self.new_epoch(device);
+            }
+            let deadline = tokio::time::Instant::now() + ANSWER_IN_FLIGHT_WAIT;
+            let mut waits = 0u32;
+            loop {
+                match Self::invalidate_attributes(device, ino) {
+                    Ok(true) => break,
+                    Ok(false) if self.answers_pending(ino) && tokio::time::Instant::now() < deadline => {
+                        // An answer introducing the inode may be on its
+                        // way: wait for the kernel to take it in (or to
+                        // forget it).
+                        waits += 1;
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    Ok(false) => break,
+                    Err(error) => {
+                        warn!(ino, %error, "FUSE_NOTIFY_INVAL_INODE failed");
+                        break;
+                    }
+                }
+            }
+            if waits > 0 {
+                debug!(ino, waits, "waited for an answer in flight before a release");
+            }
+        })
+    }
+
+    fn release_all(&self) {
+        let Some(device) = self.device.get() else { return };
+        if self.begin_release(None) {
+            self.new_epoch(device);
+        }
+        let known: Vec<u64> = self.state.lock().lookups.keys().copied().collect();
+        for ino in known {
+            if let Err(error) = Self::invalidate_attributes(device, ino) {
+                warn!(ino, %error, "FUSE_NOTIFY_INVAL_INODE failed");
+            }
+        }
+    }
+}
 
 /// A [`FileSystem`] as FUSE sees it.
 #[derive(Debug)]
 pub struct FuseAdapter {
     fs: Arc<FileSystem>,
     runtime: Handle,
+    kernel: Arc<KernelChannel>,
     /// Per inode, the version the kernel's pages of it reflect.
     page_versions: parking_lot::Mutex<HashMap<u64, u64>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<FileSystem>, runtime: Handle) -> FuseAdapter {
-        FuseAdapter { fs, runtime, page_versions: parking_lot::Mutex::new(HashMap::new()) }
+    fn new(fs: Arc<FileSystem>, runtime: Handle, kernel: Arc<KernelChannel>) -> FuseAdapter {
+        FuseAdapter { fs, runtime, kernel, page_versions: parking_lot::Mutex::new(HashMap::new()) }
     }
 
     fn block_on<T>(&self, future: impl Future<Output = T>) -> T {
         self.runtime.block_on(future)
     }
+
+    /// Answers with an entry of `parent`; its attributes are cached only if
+    /// `attrs_checked` (see [`KernelChannel`]).
+    fn reply_entry(
+        &self,
+        reply: ReplyEntry,
+        window: u64,
+        parent: INodeNo,
+        attrs_checked: bool,
+        result: Result<Attr, FsError>,
+    ) {
+        match result {
+            Ok(attr) => {
+                let ttls = self.kernel.answer(window, attr.ino, Some(parent.0), attrs_checked);
+                reply.entry_with_ttls(&ttls.attr, &ttls.entry, &file_attr(&attr), Generation(attr.generation))
+            }
+            Err(error) => reply.error(errno(&error)),
+        }
+    }
+
+    /// Makes an entry in `parent` (create-like answers: attributes are not cached).
+    fn reply_created_entry(
+        &self,
+        reply: ReplyEntry,
+        parent: INodeNo,
+        created: impl Future<Output = Result<Attr, FsError>>,
+    ) {
+        let window = self.kernel.window();
+        let result = self.block_on(created);
+        self.reply_entry(reply, window, parent, false, result);
+    }
 }
 
-/// Mounts `fs` at `mountpoint` in the background; dropping the session unmounts.
+/// Mounts `fs` at `mountpoint` in the background; dropping the session
+/// unmounts. The kernel's cache of names and attributes is attached to
+/// `fs` (see [`KernelChannel`]).
 pub fn mount(fs: Arc<FileSystem>, runtime: Handle, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
     let mut config = Config::default();
     config.mount_options = vec![MountOption::FSName(format!("frangipani-{}", fs.workstation())), MountOption::RW];
     config.n_threads = Some(FUSE_THREADS);
-    fuser::spawn_mount(FuseAdapter::new(fs, runtime), mountpoint, &config)
+    let kernel = Arc::new(KernelChannel::default());
+    let session = Session::new(FuseAdapter::new(fs.clone(), runtime, kernel.clone()), mountpoint, &config)?;
+    kernel.connect(File::from(session.as_fd().try_clone_to_owned()?));
+    fs.attach_kernel_cache(kernel).map_err(std::io::Error::other)?;
+    session.spawn()
 }
 
 fn errno(error: &FsError) -> Errno {
@@ -109,20 +374,6 @@ fn time_or_now(value: Option<TimeOrNow>) -> Option<i64> {
     })
 }
 
-fn reply_entry(reply: ReplyEntry, result: Result<Attr, FsError>) {
-    match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
-        Err(error) => reply.error(errno(&error)),
-    }
-}
-
-fn reply_attr(reply: ReplyAttr, result: Result<Attr, FsError>) {
-    match result {
-        Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-        Err(error) => reply.error(errno(&error)),
-    }
-}
-
 fn reply_data(reply: ReplyData, result: Result<Vec<u8>, FsError>) {
     match result {
         Ok(data) => reply.data(&data),
@@ -139,11 +390,21 @@ fn reply_empty(reply: ReplyEmpty, result: Result<(), FsError>) {
 
 impl fuser::Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.block_on(self.fs.lookup(parent.0, name.as_bytes())));
+        let window = self.kernel.window();
+        let result = self.block_on(self.fs.lookup(parent.0, name.as_bytes()));
+        self.reply_entry(reply, window, parent, true, result);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.kernel.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply_attr(reply, self.block_on(self.fs.getattr(ino.0)));
+        let window = self.kernel.window();
+        match self.block_on(self.fs.getattr(ino.0)) {
+            Ok(attr) => reply.attr(&self.kernel.answer(window, ino.0, None, true).attr, &file_attr(&attr)),
+            Err(error) => reply.error(errno(&error)),
+        }
     }
 
     fn setattr(
@@ -173,7 +434,12 @@ impl fuser::Filesystem for FuseAdapter {
             modified: time_or_now(mtime),
         };
         self.page_versions.lock().remove(&ino.0);
-        reply_attr(reply, self.block_on(self.fs.setattr(ino.0, change)));
+        // The kernel takes a setattr answer without checking it against
+        // notifications sent meanwhile: nothing of it is cached.
+        match self.block_on(self.fs.setattr(ino.0, change)) {
+            Ok(attr) => reply.attr(&Duration::ZERO, &file_attr(&attr)),
+            Err(error) => reply.error(errno(&error)),
+        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -195,13 +461,13 @@ impl fuser::Filesystem for FuseAdapter {
         }
         let created =
             self.fs.create(parent.0, name.as_bytes(), Kind::File, mode & !umask, (req.uid(), req.gid()), None);
-        reply_entry(reply, self.block_on(created));
+        self.reply_created_entry(reply, parent, created);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let owner = (req.uid(), req.gid());
         let created = self.fs.create(parent.0, name.as_bytes(), Kind::Directory, mode & !umask, owner, None);
-        reply_entry(reply, self.block_on(created));
+        self.reply_created_entry(reply, parent, created);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -216,7 +482,7 @@ impl fuser::Filesystem for FuseAdapter {
         let owner = (req.uid(), req.gid());
         let target = target.as_os_str().as_bytes();
         let created = self.fs.create(parent.0, link_name.as_bytes(), Kind::Symlink, 0o777, owner, Some(target));
-        reply_entry(reply, self.block_on(created));
+        self.reply_created_entry(reply, parent, created);
     }
 
     fn rename(
@@ -237,7 +503,7 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.block_on(self.fs.link(ino.0, newparent.0, newname.as_bytes())));
+        self.reply_created_entry(reply, newparent, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
     }
 
     fn read(
@@ -286,8 +552,10 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
         // close(2): nothing to do. Another workstation that opens the file
-        // revokes the lock, which writes the data back first.
-        reply.ok();
+        // revokes the lock, which writes the data back first. ENOSYS tells
+        // the kernel so, and it sends no more flushes (one request less
+        // per close).
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn ioctl(
@@ -371,11 +639,15 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let owner = (req.uid(), req.gid());
+        let window = self.kernel.window();
         match self.block_on(self.fs.create(parent.0, name.as_bytes(), Kind::File, mode & !umask, owner, None)) {
             Ok(attr) => {
                 self.page_versions.lock().insert(attr.ino, attr.version);
                 let generation = Generation(attr.generation);
-                reply.created(&TTL, &file_attr(&attr), generation, FileHandle(0), FopenFlags::empty())
+                // One TTL for the name and the attributes, which must not
+                // be cached (see `KernelChannel`): neither is.
+                self.kernel.answer(window, attr.ino, Some(parent.0), false);
+                reply.created(&Duration::ZERO, &file_attr(&attr), generation, FileHandle(0), FopenFlags::empty())
             }
             Err(error) => reply.error(errno(&error)),
         }
@@ -383,5 +655,70 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         reply.ok(); // permissions are not enforced: every caller is the mounting user
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A channel whose notifications go to /dev/null (the bookkeeping is
+    /// what is tested; the kernel's side is in tests/fs_mount.rs).
+    fn channel() -> KernelChannel {
+        let channel = KernelChannel::default();
+        channel.connect(File::options().write(true).open("/dev/null").expect("/dev/null"));
+        channel
+    }
+
+    #[test]
+    fn answers_cache_only_what_the_kernel_checks_and_nothing_across_a_release() {
+        let channel = channel();
+        let window = channel.window();
+        let lookup = channel.answer(window, 5, Some(1), true);
+        assert_eq!((lookup.entry, lookup.attr), (CACHE_TTL, CACHE_TTL));
+        let created = channel.answer(window, 6, Some(1), false);
+        assert_eq!((created.entry, created.attr), (CACHE_TTL, Duration::ZERO), "create-like: the name only");
+        let getattr = channel.answer(window, 7, None, true);
+        assert_eq!((getattr.entry, getattr.attr), (Duration::ZERO, CACHE_TTL));
+        assert!(!channel.begin_release(Some(2)), "no names of directory 2 were given out");
+        let crossed = channel.answer(window, 5, Some(1), true);
+        assert_eq!((crossed.entry, crossed.attr), (Duration::ZERO, Duration::ZERO), "computed across a release");
+        assert!(channel.begin_release(Some(1)), "names of directory 1 were given out: a new epoch");
+        assert!(!channel.begin_release(None), "the epoch forgot them all");
+    }
+
+    #[test]
+    fn entry_answers_are_counted_until_the_kernel_forgets_them() {
+        let channel = channel();
+        let window = channel.window();
+        channel.answer(window, 5, Some(1), true);
+        channel.answer(window, 5, Some(1), false);
+        channel.answer(window, 9, None, true); // getattr: no lookup count
+        assert!(channel.answers_pending(5) && !channel.answers_pending(9));
+        channel.forget(5, 1);
+        assert!(channel.answers_pending(5));
+        channel.forget(5, 1);
+        assert!(!channel.answers_pending(5));
+        channel.forget(5, 3); // more than counted: no underflow
+        assert!(!channel.answers_pending(5));
+    }
+
+    #[test]
+    fn without_a_mount_nothing_is_cached() {
+        let channel = KernelChannel::default();
+        let answer = channel.answer(channel.window(), 5, Some(1), true);
+        assert_eq!((answer.entry, answer.attr), (Duration::ZERO, Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn a_release_notifies_and_ends_the_window() {
+        let channel = channel();
+        let window = channel.window();
+        channel.answer(window, 5, Some(1), true);
+        channel.release_inode(1).await;
+        assert_ne!(channel.window(), window);
+        assert!(!channel.begin_release(None), "the release started a new epoch");
+        channel.release_all();
+        assert_eq!(channel.answer(window, 5, Some(1), true).attr, Duration::ZERO);
     }
 }

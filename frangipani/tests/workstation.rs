@@ -168,6 +168,51 @@ async fn two_workstations_see_each_others_changes_at_once() {
     volume.assert_clean().await;
 }
 
+/// What a FUSE mount's kernel would be told to forget.
+#[derive(Debug, Default)]
+struct RecordedReleases {
+    inodes: parking_lot::Mutex<Vec<u64>>,
+    everything: std::sync::atomic::AtomicU32,
+}
+
+impl fs::KernelCache for RecordedReleases {
+    fn release_inode(&self, ino: u64) -> BoxFuture<'_, ()> {
+        self.inodes.lock().push(ino);
+        Box::pin(async {})
+    }
+
+    fn release_all(&self) {
+        self.everything.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The kernel's cache is told to forget an inode before its lock goes to
+/// another workstation (so before that one's operation can return), not on
+/// a downgrade to shared, and everything once the lease is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_cache_forgets_an_inode_before_its_lock_goes_and_everything_when_the_lease_does() {
+    let volume = volume().await;
+    let (a, b) = (volume.mount(0).await, volume.mount(1).await);
+    let released = Arc::new(RecordedReleases::default());
+    a.attach_kernel_cache(released.clone()).expect("attach");
+    assert!(a.attach_kernel_cache(released.clone()).is_err(), "one kernel cache per file system");
+    let file = create_file(&a, ROOT_INODE, "f").await.expect("create");
+    a.write(file, 0, b"held exclusively by a").await.expect("write");
+    // b reads: a's exclusive lock is only downgraded; the kernel keeps it.
+    b.read(file, 0, 100).await.expect("read on b");
+    assert!(!released.inodes.lock().contains(&file), "a downgrade keeps the kernel's cache");
+    // b writes: a gives the lock up, after telling the kernel.
+    b.write(file, 0, b"b").await.expect("write on b");
+    assert!(released.inodes.lock().contains(&file), "released before b's write returned: {:?}", released.inodes);
+    assert_eq!(released.everything.load(std::sync::atomic::Ordering::SeqCst), 0);
+    volume.server.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while released.everything.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the lease lapsed without the kernel being told");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_workstations_log_is_replayed_by_another() {
     let volume = volume().await;

@@ -141,6 +141,10 @@ pub struct ClerkCore {
     /// per clerk process, so a restarted clerk never reuses one).
     next_attempt: u64,
     locks: BTreeMap<LockName, ClerkLock>,
+    /// The locks with a request out or a fresh grant (a superset): the
+    /// only ones `tick` has timers for, so a tick costs what is pending,
+    /// not every lock held.
+    pending: BTreeSet<LockName>,
     /// Renewals sent and not answered: sequence -> when sent.
     renewals: BTreeMap<u64, u64>,
     next_renewal: u64,
@@ -161,6 +165,7 @@ impl ClerkCore {
             lease: Lease::Opening { attempt: first_attempt, sent_at: now },
             next_attempt: first_attempt + 1,
             locks: BTreeMap::new(),
+            pending: BTreeSet::new(),
             renewals: BTreeMap::new(),
             next_renewal: 1,
             recovering: BTreeSet::new(),
@@ -222,6 +227,7 @@ impl ClerkCore {
         let wanted = state.wanted.map_or(mode, |(wanted, _)| wanted.max(mode));
         let already_asked = state.wanted.is_some_and(|(asked, _)| asked >= wanted);
         state.wanted = Some((wanted, if already_asked { state.wanted.expect("asked").1 } else { now }));
+        self.pending.insert(lock);
         if !already_asked
             && !settling
             && !state.held.is_some_and(|(held, _)| held.covers(wanted))
@@ -468,7 +474,9 @@ impl ClerkCore {
                     };
                     out.push(ClerkOutput::Send(ToServer::RenewLease { epoch, sequence }));
                 }
-                for (lock, state) in self.locks.iter_mut() {
+                let locks = &mut self.locks;
+                self.pending.retain(|lock| {
+                    let Some(state) = locks.get_mut(lock) else { return false };
                     if state
                         .fresh_grant
                         .is_some_and(|granted| now.saturating_sub(granted) >= self.config.retransmit_micros)
@@ -484,7 +492,8 @@ impl ClerkCore {
                         state.wanted = Some((wanted, now));
                         out.push(ClerkOutput::Send(ToServer::Request { epoch, lock: *lock, mode: wanted }));
                     }
-                }
+                    state.fresh_grant.is_some() || state.wanted.is_some()
+                });
             }
         }
         out
