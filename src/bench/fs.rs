@@ -3,7 +3,8 @@
 //! and the paper's contention cases.
 //!
 //! - **Phases** (through the file-system interface, on a FUSE mount of
-//!   workstation 0 and on a local directory): create the directories; copy
+//!   workstation 0, on a local directory, and on the FUSE floor, an
+//!   in-memory FUSE file system that shows what FUSE alone costs here): create the directories; copy
 //!   a generated source tree (about 1,000 files); stat everything; read and
 //!   grep everything; "compile" (read every source, write one output per
 //!   source). Each phase ends with the data it wrote made durable (fsync of
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_node::DiskBackend;
 
+use crate::bench::fuse_floor;
 use crate::bench::report::{ratio, render_table};
 use crate::fs::{FsServer, mount_workstation};
 use crate::fs_crash::MountProcess;
@@ -55,6 +57,8 @@ pub struct PhaseResult {
     pub operations: u64,
     pub local_ms: f64,
     pub mount_ms: f64,
+    /// The same phase on the FUSE floor (an in-memory FUSE file system).
+    pub fuse_floor_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -323,22 +327,29 @@ pub async fn run(options: FsBenchOptions, lab: &Path) -> Result<FsBenchReport> {
     let local = scratch.path().join("local");
     std::fs::create_dir(&local)?;
     let (lab, mount_dir, tree_for_runs) = (lab.to_path_buf(), scratch.path().join("mount"), tree.clone());
-    let (local_results, mount_results) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let floor_dir = scratch.path().join("fuse-floor");
+    std::fs::create_dir(&floor_dir)?;
+    let (local_results, mount_results, floor_results) = tokio::task::spawn_blocking(move || -> Result<_> {
         let local_results = andrew(&local, &tree_for_runs).context("on the local directory")?;
         let mount = MountProcess::start(&lab, &volume_file, &mount_dir, 0)?;
         let mount_results = andrew(&mount.dir.join("."), &tree_for_runs).context("on the mount")?;
         drop(mount);
-        Ok((local_results, mount_results))
+        let floor = fuse_floor::mount(&floor_dir).context("mounting the FUSE floor (needs root and /dev/fuse)")?;
+        let floor_results = andrew(&floor_dir, &tree_for_runs).context("on the FUSE floor");
+        floor.umount_and_join().context("unmounting the FUSE floor")?;
+        Ok((local_results, mount_results, floor_results?))
     })
     .await??;
+    let millis = |results: &[(u64, Duration)], index: usize| results[index].1.as_secs_f64() * 1000.0;
     let phases = PHASES
         .iter()
-        .zip(local_results.iter().zip(&mount_results))
-        .map(|(phase, ((operations, local), (_, mount)))| PhaseResult {
+        .enumerate()
+        .map(|(index, phase)| PhaseResult {
             phase,
-            operations: *operations,
-            local_ms: local.as_secs_f64() * 1000.0,
-            mount_ms: mount.as_secs_f64() * 1000.0,
+            operations: local_results[index].0,
+            local_ms: millis(&local_results, index),
+            mount_ms: millis(&mount_results, index),
+            fuse_floor_ms: millis(&floor_results, index),
         })
         .collect();
     drop(server);
@@ -365,6 +376,9 @@ pub fn render(report: &FsBenchReport) -> String {
                 format!("{:.1}", phase.mount_ms),
                 format!("{times:.2}x"),
                 if times <= 3.0 { "yes".into() } else { "NO".into() },
+                format!("{:.1}", phase.fuse_floor_ms),
+                format!("{:.2}x", ratio(phase.fuse_floor_ms, phase.local_ms)),
+                format!("{:.2}x", ratio(phase.mount_ms, phase.fuse_floor_ms)),
             ]
         })
         .collect();
@@ -403,12 +417,16 @@ pub fn render(report: &FsBenchReport) -> String {
     let storage_spread = spread(report.scaling.iter().map(|row| row.storage_round_trips_per_op).collect());
     let revokes: f64 = report.scaling.iter().map(|row| row.revokes_per_op).sum();
     format!(
-        "Modified Andrew, {} files: FUSE mount (workstation 0) against a local directory, same run\n{}\n\
+        "Modified Andrew, {} files: FUSE mount (workstation 0) against a local directory, same run; \
+         the FUSE floor is an in-memory FUSE file system (no locks, no storage, everything cached)\n{}\n\
          Scaling: each workstation in its own directory, same workload, at once (in process, file-system API)\n{}\n\
          spread from 1 to {} workstations: lock messages/op {messages_spread:.1}%, storage round trips/op {storage_spread:.1}% (target within 5%), revokes/op total {revokes:.4} (target 0)\n\n\
          Contention (F97 §9.3 cases)\n{}",
         report.files,
-        render_table(&["phase", "ops", "local ms", "mount ms", "mount/local", "<= 3x"], &phase_rows),
+        render_table(
+            &["phase", "ops", "local ms", "mount ms", "mount/local", "<= 3x", "floor ms", "floor/local", "mount/floor"],
+            &phase_rows
+        ),
         render_table(
             &["workstations", "ops", "wall ms", "lock msgs/op", "revokes/op", "storage RTs/op"],
             &scaling_rows

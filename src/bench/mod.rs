@@ -3,6 +3,7 @@
 pub mod baselines;
 pub mod etcd;
 pub mod fs;
+pub mod fuse_floor;
 pub mod locks;
 pub mod quorum_write;
 pub mod report;
