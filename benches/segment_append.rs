@@ -182,6 +182,7 @@ impl DiskSegment {
                     }
                     Action::Ack { to, .. } => acknowledged |= to == CONNECTION,
                     Action::Refuse { error, .. } => panic!("segment refused the append: {error:?}"),
+                    Action::Status { status, .. } => panic!("no seal was asked, yet one was answered: {status:?}"),
                     Action::DeleteFile(file) => {
                         if let Err(error) = self.disk.disk.delete_file(file) {
                             panic!("could not delete log file {file}: {error}");

@@ -445,3 +445,62 @@ async fn commits_that_wait_for_the_allocation_limit_all_complete() {
     .await
     .expect("in time");
 }
+
+/// A volume sealed at a newer epoch fences its old writer. The seal holds
+/// on a write quorum of every PG (two nodes down do not stop it); the SCLs
+/// it reports cover, on at least two segments (4 + 4 - 6), every record the
+/// old writer saw complete on four; the old writer's next commit fails with
+/// `Fenced` and it allocates nothing more. With three nodes down there is
+/// no write quorum, and an older epoch than the volume's is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_volume_fences_its_old_writer() {
+    use db_frontend::volume::client::{VolumeConfig, VolumeError};
+    use db_frontend::volume::seal::seal_volume;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
+        let old = cluster.open_volume(transport.clone()).await.expect("volume");
+        let change = |page: u64, value: u64| PageChange {
+            page: PageId(page),
+            op: PageOp::Write { offset: 0, data: Bytes::copy_from_slice(&value.to_le_bytes()) },
+        };
+        for index in 0..20u64 {
+            old.commit(&[change(index % (u64::from(PG_COUNT) * PAGES_PER_PG), index)]).await.expect("commit");
+        }
+        let complete: Vec<Lsn> = (0..PG_COUNT).map(|pg| old.pg_complete_lsn(PgId(pg))).collect();
+        cluster.kill(4);
+        cluster.kill(5);
+
+        let mut config = VolumeConfig::new(cluster.geometry().clone());
+        let sealed = seal_volume(&config, transport.clone(), Epoch(2)).await.expect("sealed on 4 of 6");
+        assert_eq!(sealed.len(), PG_COUNT as usize);
+        for pg in &sealed {
+            assert!(pg.segments.len() >= 4, "{pg:?}");
+            assert!(pg.segments.iter().all(|segment| segment.status.epoch == Epoch(2)));
+            let covering = pg
+                .segments
+                .iter()
+                .filter(|segment| segment.status.segment_complete_lsn >= complete[pg.pg.0 as usize])
+                .count();
+            assert!(covering >= 2, "{}: only {covering} sealed segments cover {}", pg.pg, complete[pg.pg.0 as usize]);
+        }
+
+        let error = old.commit(&[change(1, 99)]).await.expect_err("the old writer is fenced");
+        assert!(matches!(error, VolumeError::Fenced { epoch: Epoch::INITIAL }), "{error}");
+        assert!(old.is_fenced());
+        let again = old.commit(&[change(2, 100)]).await.expect_err("and stays fenced");
+        assert!(matches!(again, VolumeError::Fenced { .. }), "{again}");
+
+        cluster.kill(3);
+        config.open_timeout = Duration::from_millis(800);
+        let short = seal_volume(&config, transport.clone(), Epoch(3)).await.expect_err("three nodes down");
+        assert!(matches!(short, VolumeError::NoWriteQuorum { sealed: 3, .. }), "{short}");
+        let stale = seal_volume(&config, transport, Epoch::INITIAL).await.expect_err("older than the volume");
+        assert!(matches!(stale, VolumeError::SealRefused { .. }), "{stale}");
+        old.close();
+        cluster.stop();
+    })
+    .await
+    .expect("in time");
+}

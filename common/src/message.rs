@@ -35,6 +35,7 @@ pub enum MessageKind {
     BlockImage = 11,
     Fence = 12,
     FenceAck = 13,
+    SealEpoch = 14,
 }
 
 /// Bytes of the fixed part of an append payload, before the records.
@@ -94,6 +95,17 @@ pub struct PageImage {
 pub struct StatusRequest {
     pub request_id: u64,
     pub pg: PgId,
+}
+
+/// Moves a segment to a newer volume epoch: from then on it refuses every
+/// request of an older one (the writer that recovers the volume fences the
+/// one it replaces). Answered with a [`SegmentStatus`] once the new epoch is
+/// durable; an older epoch than the segment's is refused (`StaleEpoch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealEpochRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
 }
 
 /// A segment's state.
@@ -184,6 +196,7 @@ pub enum Message {
     BlockImage(BlockImage),
     Fence(FenceRequest),
     FenceAck(FenceAck),
+    SealEpoch(SealEpochRequest),
 }
 
 /// Why a frame's payload is not a valid message.
@@ -273,6 +286,13 @@ impl Message {
                 payload.put_u32_le(request.pg.0);
                 payload.put_u32_le(0);
                 MessageKind::StatusRequest
+            }
+            Message::SealEpoch(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(request.epoch.0);
+                MessageKind::SealEpoch
             }
             Message::Status(status) => {
                 payload.put_u64_le(status.request_id);
@@ -393,6 +413,12 @@ impl Message {
                 let _reserved = reader.u32()?;
                 Message::StatusRequest(StatusRequest { request_id, pg })
             }
+            kind if kind == MessageKind::SealEpoch as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                Message::SealEpoch(SealEpochRequest { request_id, pg, epoch: Epoch(reader.u64()?) })
+            }
             kind if kind == MessageKind::Status as u8 => {
                 let request_id = reader.u64()?;
                 let pg = PgId(reader.u32()?);
@@ -501,6 +527,7 @@ mod tests {
             image: Bytes::from_static(&[1, 2, 3, 4]),
         }));
         round_trip(Message::StatusRequest(StatusRequest { request_id: 1, pg: PgId(0) }));
+        round_trip(Message::SealEpoch(SealEpochRequest { request_id: 3, pg: PgId(1), epoch: Epoch(2) }));
         round_trip(Message::Status(SegmentStatus {
             request_id: 1,
             pg: PgId(0),

@@ -101,6 +101,7 @@ impl LogCore for SegmentCore {
             Action::Write(write) => Step::Write(write),
             Action::Ack { to, ack } => Step::Send(to, Message::AppendAck(ack)),
             Action::Refuse { to, error } => Step::Send(to, Message::Error(error)),
+            Action::Status { to, status } => Step::Send(to, Message::Status(status)),
             Action::DeleteFile(file) => Step::Delete(file),
         }
     }
@@ -517,6 +518,13 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             };
             reply(sender, &response);
         }
+        Message::SealEpoch(request) => match shared.segments.get(&request.pg) {
+            Some(driver) => {
+                let actions = driver.core.lock().seal(request.request_id, request.epoch, connection);
+                driver.run(actions);
+            }
+            None => reply(sender, &unknown_segment(request.request_id, request.pg)),
+        },
         Message::StatusRequest(request) => {
             let response = match shared.segments.get(&request.pg) {
                 Some(driver) => Message::Status(driver.core.lock().status(request.request_id)),

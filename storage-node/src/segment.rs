@@ -118,6 +118,8 @@ pub enum Action {
     Ack { to: ReplyTo, ack: AppendAck },
     /// Send a refusal.
     Refuse { to: ReplyTo, error: ErrorResponse },
+    /// Send a status (the answer to a seal, once its epoch is durable).
+    Status { to: ReplyTo, status: SegmentStatus },
     /// Delete a log file that holds nothing live.
     DeleteFile(u64),
 }
@@ -231,7 +233,12 @@ struct InFlight {
     waiters: BTreeSet<ReplyTo>,
     /// Files to delete once this write (which carries a checkpoint) is durable.
     delete_after: Vec<u64>,
+    /// Seals answered once this write (whose checkpoint carries their epoch) is durable.
+    sealed: Vec<SealWaiter>,
 }
+
+/// Who waits for a seal: the connection and its request id.
+type SealWaiter = (ReplyTo, u64);
 
 /// A record's entry in its log file's list: which record, of which page.
 pub(crate) type FileRecord = (Lsn, PageId);
@@ -276,6 +283,10 @@ pub struct SegmentCore {
     file_versions: BTreeMap<u64, Vec<(PageId, Lsn)>>,
     cleaning: Option<u64>,
     checkpoint_due: Vec<u64>,
+    /// Seals of the current epoch waiting for a checkpoint that carries it.
+    seal_waiters: Vec<SealWaiter>,
+    /// The current epoch is not durable yet (a checkpoint must log it).
+    seal_due: bool,
 }
 
 impl SegmentCore {
@@ -310,6 +321,8 @@ impl SegmentCore {
             file_versions: BTreeMap::new(),
             cleaning: None,
             checkpoint_due: Vec::new(),
+            seal_waiters: Vec::new(),
+            seal_due: false,
         })
     }
 
@@ -539,6 +552,36 @@ impl SegmentCore {
         self.start_write()
     }
 
+    /// Moves the segment to the newer volume `epoch` (a recovering writer
+    /// fences the one it replaces). The segment refuses the older epoch at
+    /// once; the answer, a status, goes to `from` once a checkpoint carrying
+    /// the new epoch is durable, so a restart keeps it. An older epoch is
+    /// refused; the current one is answered at once (or with the pending
+    /// checkpoint).
+    pub fn seal(&mut self, request_id: u64, epoch: Epoch, from: ReplyTo) -> Vec<Action> {
+        if let Some(reason) = &self.failed {
+            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::DiskFailure, reason.clone()) };
+            return vec![Action::Refuse { to: from, error }];
+        }
+        if epoch < self.epoch {
+            let message = format!("seal at {epoch}, but the segment is at {}", self.epoch);
+            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::StaleEpoch, message) };
+            return vec![Action::Refuse { to: from, error }];
+        }
+        let durable = epoch == self.epoch && !self.seal_due && !self.sealing_in_flight();
+        if durable {
+            return vec![Action::Status { to: from, status: self.status(request_id) }];
+        }
+        self.epoch = epoch;
+        self.seal_due = true;
+        self.seal_waiters.push((from, request_id));
+        self.start_write()
+    }
+
+    fn sealing_in_flight(&self) -> bool {
+        self.in_flight.as_ref().is_some_and(|write| !write.sealed.is_empty())
+    }
+
     /// The write `id` is durable.
     pub fn write_done(&mut self, id: u64) -> Vec<Action> {
         let in_flight = self.in_flight.take().expect("write_done without a write in flight");
@@ -571,6 +614,9 @@ impl SegmentCore {
         let mut actions: Vec<Action> =
             in_flight.waiters.into_iter().map(|to| Action::Ack { to, ack: self.ack() }).collect();
         actions.extend(in_flight.delete_after.into_iter().map(Action::DeleteFile));
+        for (to, request_id) in in_flight.sealed {
+            actions.push(Action::Status { to, status: self.status(request_id) });
+        }
         actions.extend(self.start_write());
         actions
     }
@@ -586,9 +632,17 @@ impl SegmentCore {
         self.queued.clear();
         self.queued_bytes = 0;
         self.pending_lsns.clear();
+        let seals = in_flight.sealed.into_iter().chain(std::mem::take(&mut self.seal_waiters));
+        let seal_refusals: Vec<Action> = seals
+            .map(|(to, request_id)| {
+                let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::DiskFailure, reason.clone()) };
+                Action::Refuse { to, error }
+            })
+            .collect();
         waiters
             .into_iter()
             .map(|to| Action::Refuse { to, error: self.refusal(ErrorCode::DiskFailure, reason.clone()) })
+            .chain(seal_refusals)
             .collect()
     }
 
@@ -813,7 +867,8 @@ impl SegmentCore {
         let mut budget = self.config.coalesce_bytes_per_write.min(room);
         self.plan_cleaning(&mut budget);
         self.plan_coalescing(&mut budget);
-        if take == 0 && self.pending_versions.is_empty() && self.checkpoint_due.is_empty() {
+        let checkpoint = !self.checkpoint_due.is_empty() || self.seal_due;
+        if take == 0 && self.pending_versions.is_empty() && !checkpoint {
             return Vec::new();
         }
         let versions = std::mem::take(&mut self.pending_versions);
@@ -822,7 +877,7 @@ impl SegmentCore {
         } else {
             ENTRY_HEADER_BYTES + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
         };
-        let checkpoint_bytes = if self.checkpoint_due.is_empty() { 0 } else { CHECKPOINT_ENTRY_BYTES };
+        let checkpoint_bytes = if checkpoint { CHECKPOINT_ENTRY_BYTES } else { 0 };
         let redo: Vec<RedoRecord> = self.queued.drain(..take).collect();
         let redo_bytes: usize = redo.iter().map(|record| record.encoded.len()).sum();
         self.queued_bytes -= redo_bytes;
@@ -837,7 +892,9 @@ impl SegmentCore {
             encode_versions_entry(&mut bytes, self.cursor.take_sequence(), versions.iter());
         }
         let delete_after = std::mem::take(&mut self.checkpoint_due);
-        if !delete_after.is_empty() {
+        self.seal_due = false;
+        let sealed = std::mem::take(&mut self.seal_waiters);
+        if checkpoint {
             let checkpoint = Checkpoint {
                 pg: self.config.pg,
                 page_bytes: self.config.page_bytes as u32,
@@ -856,6 +913,7 @@ impl SegmentCore {
             versions,
             waiters,
             delete_after: delete_after.into_iter().filter(|file| *file != 0).collect(),
+            sealed,
         });
         vec![Action::Write(LogWrite { id, position, bytes: bytes.freeze() })]
     }

@@ -60,6 +60,7 @@ struct Harness {
     disk: MemoryDisk,
     acks: Vec<(ReplyTo, AppendAck)>,
     refusals: Vec<(ReplyTo, ErrorResponse)>,
+    statuses: Vec<(ReplyTo, SegmentStatus)>,
     writes: Vec<LogWrite>,
     deleted: Vec<u64>,
 }
@@ -72,6 +73,7 @@ impl Harness {
             disk: MemoryDisk::new(),
             acks: Vec::new(),
             refusals: Vec::new(),
+            statuses: Vec::new(),
             writes: Vec::new(),
             deleted: Vec::new(),
         };
@@ -85,12 +87,13 @@ impl Harness {
 
     /// Runs actions, completing each write at once, until none are left.
     fn complete_all(&mut self, actions: Vec<Action>) {
-        let (writes, acks, refusals, deleted) =
-            (&mut self.writes, &mut self.acks, &mut self.refusals, &mut self.deleted);
+        let (writes, acks, refusals, statuses, deleted) =
+            (&mut self.writes, &mut self.acks, &mut self.refusals, &mut self.statuses, &mut self.deleted);
         self.disk.run_until_idle(&mut self.core, actions, |action| match action {
             Action::Write(write) => writes.push(write.clone()),
             Action::Ack { to, ack } => acks.push((*to, *ack)),
             Action::Refuse { to, error } => refusals.push((*to, error.clone())),
+            Action::Status { to, status } => statuses.push((*to, *status)),
             Action::DeleteFile(file) => deleted.push(*file),
         });
     }
@@ -201,6 +204,51 @@ fn stale_and_unknown_epochs_are_refused() {
         assert!(matches!(&actions[..], [Action::Refuse { to: 4, error }] if error.code == code), "{actions:?}");
         assert_eq!(harness.core.read_page(PageId(1), Lsn::ZERO, epoch).unwrap_err().code, code);
     }
+}
+
+/// A seal moves the segment to a newer epoch: the older writer is refused
+/// at once, the answer comes only once a checkpoint carrying the epoch is
+/// durable, and a restart keeps it (but not a seal whose checkpoint never
+/// reached the disk: nobody was told it held). A repeated seal is answered
+/// at once; an older one is refused.
+#[test]
+fn a_seal_fences_the_older_epoch_and_is_answered_once_durable() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    harness.append(vec![maker.make(1, 0, b"old", 0)], 1);
+    let scl = harness.core.segment_complete_lsn();
+
+    // A seal whose checkpoint is lost in a crash is forgotten.
+    let lost = harness.core.seal(6, Epoch(2), 5);
+    assert!(matches!(&lost[..], [Action::Write(_)]), "{lost:?}");
+    harness.restart();
+    assert_eq!(harness.core.status(0).epoch, Epoch::INITIAL);
+
+    let actions = harness.core.seal(7, Epoch(2), 5);
+    assert!(matches!(&actions[..], [Action::Write(_)]), "a checkpoint is logged first: {actions:?}");
+    let zombie = Harness::request(vec![maker.make(1, 0, b"zombie", 0)], Lsn::ZERO, Lsn::ZERO);
+    let refused = harness.core.append(zombie, 1);
+    assert!(matches!(&refused[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::StaleEpoch));
+    assert_eq!(harness.core.read_page(PageId(1), scl, Epoch::INITIAL).unwrap_err().code, ErrorCode::StaleEpoch);
+    assert!(harness.statuses.is_empty(), "not answered before the checkpoint is durable");
+    harness.complete_all(actions);
+    let (to, status) = *harness.statuses.last().expect("answered");
+    assert_eq!((to, status.request_id, status.epoch, status.segment_complete_lsn), (5, 7, Epoch(2), scl));
+
+    let repeated = harness.core.seal(8, Epoch(2), 5);
+    assert!(matches!(&repeated[..], [Action::Status { to: 5, status }] if status.request_id == 8), "{repeated:?}");
+    let older = harness.core.seal(9, Epoch::INITIAL, 5);
+    assert!(
+        matches!(&older[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::StaleEpoch && error.request_id == 9),
+        "{older:?}"
+    );
+
+    harness.restart();
+    assert_eq!(harness.core.status(0).epoch, Epoch(2), "the epoch survives a restart");
+    let mut request = Harness::request(vec![maker.make(2, 0, b"new", 0)], Lsn::ZERO, Lsn::ZERO);
+    request.epoch = Epoch(2);
+    let accepted = harness.core.append(request, 1);
+    assert!(!accepted.iter().any(|action| matches!(action, Action::Refuse { .. })), "{accepted:?}");
 }
 
 #[test]

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::geometry::{READ_QUORUM, VolumeGeometry};
+use super::geometry::{READ_QUORUM, VolumeGeometry, WRITE_QUORUM};
 use super::writer::{AllocationError, Durable, LogPoints, PageChange, SegmentView, WriterCore};
 
 /// How often the ticker runs.
@@ -83,6 +83,14 @@ pub enum VolumeError {
         "{pg} already holds records (SCL {complete}); reopening a written volume needs crash recovery, which this version does not do"
     )]
     VolumeNotEmpty { pg: PgId, complete: Lsn },
+    #[error(
+        "a newer writer sealed the volume: this writer's epoch {epoch} is over (commits not yet acknowledged may or may not be durable)"
+    )]
+    Fenced { epoch: Epoch },
+    #[error("{pg}: only {sealed} segments took the seal within {waited:?}; a write quorum is {WRITE_QUORUM}")]
+    NoWriteQuorum { pg: PgId, sealed: usize, waited: Duration },
+    #[error("{pg} on {node} refused the seal: {reason}")]
+    SealRefused { pg: PgId, node: NodeId, reason: String },
     #[error("no connected segment of {pg} is known complete at read point {read_point}")]
     NoCompleteSegment { pg: PgId, read_point: Lsn },
     #[error("reading {page} at {read_point}: {reason}")]
@@ -178,7 +186,13 @@ impl VolumeClient {
         let pg_count = self.shared.config.geometry.pg_count();
         loop {
             let arrived = self.shared.status_arrived.notified();
-            let segments = self.shared.core.lock().segments();
+            let (segments, fenced) = {
+                let core = self.shared.core.lock();
+                (core.segments(), core.is_fenced().then_some(core.epoch()))
+            };
+            if let Some(epoch) = fenced {
+                return Err(VolumeError::Fenced { epoch });
+            }
             let answered: Vec<&SegmentView> = segments.iter().filter(|view| view.connected).collect();
             if let Some(view) = answered.iter().find(|view| view.complete > Lsn::ZERO) {
                 return Err(VolumeError::VolumeNotEmpty { pg: view.pg, complete: view.complete });
@@ -260,6 +274,7 @@ impl VolumeClient {
                         return Ok(lsn);
                     }
                     Err(AllocationError::LimitReached { .. }) => {}
+                    Err(AllocationError::Fenced { epoch }) => return Err(VolumeError::Fenced { epoch }),
                     Err(other) => return Err(other.into()),
                 }
             }
@@ -273,15 +288,26 @@ impl VolumeClient {
         if self.shared.core.lock().wait_durable(lsn, sender).is_some() {
             return Ok(());
         }
-        receiver.await.map_err(|_| VolumeError::Closed)
+        receiver.await.map_err(|_| self.waiter_dropped())
     }
 
     /// Logs a mini-transaction and waits until it is durable (VDL >= its CPL).
     pub async fn commit(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
         let (sender, receiver) = oneshot::channel();
         let lsn = self.log(changes, Some(sender)).await?;
-        receiver.await.map_err(|_| VolumeError::Closed)?;
+        receiver.await.map_err(|_| self.waiter_dropped())?;
         Ok(lsn)
+    }
+
+    /// Why a commit waiter was dropped: a newer writer, or the client closed.
+    fn waiter_dropped(&self) -> VolumeError {
+        let core = self.shared.core.lock();
+        if core.is_fenced() { VolumeError::Fenced { epoch: core.epoch() } } else { VolumeError::Closed }
+    }
+
+    /// Whether a newer writer sealed the volume (see [`crate::volume::seal`]).
+    pub fn is_fenced(&self) -> bool {
+        self.shared.core.lock().is_fenced()
     }
 
     /// Reads `page` as of the current VDL.
@@ -511,11 +537,18 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
     match message {
         Message::AppendAck(ack) => {
             let Some(&replica) = replica_of.get(&ack.pg) else { return };
+            if observe_epoch(shared, node, Some(ack.epoch)) {
+                return;
+            }
             let durable = shared.core.lock().acknowledged(ack.pg, replica, ack.segment_complete_lsn, now);
             shared.complete(durable);
         }
         Message::Status(status) => {
             let Some(&replica) = replica_of.get(&status.pg) else { return };
+            if observe_epoch(shared, node, Some(status.epoch)) {
+                shared.status_arrived.notify_waiters();
+                return;
+            }
             if status.needs_repair {
                 warn!(%node, pg = %status.pg, "segment reports corruption and needs repair");
             }
@@ -534,6 +567,9 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
                 let _ = reply.try_send((node, Err((error.code, error.message))));
             }
         }
+        Message::Error(error) if error.code == ErrorCode::StaleEpoch => {
+            observe_epoch(shared, node, None);
+        }
         Message::Error(error) => {
             warn!(%node, pg = %error.pg, code = ?error.code, message = error.message, "append refused");
             if let Some(&replica) = replica_of.get(&error.pg) {
@@ -542,4 +578,20 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
         }
         other => warn!(%node, ?other, "unexpected message from a storage node"),
     }
+}
+
+/// A segment on `node` answered with `epoch` (`None`: it refused ours as
+/// stale). Returns whether this writer is fenced: a newer writer sealed
+/// the volume, and the commits still waiting fail (dropped waiters).
+fn observe_epoch(shared: &Shared, node: NodeId, epoch: Option<Epoch>) -> bool {
+    let mut core = shared.core.lock();
+    let abandoned = core.observe_epoch(epoch);
+    let fenced = core.is_fenced();
+    drop(core);
+    if let Some(abandoned) = abandoned {
+        warn!(%node, ?epoch, abandoned = abandoned.len(), "a newer writer sealed the volume: this writer is fenced");
+        drop(abandoned); // their commits fail with `Fenced`
+        shared.durable_advanced.notify_waiters(); // allocations waiting on the limit see it
+    }
+    fenced
 }

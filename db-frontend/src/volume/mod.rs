@@ -3,4 +3,5 @@
 pub mod client;
 pub mod geometry;
 pub mod quorum;
+pub mod seal;
 pub mod writer;

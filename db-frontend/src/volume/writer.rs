@@ -65,6 +65,10 @@ pub enum AllocationError {
     RecordTooLarge { page: PageId, bytes: usize },
     #[error("a mini-transaction of {records} records exceeds the LSN allocation limit of {limit}")]
     LargerThanLimit { records: u64, limit: u64 },
+    #[error(
+        "a newer writer sealed the volume: this writer's epoch {epoch} is over (commits not yet acknowledged may or may not be durable)"
+    )]
+    Fenced { epoch: Epoch },
     /// Retry once VDL moves (the driver waits for it).
     #[error("LSN allocation limit reached: VDL {durable} + limit {limit}")]
     LimitReached { durable: Lsn, limit: u64 },
@@ -179,6 +183,8 @@ pub struct WriterCore<W> {
     /// Mean read latency per node, in microseconds (unknown = 0, tried first).
     read_latency: HashMap<NodeId, u64>,
     next_read_choice: usize,
+    /// A segment showed a newer epoch: another writer sealed the volume.
+    fenced: bool,
 }
 
 impl<W> WriterCore<W> {
@@ -199,6 +205,7 @@ impl<W> WriterCore<W> {
             read_points: BTreeMap::new(),
             read_latency: HashMap::new(),
             next_read_choice: 0,
+            fenced: false,
         }
     }
 
@@ -208,6 +215,25 @@ impl<W> WriterCore<W> {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// A segment answered with `epoch` (an acknowledgement, a status) or
+    /// refused this writer's epoch as stale (`None`: newer, not said which).
+    /// A newer epoch means another writer sealed the volume: this one
+    /// allocates nothing more, and the commit waiters it still had are
+    /// handed back to be failed (their records may or may not be durable:
+    /// the new writer's recovery decides). Returns them when this fences
+    /// the writer (`None` otherwise).
+    pub fn observe_epoch(&mut self, epoch: Option<Epoch>) -> Option<Vec<W>> {
+        if self.fenced || epoch.is_some_and(|epoch| epoch <= self.epoch) {
+            return None;
+        }
+        self.fenced = true;
+        Some(std::mem::take(&mut self.commit_waiters).into_values().flatten().collect())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
     }
 
     /// Whether every allocated LSN is durable (nothing is in flight).
@@ -256,6 +282,9 @@ impl<W> WriterCore<W> {
     /// and queues them for sending. The last record is the consistency point;
     /// its LSN is returned (commit when VDL reaches it).
     pub fn allocate(&mut self, changes: &[PageChange]) -> Result<Lsn, AllocationError> {
+        if self.fenced {
+            return Err(AllocationError::Fenced { epoch: self.epoch });
+        }
         if changes.is_empty() {
             return Err(AllocationError::Empty);
         }
@@ -315,9 +344,13 @@ impl<W> WriterCore<W> {
     }
 
     /// Registers a commit waiter. Returns it back if `lsn` is already durable.
+    /// A fenced writer drops it (its commit cannot be known durable).
     pub fn wait_durable(&mut self, lsn: Lsn, waiter: W) -> Option<W> {
         if lsn <= self.tracker.volume_durable_lsn() {
             return Some(waiter);
+        }
+        if self.fenced {
+            return None;
         }
         self.commit_waiters.entry(lsn).or_default().push(waiter);
         None
@@ -338,6 +371,9 @@ impl<W> WriterCore<W> {
     /// Moves unsent records to retention and returns the frames that bring
     /// every connected segment up to date. Segments in step share one frame.
     pub fn flush(&mut self, now_micros: u64) -> Vec<Outgoing> {
+        if self.fenced {
+            return Vec::new(); // the segments refuse this epoch now
+        }
         let durable = self.tracker.volume_durable_lsn();
         let min_read_point = self.min_read_point();
         let mut outgoing = Vec::new();
@@ -496,6 +532,9 @@ impl<W> WriterCore<W> {
     /// Segments that made no progress for `RETRANSMIT_AFTER_MICROS` are
     /// resent everything above their SCL. Returns whether a flush is due.
     pub fn tick(&mut self, now_micros: u64) -> bool {
+        if self.fenced {
+            return false;
+        }
         for log in &mut self.pgs {
             for link in &mut log.links {
                 if link.waiting_since.is_some_and(|since| now_micros.saturating_sub(since) >= RETRANSMIT_AFTER_MICROS) {
@@ -683,6 +722,23 @@ mod tests {
         }
         assert_eq!(woken, vec!["first", "second"]);
         assert_eq!(writer.wait_durable(second, "late"), Some("late"), "already durable");
+    }
+
+    #[test]
+    fn a_newer_epoch_fences_the_writer_and_hands_back_its_waiters() {
+        let mut writer: WriterCore<&str> = WriterCore::new(geometry(1), Epoch(2), 100);
+        connect_all(&mut writer, 0);
+        let lsn = writer.allocate(&[write(0, 1)]).expect("room");
+        assert_eq!(writer.wait_durable(lsn, "waiting"), None);
+        assert_eq!(writer.observe_epoch(Some(Epoch(2))), None, "its own epoch");
+        assert_eq!(writer.observe_epoch(Some(Epoch(1))), None, "an older one");
+        assert!(!writer.is_fenced());
+        assert_eq!(writer.observe_epoch(Some(Epoch(3))), Some(vec!["waiting"]));
+        assert!(writer.is_fenced());
+        assert_eq!(writer.observe_epoch(None), None, "fenced once");
+        assert_eq!(writer.allocate(&[write(0, 2)]), Err(AllocationError::Fenced { epoch: Epoch(2) }));
+        assert_eq!(writer.wait_durable(Lsn(5), "late"), None, "dropped: it can never be known durable");
+        assert!(writer.flush(0).is_empty() && !writer.tick(1_000_000), "nothing more is sent");
     }
 
     #[test]

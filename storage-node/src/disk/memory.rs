@@ -73,7 +73,7 @@ impl MemoryDisk {
                         next.extend(core.write_done(id));
                     }
                     Action::DeleteFile(file) => self.delete_file(file).expect("memory disk delete"),
-                    Action::Ack { .. } | Action::Refuse { .. } => {}
+                    Action::Ack { .. } | Action::Refuse { .. } | Action::Status { .. } => {}
                 }
             }
             pending = next;
