@@ -239,10 +239,21 @@ fn names_and_attributes_a_mount_cached_change_at_once_when_the_other_mount_chang
         assert!(!a.path("d/g").exists(), "round {round}: a still sees g");
         assert!(a.path("d/f").exists(), "round {round}: a sees f again");
     }
+    // A name renamed into another directory is one of that directory's names.
+    std::fs::create_dir(a.path("e")).expect("mkdir e");
+    std::fs::write(a.path("d/x"), b"x").expect("write x");
+    std::fs::rename(a.path("d/x"), a.path("e/y")).expect("rename across directories");
+    assert!(a.path("e/y").exists());
+    std::fs::rename(b.path("e/y"), b.path("e/z")).expect("rename on b");
+    assert!(!a.path("e/y").exists(), "a still sees the name b renamed away");
+    assert!(a.path("e/z").exists());
     std::fs::remove_file(b.path("d/f")).expect("unlink");
     assert!(!a.path("d/f").exists(), "a still sees the unlinked file");
     std::fs::remove_dir(a.path("d")).expect("rmdir");
     assert!(!b.path("d").exists(), "b still sees the removed directory");
+    std::fs::remove_file(a.path("e/z")).expect("unlink z");
+    std::fs::remove_dir(b.path("e")).expect("rmdir e");
+    assert!(!a.path("e").exists(), "a still sees the removed directory e");
     drop((a, b));
     assert!(served.fsck().contains("clean"));
 }

@@ -884,6 +884,9 @@ impl FileSystem {
                         // what this workstation logged. Stop instead: the
                         // lease lapses, and recovery replays the log.
                         warn!(%lock, %error, "write-back for a revoke keeps failing: stopping this workstation");
+                        // Its lease will lapse unseen by the stopped clerk:
+                        // the kernel forgets now.
+                        self.release_kernel_cache();
                         self.clerk.stop();
                         return;
                     }

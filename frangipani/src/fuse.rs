@@ -12,7 +12,7 @@
 //! another (close-to-open, as NFS gives), and a name or size another
 //! workstation changed is seen at once.
 
-use crate::fs::{Attr, FileSystem, FsError, KernelCache, SetAttr};
+use crate::fs::{Attr, FileSystem, FsError, KernelCache, ROOT_INODE, SetAttr};
 use crate::inode::Kind;
 use common::transport::BoxFuture;
 use fuser::{
@@ -59,13 +59,16 @@ const ANSWER_IN_FLIGHT_WAIT: Duration = Duration::from_millis(500);
 /// Answers that cross a release: the kernel notes the epoch and an
 /// attribute version before it sends a lookup or getattr, and drops what
 /// an answer brings if a notification came in between. Answers the kernel
-/// does not check that way (create, mkdir, symlink, link, setattr) carry
-/// no cached attributes. One gap is left: an inode the kernel does not
-/// know yet has nothing to invalidate (`ENOENT`), and the answer that
-/// introduces it may still be on its way. So entry answers are counted
-/// per inode, less the kernel's forgets, and a release that meets
-/// `ENOENT` for a counted inode tries again until the kernel knows it.
-/// An answer computed across a release is sent with nothing cached.
+/// does not check that way (create, mkdir, symlink, link, setattr, and a
+/// lookup that may introduce the inode: a new inode has no attribute
+/// version to check) carry no cached attributes. One gap is left: two
+/// lookups of an inode the kernel does not know yet, the second cached;
+/// a release between them finds nothing to invalidate (`ENOENT`). So
+/// entry answers are counted per inode, less the kernel's forgets, and a
+/// release that meets `ENOENT` for a counted inode tries again until the
+/// kernel knows it (at most 500 ms). An answer computed across a release
+/// is sent with nothing cached. A rename counts the moved name as one of
+/// its new directory's.
 #[derive(Debug, Default)]
 pub struct KernelChannel {
     /// A duplicate of the session's `/dev/fuse` descriptor.
@@ -84,6 +87,8 @@ struct KernelState {
     lookups: HashMap<u64, u64>,
     /// Directories whose names the kernel may hold (since the last epoch).
     named: HashSet<u64>,
+    /// New epochs written (each makes the kernel forget every name).
+    epochs: u64,
 }
 
 /// What one answer may let the kernel cache.
@@ -124,8 +129,14 @@ impl KernelChannel {
     /// attributes. Counts entry answers.
     fn answer(&self, window: u64, ino: u64, parent: Option<u64>, attrs_checked: bool) -> Ttls {
         let mut state = self.state.lock();
+        // An answer that may introduce the inode to the kernel: its
+        // attributes are installed unchecked (a new inode has no attribute
+        // version yet), so they are not cached.
+        let mut attrs_checked = attrs_checked;
         if parent.is_some() {
-            *state.lookups.entry(ino).or_default() += 1;
+            let lookups = state.lookups.entry(ino).or_default();
+            attrs_checked &= *lookups > 0;
+            *lookups += 1;
         }
         if state.releases != window || self.device.get().is_none() {
             return Ttls::NONE;
@@ -154,9 +165,11 @@ impl KernelChannel {
     }
 
     /// Starts a release: later answers cache nothing until their next
-    /// window. Returns whether names in `directory` may be cached (all of
-    /// them, for `None`), forgetting that they are.
-    fn begin_release(&self, directory: Option<u64>) -> bool {
+    /// window; if names in `directory` (any, for `None`) may be cached, a
+    /// new epoch makes the kernel forget every name. The epoch is written
+    /// under the state lock (the write does not block), so a release that
+    /// finds no names to forget never overtakes the one that took them.
+    fn begin_release(&self, device: &File, directory: Option<u64>) {
         let mut state = self.state.lock();
         state.releases += 1;
         let named = match directory {
@@ -164,14 +177,19 @@ impl KernelChannel {
             None => !state.named.is_empty(),
         };
         if named {
-            state.named.clear(); // a new epoch forgets every name
+            state.named.clear();
+            state.epochs += 1;
+            if let Err(error) = notify(device, NOTIFY_INC_EPOCH, &[]) {
+                warn!(%error, "FUSE_NOTIFY_INC_EPOCH failed");
+            }
         }
-        named
     }
 
-    fn new_epoch(&self, device: &File) {
-        if let Err(error) = notify(device, NOTIFY_INC_EPOCH, &[]) {
-            warn!(%error, "FUSE_NOTIFY_INC_EPOCH failed");
+    /// A rename moves the kernel's name into `directory` (with its TTL):
+    /// names there may be cached from now on.
+    fn names_moved_into(&self, directory: u64) {
+        if self.epochs.get() == Some(&true) {
+            self.state.lock().named.insert(directory);
         }
     }
 
@@ -213,9 +231,7 @@ impl KernelCache for KernelChannel {
     fn release_inode(&self, ino: u64) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let Some(device) = self.device.get() else { return };
-            if self.begin_release(Some(ino)) {
-                self.new_epoch(device);
-            }
+            self.begin_release(device, Some(ino));
             let deadline = tokio::time::Instant::now() + ANSWER_IN_FLIGHT_WAIT;
             let mut waits = 0u32;
             loop {
@@ -243,10 +259,9 @@ impl KernelCache for KernelChannel {
 
     fn release_all(&self) {
         let Some(device) = self.device.get() else { return };
-        if self.begin_release(None) {
-            self.new_epoch(device);
-        }
-        let known: Vec<u64> = self.state.lock().lookups.keys().copied().collect();
+        self.begin_release(device, None);
+        // The root is never looked up, but its attributes are cached too.
+        let known: Vec<u64> = std::iter::once(ROOT_INODE).chain(self.state.lock().lookups.keys().copied()).collect();
         for ino in known {
             if let Err(error) = Self::invalidate_attributes(device, ino) {
                 warn!(ino, %error, "FUSE_NOTIFY_INVAL_INODE failed");
@@ -498,6 +513,7 @@ impl fuser::Filesystem for FuseAdapter {
         if !flags.is_empty() {
             return reply.error(Errno::from_i32(libc::EINVAL)); // RENAME_NOREPLACE, EXCHANGE: not supported
         }
+        self.kernel.names_moved_into(newparent.0);
         let renamed = self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes());
         reply_empty(reply, self.block_on(renamed));
     }
@@ -673,18 +689,28 @@ mod tests {
     #[test]
     fn answers_cache_only_what_the_kernel_checks_and_nothing_across_a_release() {
         let channel = channel();
+        let device = File::options().write(true).open("/dev/null").expect("/dev/null");
+        let epochs = |channel: &KernelChannel| channel.state.lock().epochs;
         let window = channel.window();
+        let introducing = channel.answer(window, 5, Some(1), true);
+        assert_eq!((introducing.entry, introducing.attr), (CACHE_TTL, Duration::ZERO), "a new inode: unchecked");
         let lookup = channel.answer(window, 5, Some(1), true);
         assert_eq!((lookup.entry, lookup.attr), (CACHE_TTL, CACHE_TTL));
         let created = channel.answer(window, 6, Some(1), false);
         assert_eq!((created.entry, created.attr), (CACHE_TTL, Duration::ZERO), "create-like: the name only");
         let getattr = channel.answer(window, 7, None, true);
         assert_eq!((getattr.entry, getattr.attr), (Duration::ZERO, CACHE_TTL));
-        assert!(!channel.begin_release(Some(2)), "no names of directory 2 were given out");
+        channel.begin_release(&device, Some(2));
+        assert_eq!(epochs(&channel), 0, "no names of directory 2 were given out");
         let crossed = channel.answer(window, 5, Some(1), true);
         assert_eq!((crossed.entry, crossed.attr), (Duration::ZERO, Duration::ZERO), "computed across a release");
-        assert!(channel.begin_release(Some(1)), "names of directory 1 were given out: a new epoch");
-        assert!(!channel.begin_release(None), "the epoch forgot them all");
+        channel.begin_release(&device, Some(1));
+        assert_eq!(epochs(&channel), 1, "names of directory 1 were given out: a new epoch");
+        channel.begin_release(&device, None);
+        assert_eq!(epochs(&channel), 1, "the epoch forgot them all");
+        channel.names_moved_into(3);
+        channel.begin_release(&device, Some(3));
+        assert_eq!(epochs(&channel), 2, "a name renamed into directory 3 is one of its names");
     }
 
     #[test]
@@ -717,7 +743,8 @@ mod tests {
         channel.answer(window, 5, Some(1), true);
         channel.release_inode(1).await;
         assert_ne!(channel.window(), window);
-        assert!(!channel.begin_release(None), "the release started a new epoch");
+        assert_eq!(channel.state.lock().epochs, 1);
+        assert!(channel.state.lock().named.is_empty(), "the release started a new epoch");
         channel.release_all();
         assert_eq!(channel.answer(window, 5, Some(1), true).attr, Duration::ZERO);
     }

@@ -554,10 +554,12 @@ impl SegmentCore {
 
     /// Moves the segment to the newer volume `epoch` (a recovering writer
     /// fences the one it replaces). The segment refuses the older epoch at
-    /// once; the answer, a status, goes to `from` once a checkpoint carrying
-    /// the new epoch is durable, so a restart keeps it. An older epoch is
-    /// refused; the current one is answered at once (or with the pending
-    /// checkpoint).
+    /// once, also its records still queued (not durable: refused as
+    /// stale), so the status it answers is final for the older epoch. The
+    /// answer goes to `from` once a checkpoint carrying the new epoch is
+    /// durable, so a restart keeps it. A repeat of the current epoch is
+    /// answered at once if it is durable, else with the pending checkpoint;
+    /// an older epoch is refused.
     pub fn seal(&mut self, request_id: u64, epoch: Epoch, from: ReplyTo) -> Vec<Action> {
         if let Some(reason) = &self.failed {
             let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::DiskFailure, reason.clone()) };
@@ -568,18 +570,32 @@ impl SegmentCore {
             let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::StaleEpoch, message) };
             return vec![Action::Refuse { to: from, error }];
         }
-        let durable = epoch == self.epoch && !self.seal_due && !self.sealing_in_flight();
-        if durable {
+        if epoch == self.epoch {
+            if self.seal_due {
+                self.seal_waiters.push((from, request_id));
+                return Vec::new();
+            }
+            if let Some(write) = self.in_flight.as_mut().filter(|write| !write.sealed.is_empty()) {
+                write.sealed.push((from, request_id));
+                return Vec::new();
+            }
             return vec![Action::Status { to: from, status: self.status(request_id) }];
         }
+        let message = format!("the segment was sealed at {epoch}");
+        let stale = self.refusal(ErrorCode::StaleEpoch, message);
+        let mut actions: Vec<Action> = std::mem::take(&mut self.queued_waiters)
+            .into_iter()
+            .map(|to| Action::Refuse { to, error: stale.clone() })
+            .collect();
+        for record in self.queued.drain(..) {
+            self.pending_lsns.remove(&record.lsn);
+        }
+        self.queued_bytes = 0;
         self.epoch = epoch;
         self.seal_due = true;
         self.seal_waiters.push((from, request_id));
-        self.start_write()
-    }
-
-    fn sealing_in_flight(&self) -> bool {
-        self.in_flight.as_ref().is_some_and(|write| !write.sealed.is_empty())
+        actions.extend(self.start_write());
+        actions
     }
 
     /// The write `id` is durable.

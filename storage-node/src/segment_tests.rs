@@ -235,6 +235,28 @@ fn a_seal_fences_the_older_epoch_and_is_answered_once_durable() {
     let (to, status) = *harness.statuses.last().expect("answered");
     assert_eq!((to, status.request_id, status.epoch, status.segment_complete_lsn), (5, 7, Epoch(2), scl));
 
+    // Records of the old epoch still queued (not durable) when the seal
+    // comes are refused, so the seal's status is final for that epoch.
+    let mut queued_harness = Harness::new();
+    let first = queued_harness.core.append(Harness::request(vec![maker.make(3, 0, b"a", 0)], Lsn::ZERO, Lsn::ZERO), 1);
+    let queued = queued_harness.core.append(Harness::request(vec![maker.make(3, 0, b"b", 0)], Lsn::ZERO, Lsn::ZERO), 2);
+    assert!(queued.is_empty(), "queued behind the write in flight: {queued:?}");
+    let sealing = queued_harness.core.seal(1, Epoch(2), 9);
+    assert!(
+        matches!(&sealing[..], [Action::Refuse { to: 2, error }] if error.code == ErrorCode::StaleEpoch),
+        "{sealing:?}"
+    );
+    assert_eq!(queued_harness.core.queued_bytes(), 0);
+    // A repeat while the seal waits for the disk adds no checkpoint.
+    assert!(queued_harness.core.seal(2, Epoch(2), 9).is_empty());
+    queued_harness.complete_all(first);
+    let answered: Vec<u64> = queued_harness.statuses.iter().map(|(_, status)| status.request_id).collect();
+    assert_eq!(answered, vec![1, 2]);
+    let sizes: Vec<usize> = queued_harness.writes.iter().map(|write| write.bytes.len()).collect();
+    // The create's checkpoint, record a, then one checkpoint for both seals.
+    assert_eq!(sizes.len(), 3, "{sizes:?}");
+    assert_eq!((sizes[0], sizes[2]), (CHECKPOINT_ENTRY_BYTES, CHECKPOINT_ENTRY_BYTES), "{sizes:?}");
+
     let repeated = harness.core.seal(8, Epoch(2), 5);
     assert!(matches!(&repeated[..], [Action::Status { to: 5, status }] if status.request_id == 8), "{repeated:?}");
     let older = harness.core.seal(9, Epoch::INITIAL, 5);

@@ -8,8 +8,10 @@
 //! answered: an older writer can then make nothing more durable, because
 //! any 4 segments it reaches include one that refuses it; and the answers
 //! carry a read quorum of SCLs (any 4 include 3) for recovery to start
-//! from. Sealing does not wait for the other segments: they learn the
-//! epoch from the next writer's requests, or refuse them until sealed.
+//! from. Sealing does not wait for the other segments: they stay at the
+//! old epoch, refusing the old writer's requests as well as the new one's
+//! (`UnknownEpoch`), until they are sealed too. The writer that starts at
+//! the new epoch (not built yet) must seal them as it connects.
 
 use common::ids::{Epoch, NodeId, PgId, ReplicaIndex};
 use common::message::{ErrorCode, Message, SealEpochRequest, SegmentStatus};
