@@ -13,6 +13,7 @@
 //! - [`fs`]: `lab fs serve`, `lab fs mount` and `lab fs fsck`: the Frangipani
 //!   file system on the block volume, mounted with FUSE.
 //! - [`fs_crash`]: `lab fs crash-test`, kill -9 at seeded points.
+//! - [`sim`]: `lab sim`, the seeded simulation of the redo protocol.
 
 pub mod alloc_count;
 pub mod bench;
@@ -21,3 +22,4 @@ pub mod demo;
 pub mod fs;
 pub mod fs_crash;
 pub mod locks;
+pub mod sim;
