@@ -106,9 +106,11 @@ enum Event {
         to: u64,
         message: Message,
     },
+    /// A log write becomes durable, unless its node crashed since (`life`).
     DiskDone {
         node: usize,
         pg: usize,
+        life: u64,
     },
     WriterStep,
     Tick,
@@ -136,6 +138,8 @@ struct Segment {
 struct Node {
     disks: Vec<MemoryDisk>,
     segments: Option<Vec<Segment>>,
+    /// How many times the node started: a write of an earlier life is lost.
+    life: u64,
     cut: bool,
     /// Highest SCL each segment ever reported (durable: it must never drop).
     scl_seen: Vec<Lsn>,
@@ -204,7 +208,7 @@ impl World {
                         Segment { core: disk_only, in_flight: None }
                     })
                     .collect();
-                Node { disks, segments: Some(segments), cut: false, scl_seen: vec![Lsn::ZERO; PGS as usize] }
+                Node { disks, segments: Some(segments), life: 0, cut: false, scl_seen: vec![Lsn::ZERO; PGS as usize] }
             })
             .collect();
         let mut writer = WriterCore::new(geometry.clone(), Epoch::INITIAL, 64);
@@ -292,8 +296,8 @@ impl World {
                 Action::Write(write) => {
                     let segments = self.nodes[node].segments.as_mut().expect("running");
                     segments[pg].in_flight = Some(write);
-                    let delay = 50 + self.rng.below(500);
-                    self.schedule(delay, Event::DiskDone { node, pg });
+                    let (delay, life) = (50 + self.rng.below(500), self.nodes[node].life);
+                    self.schedule(delay, Event::DiskDone { node, pg, life });
                 }
                 Action::Ack { to, ack } => {
                     self.send(|| Event::FromNode { node, to, message: Message::AppendAck(ack) }, faults)
@@ -346,6 +350,11 @@ impl World {
             Event::Tick => {
                 if self.writer.tick(self.now) {
                     self.send_frames(faults);
+                }
+                for node in 0..NODES {
+                    if self.nodes[node].segments.is_some() {
+                        self.ask_status(node, faults);
+                    }
                 }
                 self.schedule(5_000, Event::Tick);
             }
@@ -400,7 +409,10 @@ impl World {
                 }
                 self.writer_receives(node, message, faults)?;
             }
-            Event::DiskDone { node, pg } => {
+            Event::DiskDone { node, pg, life } => {
+                if life != self.nodes[node].life {
+                    return Ok(()); // the node crashed with the write in flight: lost
+                }
                 let Some(segments) = self.nodes[node].segments.as_mut() else { return Ok(()) };
                 let write = segments[pg].in_flight.take().expect("a write in flight");
                 let id = write.id;
@@ -468,15 +480,24 @@ impl World {
             segments.push(Segment { core, in_flight: None });
         }
         self.nodes[node].segments = Some(segments);
+        self.nodes[node].life += 1;
         for pg in 0..PGS as usize {
             self.check_segment(node, pg)?;
         }
-        // The writer reconnects: its status request starts the resend.
-        for (pg, _) in self.geometry.segments_on(NodeId(node as u32)) {
-            let request = StatusRequest { request_id: 0, pg };
-            self.send(|| Event::ToNode { node, from: WRITER, message: Message::StatusRequest(request) }, faults);
-        }
+        self.ask_status(node, faults);
         Ok(())
+    }
+
+    /// The writer asks a node for the status of each hosted segment it does
+    /// not count as connected (as the real client does on every connect,
+    /// and again until each answered): the answer restarts the sending.
+    fn ask_status(&mut self, node: usize, faults: bool) {
+        for (pg, replica) in self.geometry.segments_on(NodeId(node as u32)) {
+            if !self.writer.is_connected(pg, replica) {
+                let request = StatusRequest { request_id: 0, pg };
+                self.send(|| Event::ToNode { node, from: WRITER, message: Message::StatusRequest(request) }, faults);
+            }
+        }
     }
 
     fn writer_receives(&mut self, node: usize, message: Message, faults: bool) -> Result<()> {
