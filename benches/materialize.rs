@@ -36,7 +36,7 @@ fn complete_all(core: &mut SegmentCore, disk: &MemoryDisk, actions: Vec<Action>)
 /// records, and the LSN of each page's last record.
 fn build_segment() -> (SegmentCore, Vec<(PageId, usize, Lsn)>) {
     let config = SegmentConfig { coalesce_chain_records: usize::MAX, ..SegmentConfig::new(PG, PAGE_BYTES, 1 << 20) };
-    let (mut core, actions) = SegmentCore::create(config, Epoch::INITIAL).expect("valid segment config");
+    let (mut core, actions) = SegmentCore::create_open(config, Epoch::INITIAL).expect("valid segment config");
     let disk = MemoryDisk::new();
     complete_all(&mut core, &disk, actions);
 

@@ -126,7 +126,7 @@ impl DiskSegment {
         let directory = bench_directory()?;
         let config = SegmentConfig::new(PG, PAGE_BYTES, 1 << 20);
         let disk = SyncDisk::open(backend, ring, directory.path(), config.log_file_bytes)?;
-        let (core, actions) = SegmentCore::create(config, Epoch::INITIAL).map_err(io::Error::other)?;
+        let (core, actions) = SegmentCore::create_open(config, Epoch::INITIAL).map_err(io::Error::other)?;
         let mut segment = DiskSegment {
             core,
             disk,

@@ -15,8 +15,8 @@
 //!   acknowledged record onto all six segments.
 
 use bytes::Bytes;
-use common::ids::{Epoch, Lsn, PageId, PgId};
-use common::message::{ErrorCode, Message, ReadPageRequest};
+use common::ids::{Lsn, PageId, PgId};
+use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
 use common::redo::PageOp;
 use common::rng::SimRng;
 use common::transport::{FaultConfig, MemoryNetwork, TcpTransport, Transport};
@@ -104,7 +104,15 @@ async fn read_from_node_over(
     read_point: Lsn,
 ) -> Message {
     let mut connection = transport.connect(address.to_string()).await.expect("connect");
-    let request = ReadPageRequest { request_id: 7, pg, epoch: Epoch::INITIAL, page, read_point };
+    // Read at the segment's own epoch (the writer's, once it opened it).
+    let ask = Message::StatusRequest(StatusRequest { request_id: 6, pg });
+    connection.sender.send(ask.encode()).await.expect("send");
+    let frame = connection.receiver.recv().await.expect("an answer").expect("a valid frame");
+    let epoch = match Message::decode(&frame).expect("a valid message") {
+        Message::Status(status) => status.epoch,
+        other => return other,
+    };
+    let request = ReadPageRequest { request_id: 7, pg, epoch, page, read_point };
     connection.sender.send(Message::ReadPage(request).encode()).await.expect("send");
     let frame = connection.receiver.recv().await.expect("an answer").expect("a valid frame");
     Message::decode(&frame).expect("a valid message")
@@ -446,59 +454,76 @@ async fn commits_that_wait_for_the_allocation_limit_all_complete() {
     .expect("in time");
 }
 
-/// A volume sealed at a newer epoch fences its old writer. The seal holds
-/// on a write quorum of every PG (two nodes down do not stop it); the SCLs
-/// it reports cover, on at least two segments (4 + 4 - 6), every record the
-/// old writer saw complete on four; the old writer's next commit fails with
-/// `Fenced` and it allocates nothing more. With three nodes down there is
-/// no write quorum, and an older epoch than the volume's is refused.
+/// A second writer recovers the volume with two nodes down: it seals a
+/// write quorum of every PG at a newer epoch, finds every commit the first
+/// writer acknowledged, and from then on the first writer is fenced (its
+/// next commit fails, it allocates nothing more). The new writer commits;
+/// the nodes that were down are opened at its epoch when they come back.
+/// With three nodes down a third writer cannot seal a write quorum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sealed_volume_fences_its_old_writer() {
+async fn a_second_writer_recovers_the_volume_and_fences_the_first() {
     use db_frontend::volume::client::{VolumeConfig, VolumeError};
-    use db_frontend::volume::seal::seal_volume;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let directory = tempfile::tempdir().expect("temp dir");
         let mut cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
         let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
         let old = cluster.open_volume(transport.clone()).await.expect("volume");
+        let pages = u64::from(PG_COUNT) * PAGES_PER_PG;
         let change = |page: u64, value: u64| PageChange {
             page: PageId(page),
             op: PageOp::Write { offset: 0, data: Bytes::copy_from_slice(&value.to_le_bytes()) },
         };
-        for index in 0..20u64 {
-            old.commit(&[change(index % (u64::from(PG_COUNT) * PAGES_PER_PG), index)]).await.expect("commit");
+        let value_of = |image: &Bytes| u64::from_le_bytes(image[..8].try_into().expect("8 bytes"));
+        let mut last = BTreeMap::new();
+        for index in 0..40u64 {
+            old.commit(&[change(index % pages, index + 1)]).await.expect("commit");
+            last.insert(index % pages, index + 1);
         }
-        let complete: Vec<Lsn> = (0..PG_COUNT).map(|pg| old.pg_complete_lsn(PgId(pg))).collect();
         cluster.kill(4);
         cluster.kill(5);
 
         let mut config = VolumeConfig::new(cluster.geometry().clone());
-        let sealed = seal_volume(&config, transport.clone(), Epoch(2)).await.expect("sealed on 4 of 6");
-        assert_eq!(sealed.len(), PG_COUNT as usize);
-        for pg in &sealed {
-            assert!(pg.segments.len() >= 4, "{pg:?}");
-            assert!(pg.segments.iter().all(|segment| segment.status.epoch == Epoch(2)));
-            let covering = pg
-                .segments
-                .iter()
-                .filter(|segment| segment.status.segment_complete_lsn >= complete[pg.pg.0 as usize])
-                .count();
-            assert!(covering >= 2, "{}: only {covering} sealed segments cover {}", pg.pg, complete[pg.pg.0 as usize]);
+        let new = VolumeClient::open(config.clone(), transport.clone()).await.expect("recovered on 4 of 6");
+        assert!(new.epoch() > old.epoch(), "{} after {}", new.epoch(), old.epoch());
+        for (page, value) in &last {
+            let read = new.read_page(PageId(*page)).await.expect("read");
+            assert_eq!(value_of(&read.image), *value, "page {page} after recovery");
         }
-
         let error = old.commit(&[change(1, 99)]).await.expect_err("the old writer is fenced");
-        assert!(matches!(error, VolumeError::Fenced { epoch: Epoch::INITIAL }), "{error}");
+        assert!(matches!(error, VolumeError::Fenced { .. }), "{error}");
         assert!(old.is_fenced());
         let again = old.commit(&[change(2, 100)]).await.expect_err("and stays fenced");
         assert!(matches!(again, VolumeError::Fenced { .. }), "{again}");
 
+        // The new writer writes every page (the first write of each reads
+        // its last LSN from storage), then two more nodes come back.
+        for page in 0..pages {
+            new.commit(&[change(page, 1000 + page)]).await.expect("commit at the new epoch");
+        }
+        cluster.restart(4).await.expect("restart");
+        cluster.restart(5).await.expect("restart");
+        let opened = async {
+            while new.segments().iter().any(|view| !view.connected || view.complete < new.pg_complete_lsn(view.pg)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), opened).await.expect("the returning nodes are opened and fed");
+        for page in 0..pages {
+            let read = new.read_page(PageId(page)).await.expect("read");
+            assert_eq!(value_of(&read.image), 1000 + page);
+        }
+
         cluster.kill(3);
+        cluster.kill(4);
+        cluster.kill(5);
         config.open_timeout = Duration::from_millis(800);
-        let short = seal_volume(&config, transport.clone(), Epoch(3)).await.expect_err("three nodes down");
-        assert!(matches!(short, VolumeError::NoWriteQuorum { sealed: 3, .. }), "{short}");
-        let stale = seal_volume(&config, transport, Epoch::INITIAL).await.expect_err("older than the volume");
-        assert!(matches!(stale, VolumeError::SealRefused { .. }), "{stale}");
+        let short = VolumeClient::open(config, transport).await.expect_err("three nodes down");
+        assert!(
+            matches!(&short, VolumeError::RecoveryTimedOut { waiting_for, .. } if waiting_for.contains("seal")),
+            "{short}"
+        );
         old.close();
+        new.close();
         cluster.stop();
     })
     .await

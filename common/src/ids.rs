@@ -76,8 +76,16 @@ impl Lsn {
 }
 
 impl Epoch {
+    /// "No epoch": what a segment that no writer ever opened reports as
+    /// its open epoch.
+    pub const NONE: Epoch = Epoch(0);
     /// The epoch a new volume and its segments start in.
     pub const INITIAL: Epoch = Epoch(1);
+
+    /// The epoch after this one.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0.checked_add(1).expect("epoch space exhausted"))
+    }
 }
 
 /// The position of a segment within its protection group: 0..6.

@@ -54,6 +54,19 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 /// Aurora's LSN allocation limit: no LSN is allocated above VDL + this.
 pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;
 
+/// Largest LSN allocation limit a writer may use. A recovering writer
+/// truncates `(VDL, VDL + this]`: whatever limit its predecessor used, no
+/// record it could have written lies above the range.
+pub const LSN_ALLOCATION_LIMIT_MAX: u64 = 10_000_000;
+
+/// Most truncation ranges a volume's segments keep (one per recovery that
+/// wrote something before the next one). A recovery that would need more
+/// is refused with this limit's name.
+pub const TRUNCATIONS_MAX: usize = 1024;
+
+/// Most bytes of records one [`crate::message::RecordBatch`] carries.
+pub const RECORD_BATCH_BYTES_MAX: usize = 1024 * 1024;
+
 /// Slack reserved in every log write for entry headers and padding.
 pub const ENTRY_OVERHEAD_GUARD: usize = 256;
 

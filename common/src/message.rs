@@ -13,7 +13,9 @@ pub use crate::block_message::{
 use crate::codec::{CodecError, Reader, read_length_prefixed};
 use crate::frame::{Frame, FrameBuilder, encode_frame};
 use crate::ids::{Epoch, Lsn, PageId, PgId};
-use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, PAGE_BYTES_MAX, RECORDS_PER_APPEND_MAX};
+use crate::limits::{
+    ERROR_MESSAGE_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, PAGE_BYTES_MAX, RECORDS_PER_APPEND_MAX, TRUNCATIONS_MAX,
+};
 use crate::redo::{RecordError, RedoRecord};
 use bytes::{BufMut, Bytes};
 use thiserror::Error;
@@ -36,6 +38,9 @@ pub enum MessageKind {
     Fence = 12,
     FenceAck = 13,
     SealEpoch = 14,
+    OpenEpoch = 15,
+    FetchRecords = 16,
+    RecordBatch = 17,
 }
 
 /// Bytes of the fixed part of an append payload, before the records.
@@ -108,6 +113,69 @@ pub struct SealEpochRequest {
     pub epoch: Epoch,
 }
 
+/// One truncation range of a recovered volume (A17 §4.3): the writer that
+/// recovered at `epoch` found the volume durable up to `above`, so the
+/// records of older epochs in `(above, through]` (written, never made
+/// durable) are void forever; that writer allocates above `through`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Truncation {
+    pub epoch: Epoch,
+    pub above: Lsn,
+    pub through: Lsn,
+}
+
+impl Truncation {
+    pub fn contains(&self, lsn: Lsn) -> bool {
+        self.above < lsn && lsn <= self.through
+    }
+}
+
+/// Bytes of one encoded [`Truncation`].
+pub const TRUNCATION_BYTES: usize = 24;
+
+/// Opens `epoch` for writing: the recovering writer's truncation list
+/// (every range it respects, its own last) replaces the segment's. A
+/// segment at an older epoch is sealed by it first. Answered with a
+/// [`SegmentStatus`] once the list is durable; from then on the segment
+/// takes appends of `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenEpochRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub truncations: Vec<Truncation>,
+}
+
+/// Asks for a segment's records in `(above, through]` that lie at or below
+/// its SCL, in LSN order. A recovering writer asks the most complete
+/// segment of each PG (`through` = `Lsn(u64::MAX)`); a peer segment fills a
+/// hole in its chain (gossip). `epoch` must be the segment's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchRecordsRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub above: Lsn,
+    pub through: Lsn,
+}
+
+/// The answer to a [`FetchRecordsRequest`]: up to one frame of records.
+/// `more` says that records of the range at or below SCL remain: ask again
+/// above the last one. It also carries what recovery needs of the
+/// segment: its SCL and its truncation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordBatch {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub segment_complete_lsn: Lsn,
+    /// The epoch whose writer wrote `truncations` (0: none yet).
+    pub open_epoch: Epoch,
+    pub truncations: Vec<Truncation>,
+    pub records: Vec<RedoRecord>,
+    pub more: bool,
+}
+
 /// A segment's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentStatus {
@@ -120,6 +188,20 @@ pub struct SegmentStatus {
     /// A corrupt record was found in the middle of the log: the segment keeps
     /// serving what is below the hole but needs repair from its peers.
     pub needs_repair: bool,
+    /// The epoch whose writer's truncation list the segment holds. Equal to
+    /// `epoch` once that epoch is open for appends; 0 before any writer.
+    pub open_epoch: Epoch,
+    /// The highest VDL a writer told this segment: everything at or below
+    /// it is durable on a write quorum of every PG. Recovery reads the
+    /// records above it, never the whole log.
+    pub volume_durable_hint: Lsn,
+}
+
+impl SegmentStatus {
+    /// The segment takes appends of its epoch.
+    pub fn is_open(&self) -> bool {
+        self.open_epoch == self.epoch
+    }
 }
 
 /// Why a request was refused.
@@ -150,6 +232,9 @@ pub enum ErrorCode {
     /// A repair older than every version the segment keeps of the block: not
     /// stored.
     Superseded = 11,
+    /// The segment is at the request's epoch, but that epoch's writer has
+    /// not opened it yet ([`OpenEpochRequest`]): no appends until then.
+    NotOpen = 12,
 }
 
 impl ErrorCode {
@@ -166,6 +251,7 @@ impl ErrorCode {
             9 => ErrorCode::FencedEpoch,
             10 => ErrorCode::StaleFencingToken,
             11 => ErrorCode::Superseded,
+            12 => ErrorCode::NotOpen,
             other => return Err(CodecError::Invalid { field: "error code", detail: other.to_string() }),
         })
     }
@@ -197,6 +283,9 @@ pub enum Message {
     Fence(FenceRequest),
     FenceAck(FenceAck),
     SealEpoch(SealEpochRequest),
+    OpenEpoch(OpenEpochRequest),
+    FetchRecords(FetchRecordsRequest),
+    RecordBatch(RecordBatch),
 }
 
 /// Why a frame's payload is not a valid message.
@@ -210,6 +299,33 @@ pub enum MessageError {
     Record(#[from] RecordError),
     #[error("append carries {count} records, more than RECORDS_PER_APPEND_MAX ({RECORDS_PER_APPEND_MAX})")]
     TooManyRecords { count: usize },
+    #[error("{count} truncation ranges, more than TRUNCATIONS_MAX ({TRUNCATIONS_MAX})")]
+    TooManyTruncations { count: usize },
+}
+
+fn put_truncations(payload: &mut Vec<u8>, truncations: &[Truncation]) {
+    payload.put_u32_le(truncations.len() as u32);
+    for truncation in truncations {
+        payload.put_u64_le(truncation.epoch.0);
+        payload.put_u64_le(truncation.above.0);
+        payload.put_u64_le(truncation.through.0);
+    }
+}
+
+fn read_truncations(reader: &mut Reader) -> Result<Vec<Truncation>, MessageError> {
+    let count = reader.u32()? as usize;
+    if count > TRUNCATIONS_MAX {
+        return Err(MessageError::TooManyTruncations { count });
+    }
+    let mut truncations = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (epoch, above, through) = (Epoch(reader.u64()?), Lsn(reader.u64()?), Lsn(reader.u64()?));
+        if through < above {
+            return Err(CodecError::Invalid { field: "truncation", detail: format!("({above}, {through}]") }.into());
+        }
+        truncations.push(Truncation { epoch, above, through });
+    }
+    Ok(truncations)
 }
 
 /// Encodes an append frame from records that are already encoded (the
@@ -302,7 +418,40 @@ impl Message {
                 payload.put_u64_le(status.segment_complete_lsn.0);
                 payload.put_u64_le(status.highest_durable_lsn.0);
                 payload.put_u64_le(status.min_read_point.0);
+                payload.put_u64_le(status.open_epoch.0);
+                payload.put_u64_le(status.volume_durable_hint.0);
                 MessageKind::Status
+            }
+            Message::OpenEpoch(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(request.epoch.0);
+                put_truncations(&mut payload, &request.truncations);
+                MessageKind::OpenEpoch
+            }
+            Message::FetchRecords(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(0);
+                payload.put_u64_le(request.epoch.0);
+                payload.put_u64_le(request.above.0);
+                payload.put_u64_le(request.through.0);
+                MessageKind::FetchRecords
+            }
+            Message::RecordBatch(batch) => {
+                payload.put_u64_le(batch.request_id);
+                payload.put_u32_le(batch.pg.0);
+                payload.put_u32_le(u32::from(batch.more));
+                payload.put_u64_le(batch.epoch.0);
+                payload.put_u64_le(batch.segment_complete_lsn.0);
+                payload.put_u64_le(batch.open_epoch.0);
+                put_truncations(&mut payload, &batch.truncations);
+                payload.put_u32_le(batch.records.len() as u32);
+                for record in &batch.records {
+                    payload.put_slice(&record.encoded);
+                }
+                MessageKind::RecordBatch
             }
             Message::Error(error) => {
                 let mut message = error.message.as_bytes();
@@ -437,7 +586,66 @@ impl Message {
                     highest_durable_lsn: Lsn(reader.u64()?),
                     min_read_point: Lsn(reader.u64()?),
                     needs_repair,
+                    open_epoch: Epoch(reader.u64()?),
+                    volume_durable_hint: Lsn(reader.u64()?),
                 })
+            }
+            kind if kind == MessageKind::OpenEpoch as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                let epoch = Epoch(reader.u64()?);
+                let truncations = read_truncations(&mut reader)?;
+                Message::OpenEpoch(OpenEpochRequest { request_id, pg, epoch, truncations })
+            }
+            kind if kind == MessageKind::FetchRecords as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let _reserved = reader.u32()?;
+                Message::FetchRecords(FetchRecordsRequest {
+                    request_id,
+                    pg,
+                    epoch: Epoch(reader.u64()?),
+                    above: Lsn(reader.u64()?),
+                    through: Lsn(reader.u64()?),
+                })
+            }
+            kind if kind == MessageKind::RecordBatch as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let more = match reader.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(CodecError::Invalid { field: "more", detail: other.to_string() }.into()),
+                };
+                let epoch = Epoch(reader.u64()?);
+                let segment_complete_lsn = Lsn(reader.u64()?);
+                let open_epoch = Epoch(reader.u64()?);
+                let truncations = read_truncations(&mut reader)?;
+                let count = reader.u32()? as usize;
+                if count > RECORDS_PER_APPEND_MAX {
+                    return Err(MessageError::TooManyRecords { count });
+                }
+                let mut records = Vec::with_capacity(count);
+                let mut offset = reader.offset();
+                for _ in 0..count {
+                    let (record, next) = RedoRecord::decode(payload, offset)?;
+                    records.push(record);
+                    offset = next;
+                }
+                if offset != payload.len() {
+                    return Err(CodecError::Trailing { trailing: payload.len() - offset }.into());
+                }
+                return Ok(Message::RecordBatch(RecordBatch {
+                    request_id,
+                    pg,
+                    epoch,
+                    segment_complete_lsn,
+                    open_epoch,
+                    truncations,
+                    records,
+                    more,
+                }));
             }
             kind if kind == MessageKind::Error as u8 => {
                 let request_id = reader.u64()?;
@@ -503,7 +711,7 @@ mod tests {
             epoch: Epoch(2),
             volume_durable_lsn: Lsn(1),
             min_read_point: Lsn(1),
-            records: vec![record],
+            records: vec![record.clone()],
         }));
         round_trip(Message::AppendAck(AppendAck {
             pg: PgId(1),
@@ -536,6 +744,32 @@ mod tests {
             highest_durable_lsn: Lsn(12),
             min_read_point: Lsn(4),
             needs_repair: true,
+            open_epoch: Epoch(1),
+            volume_durable_hint: Lsn(8),
+        }));
+        let truncations = vec![Truncation { epoch: Epoch(2), above: Lsn(5), through: Lsn(105) }];
+        round_trip(Message::OpenEpoch(OpenEpochRequest {
+            request_id: 4,
+            pg: PgId(1),
+            epoch: Epoch(2),
+            truncations: truncations.clone(),
+        }));
+        round_trip(Message::FetchRecords(FetchRecordsRequest {
+            request_id: 5,
+            pg: PgId(1),
+            epoch: Epoch(2),
+            above: Lsn(1),
+            through: Lsn(u64::MAX),
+        }));
+        round_trip(Message::RecordBatch(RecordBatch {
+            request_id: 5,
+            pg: PgId(1),
+            epoch: Epoch(2),
+            segment_complete_lsn: Lsn(3),
+            open_epoch: Epoch(2),
+            truncations,
+            records: vec![record.clone()],
+            more: true,
         }));
         round_trip(Message::Error(ErrorResponse {
             request_id: 0,
@@ -591,7 +825,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(kind in 0u8..16, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_never_panics(kind in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let frame = Frame { kind, payload: Bytes::from(payload) };
             let _ = Message::decode(&frame);
         }

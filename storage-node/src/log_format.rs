@@ -7,7 +7,7 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic      "ASEG"
-//!      4     2  version    LOG_FORMAT_VERSION (1)
+//!      4     2  version    LOG_FORMAT_VERSION (2)
 //!      6     2  kind       1 = redo batch, 2 = page versions, 3 = checkpoint,
 //!                          4 = block versions, 5 = block checkpoint
 //!      8     4  body_len   bytes of body, u32 LE
@@ -25,9 +25,12 @@
 //! - page versions: `count` items of `page u64, lsn u64, length u32,
 //!   crc32c u32 (over the image), image` (each item padded to 8 bytes).
 //! - checkpoint: `epoch u64, segment_complete_lsn u64, min_read_point u64,
-//!   pg u32, page_bytes u32`: the segment chain is complete through
-//!   `segment_complete_lsn`, so records at or below it that are absent were
-//!   subsumed by page versions and garbage-collected.
+//!   pg u32, page_bytes u32, open_epoch u64, truncation_count u32, reserved
+//!   u32`, then `truncation_count` ranges of `epoch u64, above u64, through
+//!   u64`: the segment chain is complete through `segment_complete_lsn`, so
+//!   records at or below it that are absent were subsumed by page versions
+//!   and garbage-collected; the ranges are the truncation list of the
+//!   writer of `open_epoch`, and void the records logged before them.
 //! - block versions (block segments only): `count` items of `block u64,
 //!   version u64, lease_epoch u64, fencing_token u64, length u32, flags u32
 //!   (bit 0: a seal's repair), crc32c u32 (over the data), reserved u32, data`
@@ -52,11 +55,12 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use common::codec::Reader;
 use common::ids::{BlockId, Epoch, Lsn, PageId, PgId};
-use common::limits::{BLOCK_BYTES_MAX, FENCED_EPOCHS_MAX, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX};
+use common::limits::{BLOCK_BYTES_MAX, FENCED_EPOCHS_MAX, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, TRUNCATIONS_MAX};
+use common::message::{TRUNCATION_BYTES, Truncation};
 use common::redo::RedoRecord;
 
 pub const ENTRY_MAGIC: [u8; 4] = *b"ASEG";
-pub const LOG_FORMAT_VERSION: u16 = 1;
+pub const LOG_FORMAT_VERSION: u16 = 2;
 pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Largest entry body: a group-commit batch, or a set of page versions.
 pub const ENTRY_BODY_BYTES_MAX: usize = LOG_BATCH_BYTES_MAX + PAGE_BYTES_MAX;
@@ -68,7 +72,7 @@ const KIND_BLOCK_CHECKPOINT: u16 = 5;
 const BLOCK_ITEM_HEADER_BYTES: usize = 48;
 const BLOCK_FLAG_REPAIRED: u32 = 1;
 const VERSION_ITEM_HEADER_BYTES: usize = 24;
-const CHECKPOINT_BODY_BYTES: usize = 32;
+const CHECKPOINT_BODY_BYTES: usize = 48;
 
 /// Rounds up to the 8-byte alignment of entries.
 pub fn aligned(length: usize) -> usize {
@@ -138,13 +142,16 @@ pub struct PageVersion {
 }
 
 /// The segment's durable metadata.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
     pub pg: PgId,
     pub page_bytes: u32,
     pub epoch: Epoch,
     pub segment_complete_lsn: Lsn,
     pub min_read_point: Lsn,
+    /// The epoch whose writer's truncation list this is (0: none yet).
+    pub open_epoch: Epoch,
+    pub truncations: Vec<Truncation>,
 }
 
 /// One logged version of a block (a block segment's write or repair).
@@ -239,6 +246,14 @@ pub fn encode_checkpoint_entry(out: &mut BytesMut, sequence: u64, checkpoint: &C
     out.put_u64_le(checkpoint.min_read_point.0);
     out.put_u32_le(checkpoint.pg.0);
     out.put_u32_le(checkpoint.page_bytes);
+    out.put_u64_le(checkpoint.open_epoch.0);
+    out.put_u32_le(checkpoint.truncations.len() as u32);
+    out.put_u32_le(0);
+    for truncation in &checkpoint.truncations {
+        out.put_u64_le(truncation.epoch.0);
+        out.put_u64_le(truncation.above.0);
+        out.put_u64_le(truncation.through.0);
+    }
     seal(out, start);
 }
 
@@ -305,6 +320,11 @@ pub fn version_item_bytes(image_bytes: usize) -> usize {
 /// Encoded size of a checkpoint entry.
 pub const CHECKPOINT_ENTRY_BYTES: usize = ENTRY_HEADER_BYTES + CHECKPOINT_BODY_BYTES;
 
+/// Bytes of a checkpoint entry carrying `truncations` ranges.
+pub fn checkpoint_entry_bytes(truncations: usize) -> usize {
+    CHECKPOINT_ENTRY_BYTES + TRUNCATION_BYTES * truncations
+}
+
 /// A header that passed its own sanity checks (not yet the CRC).
 struct Header {
     kind: u16,
@@ -370,14 +390,26 @@ fn decode_body(header: &Header, body: &Bytes) -> Option<Entry> {
         }
         KIND_CHECKPOINT => {
             let mut reader = Reader::new(body);
-            let checkpoint = Checkpoint {
-                epoch: Epoch(reader.u64().ok()?),
-                segment_complete_lsn: Lsn(reader.u64().ok()?),
-                min_read_point: Lsn(reader.u64().ok()?),
-                pg: PgId(reader.u32().ok()?),
-                page_bytes: reader.u32().ok()?,
-            };
+            let epoch = Epoch(reader.u64().ok()?);
+            let segment_complete_lsn = Lsn(reader.u64().ok()?);
+            let min_read_point = Lsn(reader.u64().ok()?);
+            let pg = PgId(reader.u32().ok()?);
+            let page_bytes = reader.u32().ok()?;
+            let open_epoch = Epoch(reader.u64().ok()?);
+            let count = reader.u32().ok()? as usize;
+            let _reserved = reader.u32().ok()?;
+            if count > TRUNCATIONS_MAX {
+                return None;
+            }
+            let mut truncations = Vec::with_capacity(count);
+            for _ in 0..count {
+                let (epoch, above, through) =
+                    (Epoch(reader.u64().ok()?), Lsn(reader.u64().ok()?), Lsn(reader.u64().ok()?));
+                truncations.push(Truncation { epoch, above, through });
+            }
             reader.finish().ok()?;
+            let checkpoint =
+                Checkpoint { pg, page_bytes, epoch, segment_complete_lsn, min_read_point, open_epoch, truncations };
             Some(Entry::Checkpoint(checkpoint))
         }
         KIND_BLOCK_VERSIONS => {
@@ -630,6 +662,8 @@ mod tests {
             epoch: Epoch(2),
             segment_complete_lsn: Lsn(6),
             min_read_point: Lsn(4),
+            open_epoch: Epoch(2),
+            truncations: vec![Truncation { epoch: Epoch(2), above: Lsn(6), through: Lsn(106) }],
         };
         let end = starts[2] + redo_entry_bytes(record(5).encoded.len() * 2);
         let mut tail = BytesMut::new();

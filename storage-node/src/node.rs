@@ -525,6 +525,29 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             }
             None => reply(sender, &unknown_segment(request.request_id, request.pg)),
         },
+        Message::OpenEpoch(request) => match shared.segments.get(&request.pg) {
+            Some(driver) => {
+                let actions =
+                    driver.core.lock().open_epoch(request.request_id, request.epoch, request.truncations, connection);
+                driver.run(actions);
+            }
+            None => reply(sender, &unknown_segment(request.request_id, request.pg)),
+        },
+        Message::FetchRecords(request) => {
+            let response = match shared.segments.get(&request.pg) {
+                Some(driver) => match driver.core.lock().fetch_records(&request) {
+                    Ok(batch) => Message::RecordBatch(batch),
+                    Err(refusal) => Message::Error(ErrorResponse {
+                        request_id: request.request_id,
+                        pg: request.pg,
+                        code: refusal.code,
+                        message: refusal.message,
+                    }),
+                },
+                None => unknown_segment(request.request_id, request.pg),
+            };
+            reply(sender, &response);
+        }
         Message::StatusRequest(request) => {
             let response = match shared.segments.get(&request.pg) {
                 Some(driver) => Message::Status(driver.core.lock().status(request.request_id)),

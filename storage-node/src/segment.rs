@@ -36,18 +36,21 @@
 //! - Nothing is acknowledged before the fdatasync that made it durable.
 
 use crate::log_format::{
-    CHECKPOINT_ENTRY_BYTES, Checkpoint, ENTRY_HEADER_BYTES, Entry, LogCursor, LogPosition, PageVersion, ScanResult,
+    Checkpoint, ENTRY_HEADER_BYTES, Entry, LogCursor, LogPosition, PageVersion, ScanResult, checkpoint_entry_bytes,
     encode_checkpoint_entry, encode_redo_entry, encode_versions_entry, redo_entry_bytes, version_item_bytes,
 };
 use crate::page_index::PageIndex;
 use bytes::{Bytes, BytesMut};
 use common::ids::{Epoch, IdHashMap, IdHashSet, Lsn, PageId, PgId};
 use common::limits::{
-    ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, PAGES_PER_PG_MAX, SEGMENT_QUEUED_BYTES_MAX,
+    ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, PAGES_PER_PG_MAX, RECORD_BATCH_BYTES_MAX,
+    RECORDS_PER_APPEND_MAX, SEGMENT_QUEUED_BYTES_MAX, TRUNCATIONS_MAX,
 };
-use common::message::{AppendAck, AppendRequest, ErrorCode, ErrorResponse, SegmentStatus};
-use common::redo::{PageOp, RedoRecord};
-use std::collections::{BTreeMap, BTreeSet};
+use common::message::{
+    AppendAck, AppendRequest, ErrorCode, ErrorResponse, FetchRecordsRequest, RecordBatch, SegmentStatus, Truncation,
+};
+use common::redo::RedoRecord;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Who waits for an acknowledgement (the driver's connection id).
 pub type ReplyTo = u64;
@@ -152,16 +155,25 @@ pub struct ReadRefusal {
     pub message: String,
 }
 
-/// A durable record in its page's chain: what materialization reads, and
-/// the log file that holds it. Only these fields, not the whole decoded
-/// record: one lives in memory for every record not yet subsumed by a page
-/// version, so its size is the append path's memory traffic.
+/// A durable record in its page's chain: its LSN, the log file that holds
+/// it, and its encoded bytes exactly as the writer checksummed them (shared
+/// with the frame or log buffer it arrived in). Materialization, recovery
+/// and gossip decode it again, which checks its CRC once more before it is
+/// used: corruption in memory is caught too. One lives in memory for every
+/// record not yet subsumed by a page version, so it is kept small.
 #[derive(Debug)]
 struct ChainRecord {
     lsn: Lsn,
-    prev_page_lsn: Lsn,
-    op: PageOp,
     file: u64,
+    encoded: Bytes,
+}
+
+impl ChainRecord {
+    fn decode(&self) -> Result<RedoRecord, String> {
+        RedoRecord::decode(&self.encoded, 0)
+            .map(|(record, _)| record)
+            .map_err(|error| format!("record {} failed its check in memory: {error}", self.lsn))
+    }
 }
 
 /// A durable page version and the log file that holds it.
@@ -200,8 +212,17 @@ impl PageChain {
     }
 
     fn holds_record(&self, lsn: Lsn) -> bool {
+        self.record(lsn).is_some()
+    }
+
+    fn record(&self, lsn: Lsn) -> Option<&ChainRecord> {
         let at = self.first_above(lsn);
-        at > 0 && self.records[at - 1].lsn == lsn
+        (at > 0 && self.records[at - 1].lsn == lsn).then(|| &self.records[at - 1])
+    }
+
+    fn remove_record(&mut self, lsn: Lsn) -> Option<ChainRecord> {
+        let at = self.first_above(lsn);
+        (at > 0 && self.records[at - 1].lsn == lsn).then(|| self.records.remove(at - 1))
     }
 
     /// Adds a record; false if the chain already holds its LSN.
@@ -283,10 +304,25 @@ pub struct SegmentCore {
     file_versions: BTreeMap<u64, Vec<(PageId, Lsn)>>,
     cleaning: Option<u64>,
     checkpoint_due: Vec<u64>,
-    /// Seals of the current epoch waiting for a checkpoint that carries it.
+    /// Seals (and opens) of the current epoch waiting for a checkpoint
+    /// that carries it.
     seal_waiters: Vec<SealWaiter>,
-    /// The current epoch is not durable yet (a checkpoint must log it).
+    /// The current epoch or truncation list is not durable yet (a
+    /// checkpoint must log it).
     seal_due: bool,
+
+    /// The epoch whose writer's truncation list `truncations` is: appends
+    /// are taken only when it is the current epoch (the epoch is *open*).
+    open_epoch: Epoch,
+    /// Ranges of records voided by recovering writers. No record inside one
+    /// is ever held: those present when the list arrived were dropped, and
+    /// later ones are refused.
+    truncations: Vec<Truncation>,
+    /// Durable records above `recent_floor` (the writer's VDL when this was
+    /// last trimmed), ascending: what a recovering writer reads and a
+    /// truncation drops, found without walking the whole log.
+    recent: VecDeque<(Lsn, PageId)>,
+    recent_floor: Lsn,
 }
 
 impl SegmentCore {
@@ -323,6 +359,10 @@ impl SegmentCore {
             checkpoint_due: Vec::new(),
             seal_waiters: Vec::new(),
             seal_due: false,
+            open_epoch: Epoch::NONE,
+            truncations: Vec::new(),
+            recent: VecDeque::new(),
+            recent_floor: Lsn::ZERO,
         })
     }
 
@@ -334,13 +374,34 @@ impl SegmentCore {
         Ok((core, actions))
     }
 
+    /// A brand-new segment already open at `epoch` with an empty
+    /// truncation list: for a writer that knows the volume is empty
+    /// (`WriterCore::new`: benchmarks and tests of one segment), instead of
+    /// recovering it. The returned write logs both.
+    pub fn create_open(config: SegmentConfig, epoch: Epoch) -> Result<(SegmentCore, Vec<Action>), String> {
+        let mut core = SegmentCore::empty(config, epoch)?;
+        core.open_epoch = epoch;
+        core.truncations = vec![Truncation { epoch, above: Lsn::ZERO, through: Lsn::ZERO }];
+        core.checkpoint_due.push(0);
+        let actions = core.start_write();
+        Ok((core, actions))
+    }
+
     /// Rebuilds a segment from what [`crate::log_format::scan_log`] read back.
+    ///
+    /// Entries are replayed in log order. A checkpoint whose truncation list
+    /// differs from the one applied so far voids the records logged before
+    /// it inside its ranges, as the live segment did when the list arrived;
+    /// records logged after it stay (a later writer may have vouched for
+    /// them). SCL starts at the last checkpoint logged before the first
+    /// corruption (SCL only drops at a truncation, which logs a checkpoint).
     pub fn recover(config: SegmentConfig, scan: ScanResult) -> Result<(SegmentCore, RecoveryReport), String> {
         let cursor = LogCursor::resume(config.log_file_bytes, &scan);
         let mut core = SegmentCore::empty(config, Epoch::INITIAL)?;
         let mut base = Lsn::ZERO;
         let mut saw_checkpoint = false;
-        let mut chain_links: Vec<(Lsn, Lsn)> = Vec::new();
+        // (prev_segment_lsn, lsn, page) of every logged record still standing.
+        let mut logged: Vec<(Lsn, Lsn, PageId)> = Vec::new();
         // A checkpoint logged after a corrupt entry may claim an SCL that covers
         // records lost in it: only checkpoints before the first corruption count.
         let first_corruption = scan.corruptions.first().map(|corruption| corruption.at);
@@ -356,16 +417,28 @@ impl SegmentCore {
                     saw_checkpoint = true;
                     core.epoch = core.epoch.max(checkpoint.epoch);
                     if first_corruption.is_none_or(|corrupt| position < corrupt) {
-                        base = base.max(checkpoint.segment_complete_lsn);
+                        base = checkpoint.segment_complete_lsn;
                     }
                     core.min_read_point = core.min_read_point.max(checkpoint.min_read_point);
+                    if checkpoint.open_epoch != core.open_epoch || checkpoint.truncations != core.truncations {
+                        core.open_epoch = checkpoint.open_epoch;
+                        core.truncations = checkpoint.truncations;
+                        let truncations = &core.truncations;
+                        let (voided, kept): (Vec<_>, Vec<_>) = logged
+                            .into_iter()
+                            .partition(|(_, lsn, _)| truncations.iter().any(|range| range.contains(*lsn)));
+                        logged = kept;
+                        for (_, lsn, page) in voided {
+                            core.drop_record(page, lsn);
+                        }
+                    }
                 }
                 Entry::Redo(records) => {
                     let pg = core.config.pg;
                     for record in records.into_iter().filter(|record| record.pg == pg) {
                         // Every logged record was durable here, also one a
                         // version has since subsumed: all of them link the chain.
-                        chain_links.push((record.prev_segment_lsn, record.lsn));
+                        logged.push((record.prev_segment_lsn, record.lsn, record.page));
                         core.insert_durable_record(record, position.file);
                     }
                 }
@@ -379,17 +452,29 @@ impl SegmentCore {
                 }
             }
         }
-        if !saw_checkpoint && !chain_links.is_empty() {
+        if !saw_checkpoint && !logged.is_empty() {
             return Err("log holds records but no checkpoint: not a segment log".into());
         }
         core.segment_complete_lsn = base;
         core.highest_durable_lsn = base;
-        for (prev, lsn) in chain_links.into_iter().filter(|(_, lsn)| *lsn > base) {
-            core.park(prev, lsn);
-            core.highest_durable_lsn = core.highest_durable_lsn.max(lsn);
-        }
-        core.advance_segment_complete_lsn();
         core.coalesce_bound = core.min_read_point;
+        core.recent_floor = core.min_read_point;
+        let mut recent: Vec<(Lsn, PageId)> = Vec::new();
+        for (prev, lsn, page) in logged {
+            if lsn > core.recent_floor && core.pages.get(page).is_some_and(|chain| chain.holds_record(lsn)) {
+                recent.push((lsn, page));
+            }
+            if lsn > base {
+                // A record whose predecessor lies below the base follows the
+                // base directly (the base need not be a record of this PG).
+                core.park(prev.max(base), lsn);
+                core.highest_durable_lsn = core.highest_durable_lsn.max(lsn);
+            }
+        }
+        recent.sort_unstable();
+        recent.dedup();
+        core.recent = recent.into();
+        core.advance_segment_complete_lsn();
         core.needs_repair = !scan.corruptions.is_empty();
         core.cursor = cursor;
         let page_ids: Vec<PageId> = core.pages.pages().collect();
@@ -422,7 +507,23 @@ impl SegmentCore {
             highest_durable_lsn: self.highest_durable_lsn,
             min_read_point: self.min_read_point,
             needs_repair: self.needs_repair,
+            open_epoch: self.open_epoch,
+            volume_durable_hint: self.coalesce_bound,
         }
+    }
+
+    /// The truncation list this segment holds (its writer's: see `open_epoch`).
+    pub fn truncations(&self) -> &[Truncation] {
+        &self.truncations
+    }
+
+    fn is_truncated(&self, lsn: Lsn) -> bool {
+        self.truncations.iter().any(|range| range.contains(lsn))
+    }
+
+    /// Bytes of the checkpoint this segment logs now.
+    fn checkpoint_bytes(&self) -> usize {
+        checkpoint_entry_bytes(self.truncations.len())
     }
 
     pub fn segment_complete_lsn(&self) -> Lsn {
@@ -479,7 +580,7 @@ impl SegmentCore {
         if record.page.0 / self.config.pages_per_pg != u64::from(self.config.pg.0) {
             return Err(format!("record {} writes {} outside {}", record.lsn, record.page, self.config.pg));
         }
-        if record.encoded.len() + CHECKPOINT_ENTRY_BYTES + 2 * ENTRY_OVERHEAD_GUARD > self.config.write_bytes_max() {
+        if record.encoded.len() + self.checkpoint_bytes() + 2 * ENTRY_OVERHEAD_GUARD > self.config.write_bytes_max() {
             return Err(format!(
                 "record {} of {} bytes exceeds this segment's largest log write",
                 record.lsn,
@@ -488,6 +589,9 @@ impl SegmentCore {
         }
         if record.op.extent_end() > self.config.page_bytes {
             return Err(format!("record {} writes past a {}-byte page", record.lsn, self.config.page_bytes));
+        }
+        if self.is_truncated(record.lsn) {
+            return Err(format!("record {} lies in a truncated range: it is void", record.lsn));
         }
         Ok(())
     }
@@ -500,6 +604,10 @@ impl SegmentCore {
         }
         if let Err((code, message)) = self.check_epoch(request.epoch) {
             return vec![Action::Refuse { to: from, error: self.refusal(code, message) }];
+        }
+        if self.open_epoch != self.epoch {
+            let message = format!("{} is not open: its writer has not sent its truncation list", self.epoch);
+            return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::NotOpen, message) }];
         }
         if let Some(problem) = request.records.iter().find_map(|record| self.validate_record(record).err()) {
             return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, problem) }];
@@ -515,7 +623,10 @@ impl SegmentCore {
             self.min_read_point = request.min_read_point;
             self.collect_garbage();
         }
-        self.coalesce_bound = self.coalesce_bound.max(request.volume_durable_lsn);
+        if request.volume_durable_lsn > self.coalesce_bound {
+            self.coalesce_bound = request.volume_durable_lsn;
+            self.trim_recent();
+        }
         let mut accepted = 0;
         for record in request.records {
             let lsn = record.lsn;
@@ -561,29 +672,77 @@ impl SegmentCore {
     /// answered at once if it is durable, else with the pending checkpoint;
     /// an older epoch is refused.
     pub fn seal(&mut self, request_id: u64, epoch: Epoch, from: ReplyTo) -> Vec<Action> {
+        if let Some(refusal) = self.refuse_epoch_change(request_id, epoch, from) {
+            return vec![refusal];
+        }
+        let mut actions = if epoch > self.epoch { self.enter_epoch(epoch) } else { Vec::new() };
+        actions.extend(self.answer_once_durable(request_id, from));
+        actions
+    }
+
+    /// Opens `epoch` for appends with its writer's truncation list (the
+    /// last range is the writer's own), sealing the segment at `epoch`
+    /// first if it is older. The list replaces the segment's: the records
+    /// held inside its ranges are dropped now (SCL falls back below the
+    /// first one it covered), and none is taken later. Answered once a
+    /// checkpoint carrying the list is durable. A repeat with the same list
+    /// is answered as a seal is; another list for an open epoch is refused
+    /// (one writer per epoch).
+    pub fn open_epoch(
+        &mut self,
+        request_id: u64,
+        epoch: Epoch,
+        truncations: Vec<Truncation>,
+        from: ReplyTo,
+    ) -> Vec<Action> {
+        if let Some(refusal) = self.refuse_epoch_change(request_id, epoch, from) {
+            return vec![refusal];
+        }
+        let invalid = |message: String| {
+            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::InvalidRequest, message) };
+            vec![Action::Refuse { to: from, error }]
+        };
+        if truncations.len() > TRUNCATIONS_MAX {
+            return invalid(format!("{} truncation ranges; TRUNCATIONS_MAX is {TRUNCATIONS_MAX}", truncations.len()));
+        }
+        if truncations.last().is_none_or(|own| own.epoch != epoch) {
+            return invalid(format!("the truncation list of {epoch} must end with that epoch's own range"));
+        }
+        if epoch == self.epoch && self.open_epoch == epoch {
+            if truncations != self.truncations {
+                return invalid(format!("{epoch} is already open with another truncation list"));
+            }
+            return self.answer_once_durable(request_id, from);
+        }
+        let mut actions = if epoch > self.epoch { self.enter_epoch(epoch) } else { Vec::new() };
+        self.open_epoch = epoch;
+        self.truncations = truncations;
+        self.void_truncated_records();
+        self.seal_due = true;
+        actions.extend(self.answer_once_durable(request_id, from));
+        actions
+    }
+
+    /// The refusal of a seal or an open at `epoch`, if the segment cannot take it.
+    fn refuse_epoch_change(&self, request_id: u64, epoch: Epoch, from: ReplyTo) -> Option<Action> {
+        let refuse = |code: ErrorCode, message: String| Action::Refuse {
+            to: from,
+            error: ErrorResponse { request_id, ..self.refusal(code, message) },
+        };
         if let Some(reason) = &self.failed {
-            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::DiskFailure, reason.clone()) };
-            return vec![Action::Refuse { to: from, error }];
+            return Some(refuse(ErrorCode::DiskFailure, reason.clone()));
         }
-        if epoch < self.epoch {
-            let message = format!("seal at {epoch}, but the segment is at {}", self.epoch);
-            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::StaleEpoch, message) };
-            return vec![Action::Refuse { to: from, error }];
-        }
-        if epoch == self.epoch {
-            if self.seal_due {
-                self.seal_waiters.push((from, request_id));
-                return Vec::new();
-            }
-            if let Some(write) = self.in_flight.as_mut().filter(|write| !write.sealed.is_empty()) {
-                write.sealed.push((from, request_id));
-                return Vec::new();
-            }
-            return vec![Action::Status { to: from, status: self.status(request_id) }];
-        }
+        (epoch < self.epoch)
+            .then(|| refuse(ErrorCode::StaleEpoch, format!("{epoch} is older than the segment's {}", self.epoch)))
+    }
+
+    /// Moves to the newer `epoch`: the older one's queued records (not
+    /// durable) are refused as stale, so the state answered is final for
+    /// the older epoch, and a checkpoint logs the new epoch.
+    fn enter_epoch(&mut self, epoch: Epoch) -> Vec<Action> {
         let message = format!("the segment was sealed at {epoch}");
         let stale = self.refusal(ErrorCode::StaleEpoch, message);
-        let mut actions: Vec<Action> = std::mem::take(&mut self.queued_waiters)
+        let actions = std::mem::take(&mut self.queued_waiters)
             .into_iter()
             .map(|to| Action::Refuse { to, error: stale.clone() })
             .collect();
@@ -593,9 +752,127 @@ impl SegmentCore {
         self.queued_bytes = 0;
         self.epoch = epoch;
         self.seal_due = true;
-        self.seal_waiters.push((from, request_id));
-        actions.extend(self.start_write());
         actions
+    }
+
+    /// Answers `from` with the status once the epoch and truncation list are
+    /// durable: at once if they are, else with the checkpoint that logs them.
+    fn answer_once_durable(&mut self, request_id: u64, from: ReplyTo) -> Vec<Action> {
+        if self.seal_due {
+            self.seal_waiters.push((from, request_id));
+            return self.start_write();
+        }
+        // A write in flight with seal waiters carries the checkpoint that logs
+        // the current epoch and list.
+        if let Some(write) = self.in_flight.as_mut().filter(|write| !write.sealed.is_empty()) {
+            write.sealed.push((from, request_id));
+            return Vec::new();
+        }
+        vec![Action::Status { to: from, status: self.status(request_id) }]
+    }
+
+    /// Drops every held record inside a truncation range. If SCL lay above
+    /// one, it falls back to the chain predecessor of the lowest record
+    /// dropped at or below it, and the records still held above that wait
+    /// to link up again.
+    fn void_truncated_records(&mut self) {
+        let lowest = self.truncations.iter().map(|range| range.above).min().unwrap_or(Lsn::ZERO);
+        let held = self.records_in(lowest, Lsn(u64::MAX));
+        let mut fallback: Option<Lsn> = None;
+        for (lsn, page) in held {
+            if !self.is_truncated(lsn) {
+                continue;
+            }
+            if lsn <= self.segment_complete_lsn && fallback.is_none() {
+                let record = self.pages.get(page).and_then(|chain| chain.record(lsn)).map(ChainRecord::decode);
+                fallback = Some(match record {
+                    Some(Ok(record)) => record.prev_segment_lsn,
+                    _ => lowest.min(self.segment_complete_lsn),
+                });
+            }
+            self.drop_record(page, lsn);
+        }
+        let truncations = &self.truncations;
+        let voided = |lsn: &Lsn| truncations.iter().any(|range| range.contains(*lsn));
+        self.parked_lsns.retain(|lsn| !voided(lsn));
+        self.parked_by_prev.retain(|_, next| !voided(next));
+        self.recent.retain(|(lsn, _)| !voided(lsn));
+        if let Some(fallback) = fallback {
+            let old = self.segment_complete_lsn;
+            self.segment_complete_lsn = fallback;
+            for (lsn, page) in self.records_in(fallback, old) {
+                let prev = self.pages.get(page).and_then(|chain| chain.record(lsn)).map(ChainRecord::decode);
+                if let Some(Ok(record)) = prev {
+                    self.park(record.prev_segment_lsn.max(fallback), lsn);
+                }
+            }
+            self.advance_segment_complete_lsn();
+        }
+        self.highest_durable_lsn = self.parked_lsns.iter().copied().fold(self.segment_complete_lsn, Lsn::max);
+    }
+
+    /// Removes one durable record from its page chain (voided by a truncation).
+    fn drop_record(&mut self, page: PageId, lsn: Lsn) {
+        if let Some(record) = self.pages.get_mut(page).and_then(|chain| chain.remove_record(lsn)) {
+            self.record_count -= 1;
+            Self::release(&mut self.file_live, record.file);
+        }
+    }
+
+    /// The held durable records in `(above, through]`, ascending: from
+    /// `recent` when it reaches that low, else from every log file's list.
+    fn records_in(&self, above: Lsn, through: Lsn) -> Vec<(Lsn, PageId)> {
+        let in_range = |lsn: Lsn| above < lsn && lsn <= through;
+        let mut found: Vec<(Lsn, PageId)> = if above >= self.recent_floor {
+            let start = self.recent.partition_point(|(lsn, _)| *lsn <= above);
+            self.recent.range(start..).take_while(|(lsn, _)| *lsn <= through).copied().collect()
+        } else {
+            self.file_records.values().flatten().filter(|(lsn, _)| in_range(*lsn)).copied().collect()
+        };
+        found.retain(|(lsn, page)| self.pages.get(*page).is_some_and(|chain| chain.holds_record(*lsn)));
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
+
+    /// Drops `recent` entries at or below the writer's VDL.
+    fn trim_recent(&mut self) {
+        while self.recent.front().is_some_and(|(lsn, _)| *lsn <= self.coalesce_bound) {
+            self.recent.pop_front();
+        }
+        self.recent_floor = self.coalesce_bound;
+    }
+
+    /// Records in `(above, through]` at or below SCL, for a recovering
+    /// writer or a peer filling a hole; at most one frame's worth.
+    pub fn fetch_records(&self, request: &FetchRecordsRequest) -> Result<RecordBatch, ReadRefusal> {
+        if let Err((code, message)) = self.check_epoch(request.epoch) {
+            return Err(ReadRefusal { code, message });
+        }
+        let through = request.through.min(self.segment_complete_lsn);
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for (lsn, page) in self.records_in(request.above, through) {
+            let Some(held) = self.pages.get(page).and_then(|chain| chain.record(lsn)) else { continue };
+            if records.len() == RECORDS_PER_APPEND_MAX || bytes + held.encoded.len() > RECORD_BATCH_BYTES_MAX {
+                more = true;
+                break;
+            }
+            let record = held.decode().map_err(|message| ReadRefusal { code: ErrorCode::InvalidRequest, message })?;
+            bytes += held.encoded.len();
+            records.push(record);
+        }
+        Ok(RecordBatch {
+            request_id: request.request_id,
+            pg: self.config.pg,
+            epoch: self.epoch,
+            segment_complete_lsn: self.segment_complete_lsn,
+            open_epoch: self.open_epoch,
+            truncations: self.truncations.clone(),
+            records,
+            more,
+        })
     }
 
     /// The write `id` is durable.
@@ -606,12 +883,14 @@ impl SegmentCore {
         for record in in_flight.redo {
             self.pending_lsns.remove(&record.lsn);
             let lsn = record.lsn;
-            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) {
+            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) || self.is_truncated(lsn) {
+                // Already held, or voided while this write was in flight.
                 continue;
             }
             let prev = record.prev_segment_lsn;
             let page = record.page;
             self.insert_durable_record(record, in_flight.file);
+            self.note_recent(lsn, page);
             self.highest_durable_lsn = self.highest_durable_lsn.max(lsn);
             if prev == self.segment_complete_lsn {
                 // In order, the common case: the chain continues at once.
@@ -662,9 +941,22 @@ impl SegmentCore {
             .collect()
     }
 
+    /// Remembers a new durable record above the writer's VDL in `recent`.
+    fn note_recent(&mut self, lsn: Lsn, page: PageId) {
+        if lsn <= self.recent_floor {
+            return;
+        }
+        if self.recent.back().is_none_or(|(last, _)| *last < lsn) {
+            self.recent.push_back((lsn, page)); // in order: the common case
+        } else {
+            let at = self.recent.partition_point(|(held, _)| *held < lsn);
+            self.recent.insert(at, (lsn, page));
+        }
+    }
+
     fn insert_durable_record(&mut self, record: RedoRecord, file: u64) {
         let (lsn, page) = (record.lsn, record.page);
-        let chain_record = ChainRecord { lsn, prev_page_lsn: record.prev_page_lsn, op: record.op, file };
+        let chain_record = ChainRecord { lsn, file, encoded: record.encoded };
         if !self.pages.get_or_default(page).insert_record(chain_record) {
             return;
         }
@@ -724,6 +1016,11 @@ impl SegmentCore {
         if let Err((code, message)) = self.check_epoch(epoch) {
             return Err(ReadRefusal { code, message });
         }
+        if self.open_epoch != self.epoch {
+            // It may still hold records its writer's list voids.
+            let message = format!("{} is not open yet", self.epoch);
+            return Err(ReadRefusal { code: ErrorCode::NotOpen, message });
+        }
         if read_point > self.segment_complete_lsn {
             return Err(ReadRefusal {
                 code: ErrorCode::ReadPointAboveComplete,
@@ -754,7 +1051,8 @@ impl SegmentCore {
             None => (Lsn::ZERO, vec![0u8; self.config.page_bytes]),
         };
         let mut applied = base_lsn;
-        for record in chain.records_between(base_lsn, read_point) {
+        for held in chain.records_between(base_lsn, read_point) {
+            let record = held.decode()?;
             if record.prev_page_lsn != applied {
                 return Err(format!(
                     "page chain of {page} is broken at {}: it links to {}, the last record applied is {applied}",
@@ -870,7 +1168,7 @@ impl SegmentCore {
         }
         // Redo first: it is what clients wait for.
         let write_max = self.config.write_bytes_max();
-        let mut room = write_max - CHECKPOINT_ENTRY_BYTES - 2 * ENTRY_OVERHEAD_GUARD;
+        let mut room = write_max - self.checkpoint_bytes() - 2 * ENTRY_OVERHEAD_GUARD;
         let mut take = 0;
         for record in &self.queued {
             if record.encoded.len() > room {
@@ -893,7 +1191,7 @@ impl SegmentCore {
         } else {
             ENTRY_HEADER_BYTES + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
         };
-        let checkpoint_bytes = if checkpoint { CHECKPOINT_ENTRY_BYTES } else { 0 };
+        let checkpoint_bytes = if checkpoint { self.checkpoint_bytes() } else { 0 };
         let redo: Vec<RedoRecord> = self.queued.drain(..take).collect();
         let redo_bytes: usize = redo.iter().map(|record| record.encoded.len()).sum();
         self.queued_bytes -= redo_bytes;
@@ -917,6 +1215,8 @@ impl SegmentCore {
                 epoch: self.epoch,
                 segment_complete_lsn: self.segment_complete_lsn,
                 min_read_point: self.min_read_point,
+                open_epoch: self.open_epoch,
+                truncations: self.truncations.clone(),
             };
             encode_checkpoint_entry(&mut bytes, self.cursor.take_sequence(), &checkpoint);
         }

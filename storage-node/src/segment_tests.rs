@@ -54,7 +54,12 @@ impl RecordMaker {
     }
 }
 
-/// A segment on a memory disk, driven synchronously.
+/// The truncation list of a writer that found nothing to truncate.
+fn empty_truncation(epoch: Epoch) -> Truncation {
+    Truncation { epoch, above: Lsn::ZERO, through: Lsn::ZERO }
+}
+
+/// A segment on a memory disk, driven synchronously, open at epoch 1.
 struct Harness {
     core: SegmentCore,
     disk: MemoryDisk,
@@ -78,6 +83,10 @@ impl Harness {
             deleted: Vec::new(),
         };
         harness.complete_all(actions);
+        let opened = harness.core.open_epoch(0, Epoch::INITIAL, vec![empty_truncation(Epoch::INITIAL)], 0);
+        harness.complete_all(opened);
+        harness.writes.clear();
+        harness.statuses.clear();
         harness
     }
 
@@ -253,9 +262,9 @@ fn a_seal_fences_the_older_epoch_and_is_answered_once_durable() {
     let answered: Vec<u64> = queued_harness.statuses.iter().map(|(_, status)| status.request_id).collect();
     assert_eq!(answered, vec![1, 2]);
     let sizes: Vec<usize> = queued_harness.writes.iter().map(|write| write.bytes.len()).collect();
-    // The create's checkpoint, record a, then one checkpoint for both seals.
-    assert_eq!(sizes.len(), 3, "{sizes:?}");
-    assert_eq!((sizes[0], sizes[2]), (CHECKPOINT_ENTRY_BYTES, CHECKPOINT_ENTRY_BYTES), "{sizes:?}");
+    // Record a, then one checkpoint (with the one-range list) for both seals.
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert_eq!(sizes[1], crate::log_format::checkpoint_entry_bytes(1), "{sizes:?}");
 
     let repeated = harness.core.seal(8, Epoch(2), 5);
     assert!(matches!(&repeated[..], [Action::Status { to: 5, status }] if status.request_id == 8), "{repeated:?}");
@@ -269,6 +278,14 @@ fn a_seal_fences_the_older_epoch_and_is_answered_once_durable() {
     assert_eq!(harness.core.status(0).epoch, Epoch(2), "the epoch survives a restart");
     let mut request = Harness::request(vec![maker.make(2, 0, b"new", 0)], Lsn::ZERO, Lsn::ZERO);
     request.epoch = Epoch(2);
+    let not_open = harness.core.append(request.clone(), 1);
+    assert!(
+        matches!(&not_open[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::NotOpen),
+        "a sealed epoch takes no append before its writer opens it: {not_open:?}"
+    );
+    let opened = harness.core.open_epoch(10, Epoch(2), vec![empty_truncation(Epoch(2))], 5);
+    harness.complete_all(opened);
+    assert!(harness.statuses.last().is_some_and(|(_, status)| status.request_id == 10 && status.is_open()));
     let accepted = harness.core.append(request, 1);
     assert!(!accepted.iter().any(|action| matches!(action, Action::Refuse { .. })), "{accepted:?}");
 }
@@ -366,6 +383,8 @@ fn a_later_checkpoint_does_not_cover_a_corrupt_record() {
         epoch: Epoch::INITIAL,
         segment_complete_lsn: lsns[5],
         min_read_point: Lsn::ZERO,
+        open_epoch: Epoch::INITIAL,
+        truncations: vec![empty_truncation(Epoch::INITIAL)],
     };
     crate::log_format::encode_checkpoint_entry(&mut checkpoint, 1_000, &claim);
     let position = LogPosition { file: last.position.file, offset: last.position.offset + last.bytes.len() as u64 };
@@ -511,6 +530,148 @@ proptest! {
 /// ARCHITECTURE.md §11 quotes what each in-memory record costs: keep it true.
 #[test]
 fn a_record_in_memory_costs_what_the_docs_say() {
-    assert_eq!(std::mem::size_of::<super::ChainRecord>(), 64, "a record in its page chain");
+    assert_eq!(std::mem::size_of::<super::ChainRecord>(), 48, "a record in its page chain");
     assert_eq!(std::mem::size_of::<super::FileRecord>(), 16, "its entry in its log file's list");
+}
+
+/// Opening an epoch with a truncation list drops the records held inside
+/// its ranges (SCL falls back below them), refuses them from then on, and
+/// a restart replays the same: records logged before the list stay void,
+/// the new writer's records (linking below the range) complete the chain.
+#[test]
+fn opening_an_epoch_voids_truncated_records_and_a_restart_agrees() {
+    let mut harness = Harness::new();
+    let lsns = harness.append_six_records_to_page_one();
+    assert_eq!(harness.core.segment_complete_lsn(), lsns[5]);
+    let truncations =
+        vec![empty_truncation(Epoch::INITIAL), Truncation { epoch: Epoch(2), above: lsns[2], through: Lsn(103) }];
+    let opened = harness.core.open_epoch(1, Epoch(2), truncations.clone(), 7);
+    harness.complete_all(opened);
+    let (_, status) = *harness.statuses.last().expect("answered once durable");
+    assert!(status.is_open() && status.epoch == Epoch(2));
+    assert_eq!((status.segment_complete_lsn, status.highest_durable_lsn), (lsns[2], lsns[2]));
+    let page_at =
+        |harness: &Harness, point: Lsn| harness.core.read_page(PageId(1), point, Epoch(2)).map(|(_, image)| image[0]);
+    assert_eq!(page_at(&harness, lsns[2]), Ok(3), "records 1-3 stand");
+    assert_eq!(page_at(&harness, lsns[5]).unwrap_err().code, ErrorCode::ReadPointAboveComplete);
+
+    // The new writer allocates above the range; its first record links to
+    // the PG's last record below it.
+    let mut maker = RecordMaker { last_lsn: 103, last_segment: lsns[2], ..RecordMaker::default() };
+    maker.last_page.insert(PageId(1), lsns[2]);
+    let next = maker.make(1, 0, &[9; 16], 0);
+    let mut request = Harness::request(vec![next.clone()], lsns[2], Lsn::ZERO);
+    request.epoch = Epoch(2);
+    let actions = harness.core.append(request.clone(), 1);
+    harness.complete_all(actions);
+    assert_eq!(harness.core.segment_complete_lsn(), next.lsn);
+    assert_eq!(page_at(&harness, next.lsn), Ok(9));
+
+    // A voided record sent again is refused.
+    let mut old = RecordMaker { last_lsn: lsns[2].0, last_segment: lsns[2], ..RecordMaker::default() };
+    old.last_page.insert(PageId(1), lsns[2]);
+    request.records = vec![old.make(1, 0, &[4; 16], 0)];
+    let refused = harness.core.append(request, 1);
+    assert!(matches!(&refused[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::InvalidRequest));
+
+    let report = harness.restart();
+    assert_eq!(report.segment_complete_lsn, next.lsn, "the chain links across the range after a restart");
+    assert_eq!(harness.core.truncations(), &truncations[..]);
+    assert_eq!(page_at(&harness, next.lsn), Ok(9));
+    assert_eq!(page_at(&harness, lsns[2]), Ok(3));
+    let mut between = (lsns[3].0..=lsns[5].0).map(|lsn| page_at(&harness, Lsn(lsn)));
+    assert!(between.all(|read| read.is_ok_and(|byte| byte == 3)), "no voided record is ever applied");
+}
+
+/// A later writer's list replaces the segment's: a record voided by an
+/// older range that the later writer vouched for (and sent again) is held,
+/// also after a restart, while the older records stay void.
+#[test]
+fn records_sent_again_under_a_later_list_survive_a_restart() {
+    let mut harness = Harness::new();
+    let lsns = harness.append_six_records_to_page_one();
+    let first =
+        vec![empty_truncation(Epoch::INITIAL), Truncation { epoch: Epoch(2), above: lsns[2], through: Lsn(103) }];
+    let opened = harness.core.open_epoch(1, Epoch(2), first, 7);
+    harness.complete_all(opened);
+    assert_eq!(harness.core.segment_complete_lsn(), lsns[2]);
+    // Epoch 3 vouches for records 4 and 5 (it found them elsewhere) and truncates above 5.
+    let second =
+        vec![empty_truncation(Epoch::INITIAL), Truncation { epoch: Epoch(3), above: lsns[4], through: Lsn(105) }];
+    let opened = harness.core.open_epoch(2, Epoch(3), second, 7);
+    harness.complete_all(opened);
+    let mut maker = RecordMaker { last_lsn: lsns[2].0, last_segment: lsns[2], ..RecordMaker::default() };
+    maker.last_page.insert(PageId(1), lsns[2]);
+    let again = vec![maker.make(1, 0, &[4; 16], 0), maker.make(1, 0, &[5; 16], 0)];
+    let mut request = Harness::request(again, lsns[2], Lsn::ZERO);
+    request.epoch = Epoch(3);
+    let actions = harness.core.append(request, 1);
+    harness.complete_all(actions);
+    assert_eq!(harness.core.segment_complete_lsn(), lsns[4]);
+    harness.restart();
+    assert_eq!(harness.core.segment_complete_lsn(), lsns[4]);
+    let (_, image) = harness.core.read_page(PageId(1), lsns[4], Epoch(3)).expect("complete");
+    assert_eq!(image[0], 5);
+}
+
+/// A record whose log write was in flight when a truncation voided its LSN
+/// is not taken when the write completes.
+#[test]
+fn a_write_in_flight_when_its_records_are_voided_does_not_bring_them_back() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let kept = maker.make(1, 0, b"k", 0);
+    harness.append(vec![kept.clone()], 1);
+    let in_flight = harness.core.append(Harness::request(vec![maker.make(1, 0, b"v", 0)], Lsn::ZERO, Lsn::ZERO), 1);
+    assert!(matches!(&in_flight[..], [Action::Write(_)]));
+    let truncations = vec![Truncation { epoch: Epoch(2), above: kept.lsn, through: Lsn(100) }];
+    let opening = harness.core.open_epoch(1, Epoch(2), truncations, 7);
+    harness.complete_all(in_flight);
+    harness.complete_all(opening);
+    assert_eq!(harness.core.status(0).highest_durable_lsn, kept.lsn);
+    harness.restart();
+    assert_eq!(harness.core.status(0).highest_durable_lsn, kept.lsn, "the voided record stays void on restart");
+}
+
+/// A recovering writer (or a peer) reads the records above a point: in
+/// LSN order, only up to SCL, paged by frame size, found the same way
+/// whether the point is above the writer's VDL (the recent index) or below
+/// it (every log file's list).
+#[test]
+fn fetched_records_come_in_order_up_to_scl_and_in_pages() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let mut lsns = Vec::new();
+    for _ in 0..85 {
+        let batch: Vec<RedoRecord> = (0..100u64).map(|index| maker.make(index % 5, 0, b"r", 0)).collect();
+        lsns.extend(batch.iter().map(|record| record.lsn));
+        harness.append(batch, 1);
+    }
+    let hole = maker.make(9, 0, b"after", 1);
+    harness.append(vec![maker.make(9, 0, b"beyond", 0)], 1); // parked: its predecessor never came
+    let fetch = |harness: &Harness, above: Lsn| {
+        let request =
+            FetchRecordsRequest { request_id: 3, pg: PG, epoch: Epoch::INITIAL, above, through: Lsn(u64::MAX) };
+        harness.core.fetch_records(&request).expect("same epoch")
+    };
+    let lsns_of = |batch: &RecordBatch| batch.records.iter().map(|record| record.lsn).collect::<Vec<_>>();
+    let first = fetch(&harness, lsns[9]);
+    assert!(first.more, "a batch holds at most RECORDS_PER_APPEND_MAX records");
+    assert_eq!(lsns_of(&first), lsns[10..10 + RECORDS_PER_APPEND_MAX].to_vec());
+    let rest = fetch(&harness, *lsns_of(&first).last().unwrap());
+    assert!(!rest.more);
+    assert_eq!(lsns_of(&rest), lsns[10 + RECORDS_PER_APPEND_MAX..].to_vec(), "everything above, up to SCL");
+    assert!(hole.lsn > harness.core.segment_complete_lsn());
+    // The writer's VDL passes the 8,000th record: `recent` is trimmed, the
+    // log files' lists still find what lies below.
+    let vdl = Harness::request(Vec::new(), lsns[8000], Lsn::ZERO);
+    let actions = harness.core.append(vdl, 1);
+    harness.complete_all(actions);
+    let below_floor = fetch(&harness, lsns[8100]);
+    assert_eq!(lsns_of(&below_floor), lsns[8101..].to_vec());
+    let from_the_log = fetch(&harness, lsns[7990]);
+    assert_eq!(lsns_of(&from_the_log), lsns[7991..].to_vec());
+    let stale =
+        FetchRecordsRequest { request_id: 3, pg: PG, epoch: Epoch(2), above: Lsn::ZERO, through: Lsn(u64::MAX) };
+    assert_eq!(harness.core.fetch_records(&stale).unwrap_err().code, ErrorCode::UnknownEpoch);
 }

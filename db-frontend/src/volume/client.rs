@@ -17,10 +17,16 @@
 //! Page reads go to the best segment complete at the read point; if no
 //! answer comes within the hedging delay, the same read goes to a second
 //! segment and the first answer wins.
+//!
+//! Opening a volume always recovers it first ([`super::recovery`]): the
+//! recovery core's messages go over one connection per node until it
+//! decided where the log ends; the writer then starts at the new epoch and
+//! opens each segment with its truncation list as the segment connects
+//! (segments that were down get it when they come back).
 
 use bytes::Bytes;
 use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
-use common::limits::LSN_ALLOCATION_LIMIT_DEFAULT;
+use common::limits::{LSN_ALLOCATION_LIMIT_DEFAULT, LSN_ALLOCATION_LIMIT_MAX};
 use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
 use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
@@ -34,13 +40,16 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::geometry::{READ_QUORUM, VolumeGeometry, WRITE_QUORUM};
-use super::writer::{AllocationError, Durable, LogPoints, PageChange, SegmentView, WriterCore};
+use super::geometry::{VolumeGeometry, WRITE_QUORUM};
+use super::recovery::{RecoveredLog, RecoveryCore, RecoveryError};
+use super::writer::{AllocationError, Durable, LogPoints, PageChange, SegmentView, StatusOutcome, WriterCore};
 
 /// How often the ticker runs.
 const TICK_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a connection repeats status requests that got no answer.
 const STATUS_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+/// How often recovery sends its unanswered requests again.
+const RECOVERY_TICK_INTERVAL: Duration = Duration::from_millis(50);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -54,7 +63,8 @@ pub struct VolumeConfig {
     pub hedge_after_min: Duration,
     /// A read unanswered for this long fails.
     pub read_timeout: Duration,
-    /// `open` fails if a read quorum of some PG does not answer within this.
+    /// `open` fails if recovery, or opening a write quorum of every PG,
+    /// takes longer than this.
     pub open_timeout: Duration,
 }
 
@@ -77,20 +87,18 @@ pub enum VolumeError {
     Allocation(#[from] AllocationError),
     #[error("the volume client is closed")]
     Closed,
-    #[error("{pg}: only {reachable} segments answered within {waited:?}; a read quorum is {READ_QUORUM}")]
-    NoReadQuorum { pg: PgId, reachable: usize, waited: Duration },
-    #[error(
-        "{pg} already holds records (SCL {complete}); reopening a written volume needs crash recovery, which this version does not do"
-    )]
-    VolumeNotEmpty { pg: PgId, complete: Lsn },
+    #[error("the LSN allocation limit {limit} is above LSN_ALLOCATION_LIMIT_MAX ({LSN_ALLOCATION_LIMIT_MAX})")]
+    AllocationLimitTooLarge { limit: u64 },
+    #[error("recovery did not finish within {waited:?}: it waits for {waiting_for}")]
+    RecoveryTimedOut { waiting_for: String, waited: Duration },
+    #[error("recovery failed: {0}")]
+    Recovery(#[from] RecoveryError),
     #[error(
         "a newer writer sealed the volume: this writer's epoch {epoch} is over (commits not yet acknowledged may or may not be durable)"
     )]
     Fenced { epoch: Epoch },
-    #[error("{pg}: only {sealed} segments took the seal within {waited:?}; a write quorum is {WRITE_QUORUM}")]
-    NoWriteQuorum { pg: PgId, sealed: usize, waited: Duration },
-    #[error("{pg} on {node} refused the seal: {reason}")]
-    SealRefused { pg: PgId, node: NodeId, reason: String },
+    #[error("{pg}: only {opened} segments were opened within {waited:?}; a write quorum is {WRITE_QUORUM}")]
+    NoWriteQuorum { pg: PgId, opened: usize, waited: Duration },
     #[error("no connected segment of {pg} is known complete at read point {read_point}")]
     NoCompleteSegment { pg: PgId, read_point: Lsn },
     #[error("reading {page} at {read_point}: {reason}")]
@@ -153,10 +161,19 @@ pub struct VolumeClient {
 }
 
 impl VolumeClient {
-    /// Connects to every node of the volume and checks that each PG is
-    /// reachable at a read quorum and still empty.
+    /// Recovers the volume (fresh or written, after a writer's crash or
+    /// not), then starts writing at the new epoch. Returns once a write
+    /// quorum of every PG is open at that epoch. The time this takes does
+    /// not grow with the log: recovery reads only the records above the
+    /// last VDL the segments were told.
     pub async fn open(config: VolumeConfig, transport: Arc<dyn Transport>) -> Result<VolumeClient, VolumeError> {
-        let core = WriterCore::new(config.geometry.clone(), Epoch::INITIAL, config.lsn_allocation_limit);
+        if config.lsn_allocation_limit > LSN_ALLOCATION_LIMIT_MAX {
+            return Err(VolumeError::AllocationLimitTooLarge { limit: config.lsn_allocation_limit });
+        }
+        let log = recover_volume(&config, transport.clone()).await?;
+        info!(epoch = %log.epoch, start = %log.start, vdl = %log.volume_durable, tail = log.records.len(),
+            "volume recovered");
+        let core = WriterCore::recovered(config.geometry.clone(), config.lsn_allocation_limit, log);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             start: Instant::now(),
@@ -176,12 +193,13 @@ impl VolumeClient {
         let ticker = shared.clone();
         tasks.push(tokio::spawn(async move { run_ticker(ticker).await }));
         let client = VolumeClient { shared, tasks };
-        client.await_read_quorums().await?;
+        client.await_write_quorums().await?;
         info!(pgs = client.shared.config.geometry.pg_count(), "volume open");
         Ok(client)
     }
 
-    async fn await_read_quorums(&self) -> Result<(), VolumeError> {
+    /// Waits until a write quorum of every PG is open at this writer's epoch.
+    async fn await_write_quorums(&self) -> Result<(), VolumeError> {
         let deadline = Instant::now() + self.shared.config.open_timeout;
         let pg_count = self.shared.config.geometry.pg_count();
         loop {
@@ -193,18 +211,19 @@ impl VolumeClient {
             if let Some(epoch) = fenced {
                 return Err(VolumeError::Fenced { epoch });
             }
-            let answered: Vec<&SegmentView> = segments.iter().filter(|view| view.connected).collect();
-            if let Some(view) = answered.iter().find(|view| view.complete > Lsn::ZERO) {
-                return Err(VolumeError::VolumeNotEmpty { pg: view.pg, complete: view.complete });
-            }
             let short = (0..pg_count)
-                .map(|pg| (PgId(pg), answered.iter().filter(|view| view.pg == PgId(pg)).count()))
-                .find(|(_, reachable)| *reachable < READ_QUORUM);
-            let Some((pg, reachable)) = short else { return Ok(()) };
+                .map(|pg| (PgId(pg), segments.iter().filter(|view| view.pg == PgId(pg) && view.connected).count()))
+                .find(|(_, opened)| *opened < WRITE_QUORUM);
+            let Some((pg, opened)) = short else { return Ok(()) };
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return Err(VolumeError::NoReadQuorum { pg, reachable, waited: self.shared.config.open_timeout });
+                return Err(VolumeError::NoWriteQuorum { pg, opened, waited: self.shared.config.open_timeout });
             }
         }
+    }
+
+    /// This writer's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.shared.core.lock().epoch()
     }
 
     pub fn geometry(&self) -> &VolumeGeometry {
@@ -274,6 +293,12 @@ impl VolumeClient {
                         return Ok(lsn);
                     }
                     Err(AllocationError::LimitReached { .. }) => {}
+                    Err(AllocationError::PageLsnUnknown { page }) => {
+                        // Lazy redo: the page's last LSN comes with one read.
+                        let read = self.read_page(page).await?;
+                        self.shared.core.lock().learn_page_lsn(page, read.page_lsn);
+                        continue;
+                    }
                     Err(AllocationError::Fenced { epoch }) => return Err(VolumeError::Fenced { epoch }),
                     Err(other) => return Err(other.into()),
                 }
@@ -545,30 +570,56 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
         }
         Message::Status(status) => {
             let Some(&replica) = replica_of.get(&status.pg) else { return };
-            if observe_epoch(shared, node, Some(status.epoch)) {
-                shared.status_arrived.notify_waiters();
-                return;
+            let open_request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+            let outcome = shared.core.lock().status_received(replica, &status, open_request_id, now);
+            match outcome {
+                StatusOutcome::Fenced(abandoned) => fenced(shared, node, Some(status.epoch), abandoned),
+                StatusOutcome::Open(request) => {
+                    // Sealed at an older epoch, or not opened yet: open it
+                    // with the truncation list; it answers with a status.
+                    debug!(%node, pg = %status.pg, epoch = %status.epoch, "opening segment");
+                    send_to(shared, node, Message::OpenEpoch(request).encode());
+                    return;
+                }
+                StatusOutcome::Connected(durable) => {
+                    if status.needs_repair {
+                        warn!(%node, pg = %status.pg, "segment reports corruption and needs repair");
+                    }
+                    shared.complete(durable);
+                    send_queued(shared);
+                }
             }
-            if status.needs_repair {
-                warn!(%node, pg = %status.pg, "segment reports corruption and needs repair");
-            }
-            let durable = shared.core.lock().segment_connected(status.pg, replica, status.segment_complete_lsn, now);
             shared.status_arrived.notify_waiters();
-            shared.complete(durable);
-            send_queued(shared);
         }
         Message::PageImage(image) => {
             if let Some(reply) = shared.reads.lock().get(&image.request_id) {
                 let _ = reply.try_send((node, Ok((image.page_lsn, image.image))));
             }
         }
+        Message::Error(error) if error.code == ErrorCode::StaleEpoch => {
+            let read = shared.reads.lock().get(&error.request_id).cloned();
+            match read {
+                Some(reply) => {
+                    let _ = reply.try_send((node, Err((error.code, error.message))));
+                }
+                None => {
+                    observe_epoch(shared, node, None);
+                }
+            }
+        }
         Message::Error(error) if error.request_id != 0 => {
             if let Some(reply) = shared.reads.lock().get(&error.request_id) {
                 let _ = reply.try_send((node, Err((error.code, error.message))));
+            } else {
+                warn!(%node, pg = %error.pg, code = ?error.code, message = error.message, "request refused");
             }
         }
-        Message::Error(error) if error.code == ErrorCode::StaleEpoch => {
-            observe_epoch(shared, node, None);
+        Message::Error(error) if error.code == ErrorCode::NotOpen => {
+            // The segment lost its open state (it restarted before the list
+            // was durable): ask again, which opens it again.
+            if let Some(&replica) = replica_of.get(&error.pg) {
+                shared.core.lock().segment_disconnected(error.pg, replica);
+            }
         }
         Message::Error(error) => {
             warn!(%node, pg = %error.pg, code = ?error.code, message = error.message, "append refused");
@@ -586,12 +637,112 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
 fn observe_epoch(shared: &Shared, node: NodeId, epoch: Option<Epoch>) -> bool {
     let mut core = shared.core.lock();
     let abandoned = core.observe_epoch(epoch);
-    let fenced = core.is_fenced();
+    let is_fenced = core.is_fenced();
     drop(core);
     if let Some(abandoned) = abandoned {
-        warn!(%node, ?epoch, abandoned = abandoned.len(), "a newer writer sealed the volume: this writer is fenced");
-        drop(abandoned); // their commits fail with `Fenced`
-        shared.durable_advanced.notify_waiters(); // allocations waiting on the limit see it
+        fenced(shared, node, epoch, abandoned);
     }
-    fenced
+    is_fenced
+}
+
+/// This writer was just fenced: its waiting commits fail with `Fenced`.
+fn fenced(shared: &Shared, node: NodeId, epoch: Option<Epoch>, abandoned: Vec<oneshot::Sender<()>>) {
+    if !abandoned.is_empty() {
+        warn!(%node, ?epoch, abandoned = abandoned.len(), "a newer writer recovered the volume: this writer is fenced");
+    }
+    drop(abandoned); // their commits fail with `Fenced`
+    shared.durable_advanced.notify_waiters(); // allocations waiting on the limit see it
+}
+
+/// Runs the recovery core over one connection per node until it decided
+/// (or `config.open_timeout` passed).
+async fn recover_volume(config: &VolumeConfig, transport: Arc<dyn Transport>) -> Result<RecoveredLog, VolumeError> {
+    // Racing recoveries must draw different epoch offsets.
+    let random = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), Instant::now());
+    let mut core = RecoveryCore::new(config.geometry.clone(), random);
+    let (inbox, mut arrived) = mpsc::unbounded_channel();
+    let mut outboxes = HashMap::new();
+    let mut relays = tokio::task::JoinSet::new();
+    for (node, address) in config.geometry.nodes() {
+        let (outbox, outgoing) = mpsc::unbounded_channel();
+        outboxes.insert(node, outbox);
+        relays.spawn(relay(transport.clone(), node, address, outgoing, inbox.clone()));
+    }
+    drop(inbox);
+    let send = |messages: Vec<(NodeId, Message)>| {
+        for (node, message) in messages {
+            if let Some(outbox) = outboxes.get(&node) {
+                let _ = outbox.send(message);
+            }
+        }
+    };
+    send(core.start());
+    let deadline = Instant::now() + config.open_timeout;
+    let mut tick = tokio::time::interval(RECOVERY_TICK_INTERVAL);
+    tick.tick().await;
+    loop {
+        if let Some(result) = core.take_result() {
+            relays.abort_all();
+            return result.map_err(VolumeError::from);
+        }
+        tokio::select! {
+            _ = tick.tick() => send(core.tick()),
+            message = arrived.recv() => match message {
+                Some((node, message)) => send(core.receive(node, message)),
+                None => return Err(VolumeError::Closed),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                relays.abort_all();
+                return Err(VolumeError::RecoveryTimedOut { waiting_for: core.waiting_for(), waited: config.open_timeout });
+            }
+        }
+    }
+}
+
+/// Carries recovery's messages to one node and its answers back,
+/// reconnecting until aborted. Messages sent while it is not connected are
+/// lost; the core sends what stays unanswered again.
+async fn relay(
+    transport: Arc<dyn Transport>,
+    node: NodeId,
+    address: String,
+    mut outgoing: mpsc::UnboundedReceiver<Message>,
+    answers: mpsc::UnboundedSender<(NodeId, Message)>,
+) {
+    loop {
+        let mut connection = match transport.connect(address.clone()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                debug!(%node, %error, "recovery: connect failed");
+                tokio::time::sleep(RECONNECT_BACKOFF_MIN).await;
+                while outgoing.try_recv().is_ok() {}
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                message = outgoing.recv() => {
+                    let Some(message) = message else { return };
+                    if connection.sender.try_send(message.encode()).is_err() {
+                        break;
+                    }
+                }
+                frame = connection.receiver.recv() => {
+                    let Some(Ok(frame)) = frame else { break };
+                    match Message::decode(&frame) {
+                        Ok(message) => {
+                            if answers.send((node, message)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            warn!(%node, %error, "recovery: closing connection: bad message");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RECONNECT_BACKOFF_MIN).await;
+    }
 }

@@ -3,5 +3,5 @@
 pub mod client;
 pub mod geometry;
 pub mod quorum;
-pub mod seal;
+pub mod recovery;
 pub mod writer;

@@ -25,14 +25,16 @@
 use bytes::{Bytes, BytesMut};
 use common::ids::{Epoch, IdHashMap, Lsn, NodeId, PageId, PgId, ReplicaIndex};
 use common::limits::{
-    FRAME_PAYLOAD_BYTES_MAX, RECORD_BODY_BYTES_MAX, RECORDS_PER_APPEND_MAX, WRITER_RETAINED_BYTES_MAX,
+    FRAME_PAYLOAD_BYTES_MAX, LSN_ALLOCATION_LIMIT_MAX, RECORD_BODY_BYTES_MAX, RECORDS_PER_APPEND_MAX,
+    WRITER_RETAINED_BYTES_MAX,
 };
-use common::message::{APPEND_HEADER_BYTES, encode_append_frame};
+use common::message::{APPEND_HEADER_BYTES, OpenEpochRequest, SegmentStatus, Truncation, encode_append_frame};
 use common::redo::{PageOp, RecordFields};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::geometry::{SEGMENTS_PER_PG, VolumeGeometry};
 use super::quorum::QuorumTracker;
+use super::recovery::RecoveredLog;
 
 /// Bytes of records packed into one append frame at most. Smaller than the
 /// frame limit so that one frame never monopolizes a connection.
@@ -72,6 +74,12 @@ pub enum AllocationError {
     /// Retry once VDL moves (the driver waits for it).
     #[error("LSN allocation limit reached: VDL {durable} + limit {limit}")]
     LimitReached { durable: Lsn, limit: u64 },
+    /// After a recovery, the writer does not know the last LSN of a page
+    /// it has not written (its page backlink): the driver reads the page
+    /// once ([`WriterCore::learn_page_lsn`]) and retries. Redo is applied
+    /// lazily, so this costs one read per page, never a replay.
+    #[error("the last LSN of {page} is not known yet (read it first)")]
+    PageLsnUnknown { page: PageId },
 }
 
 /// The writer's view of one segment.
@@ -99,6 +107,9 @@ struct PgLog {
     /// or below MRPL (trimmed as MRPL moves), so any point >= MRPL maps to
     /// the PG's last LSN at or below it.
     history: VecDeque<Lsn>,
+    /// `retained` holds every record of this PG above this LSN: a segment
+    /// complete below it cannot be brought up to date by the writer.
+    retained_floor: Lsn,
     links: [SegmentLink; SEGMENTS_PER_PG],
 }
 
@@ -166,6 +177,21 @@ impl<W> IntoIterator for Durable<W> {
     }
 }
 
+/// What a segment's status means to the writer.
+#[derive(Debug)]
+pub enum StatusOutcome<W> {
+    /// The segment is at a newer epoch: a newer writer recovered the
+    /// volume, and this one is fenced. Holds the commit waiters it still
+    /// had when this fenced it (their commits may or may not be durable).
+    Fenced(Vec<W>),
+    /// The segment is sealed at an older epoch or not opened yet: send it
+    /// this request; its answer is a status again.
+    Open(OpenEpochRequest),
+    /// The segment is open at this writer's epoch and counts as connected;
+    /// this became durable.
+    Connected(Durable<W>),
+}
+
 /// The log owner. `W` is whatever the driver uses to wake a commit waiter.
 #[derive(Debug)]
 pub struct WriterCore<W> {
@@ -185,14 +211,28 @@ pub struct WriterCore<W> {
     next_read_choice: usize,
     /// A segment showed a newer epoch: another writer sealed the volume.
     fenced: bool,
+    /// The truncation list segments are opened with; the last range is
+    /// this epoch's own, and no LSN is allocated at or below its end.
+    truncations: Vec<Truncation>,
+    /// `page_last_lsn` knows every page ever written (a fresh volume); after
+    /// a recovery only the pages of the recovered tail and those written
+    /// or read since.
+    pages_complete: bool,
 }
 
 impl<W> WriterCore<W> {
-    /// A writer for a volume whose log is empty.
+    /// A writer for a volume whose log is empty (nothing to recover): its
+    /// truncation list is one empty range.
     pub fn new(geometry: VolumeGeometry, epoch: Epoch, allocation_limit: u64) -> Self {
         assert!(allocation_limit > 0, "the LSN allocation limit must be positive");
+        assert!(
+            allocation_limit <= LSN_ALLOCATION_LIMIT_MAX,
+            "the LSN allocation limit is at most LSN_ALLOCATION_LIMIT_MAX"
+        );
         let pgs = (0..geometry.pg_count()).map(|_| PgLog::default()).collect();
         WriterCore {
+            truncations: vec![Truncation { epoch, above: Lsn::ZERO, through: Lsn::ZERO }],
+            pages_complete: true,
             tracker: QuorumTracker::new(geometry.pg_count(), Lsn::ZERO),
             geometry,
             epoch,
@@ -207,6 +247,53 @@ impl<W> WriterCore<W> {
             next_read_choice: 0,
             fenced: false,
         }
+    }
+
+    /// The writer that continues a recovered volume (see
+    /// [`super::recovery`]): the recovered tail is allocated and retained,
+    /// so every segment that lacks it gets it again, and it becomes
+    /// durable as any record does, at 4 of 6. New LSNs start above the
+    /// epoch's truncation range.
+    pub fn recovered(geometry: VolumeGeometry, allocation_limit: u64, log: RecoveredLog) -> Self {
+        let mut writer = WriterCore::new(geometry, log.epoch, allocation_limit);
+        writer.tracker = QuorumTracker::new(writer.geometry.pg_count(), log.start);
+        for (pg_log, last) in writer.pgs.iter_mut().zip(&log.pg_last_at_start) {
+            pg_log.last_lsn = *last;
+            pg_log.history.push_back(*last);
+            pg_log.retained_floor = *last;
+        }
+        for record in log.records {
+            let pg_log = &mut writer.pgs[record.pg.0 as usize];
+            pg_log.last_lsn = record.lsn;
+            pg_log.history.push_back(record.lsn);
+            writer.retained_bytes += record.encoded.len();
+            pg_log.retained.push_back((record.lsn, record.encoded));
+            writer.tracker.record_allocated(record.lsn, record.pg, record.consistency_point);
+            writer.page_last_lsn.insert(record.page, record.lsn);
+        }
+        writer.pages_complete = log.start == Lsn::ZERO;
+        writer.truncations = log.truncations;
+        writer
+    }
+
+    /// The truncation list this writer opens segments with.
+    pub fn truncations(&self) -> &[Truncation] {
+        &self.truncations
+    }
+
+    /// The request that opens this writer's epoch on a segment of `pg`.
+    pub fn open_request(&self, request_id: u64, pg: PgId) -> OpenEpochRequest {
+        OpenEpochRequest { request_id, pg, epoch: self.epoch, truncations: self.truncations.clone() }
+    }
+
+    fn own_truncation(&self) -> Truncation {
+        *self.truncations.last().expect("a writer has its own truncation range")
+    }
+
+    /// A page's last LSN as read from storage, for a page this writer has
+    /// not written (after a recovery). Ignored if already known.
+    pub fn learn_page_lsn(&mut self, page: PageId, lsn: Lsn) {
+        self.page_last_lsn.entry(page).or_insert(lsn);
     }
 
     pub fn geometry(&self) -> &VolumeGeometry {
@@ -296,13 +383,22 @@ impl<W> WriterCore<W> {
         if records > self.allocation_limit {
             return Err(AllocationError::LargerThanLimit { records, limit: self.allocation_limit });
         }
+        if !self.pages_complete
+            && let Some(change) = changes.iter().find(|change| !self.page_last_lsn.contains_key(&change.page))
+        {
+            return Err(AllocationError::PageLsnUnknown { page: change.page });
+        }
         let durable = self.tracker.volume_durable_lsn();
-        let last = self.tracker.highest_allocated().0 + records;
-        if last > durable.0 + self.allocation_limit {
+        let own = self.own_truncation();
+        let first = self.tracker.highest_allocated().next().max(own.through.next());
+        let last = first.0 + records - 1;
+        // LSNs in flight above VDL; the truncated range between holds none.
+        let skipped = if durable <= own.above { own.through.0 - own.above.0 } else { 0 };
+        if last - durable.0 - skipped > self.allocation_limit {
             return Err(AllocationError::LimitReached { durable, limit: self.allocation_limit });
         }
         for (index, (change, pg)) in changes.iter().zip(pgs).enumerate() {
-            let lsn = self.tracker.highest_allocated().next();
+            let lsn = Lsn(first.0 + index as u64);
             let consistency_point = index + 1 == changes.len();
             let log = &mut self.pgs[pg.0 as usize];
             let fields = RecordFields {
@@ -414,9 +510,12 @@ impl<W> WriterCore<W> {
     /// may lower a segment's SCL (see [`Self::segment_connected`]).
     pub fn acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
         let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Durable::nothing() };
+        let retained_floor = log.retained_floor;
         let link = &mut log.links[replica.0 as usize];
         if complete > link.complete {
             link.complete = complete;
+            // Caught up from its peers: the writer can feed it again.
+            link.fell_behind &= complete < retained_floor;
             link.waiting_since = (link.sent_up_to > complete).then_some(now_micros);
         } else if link.sent_up_to <= link.complete {
             link.waiting_since = None;
@@ -431,8 +530,9 @@ impl<W> WriterCore<W> {
         let complete = log.links[replica.0 as usize].complete;
         let lowest = log.links.iter().map(|link| link.complete).min().expect("six links");
         while log.retained.front().is_some_and(|(lsn, _)| *lsn <= lowest) {
-            let (_, encoded) = log.retained.pop_front().expect("checked");
+            let (lsn, encoded) = log.retained.pop_front().expect("checked");
             self.retained_bytes -= encoded.len();
+            log.retained_floor = lsn;
         }
         let progress = self.tracker.segment_acknowledged(pg, replica, complete);
         if progress.pg_complete_advanced {
@@ -465,6 +565,7 @@ impl<W> WriterCore<W> {
             let log = &mut self.pgs[pg_index];
             let (lsn, encoded) = log.retained.pop_front().expect("filtered on a front record");
             self.retained_bytes -= encoded.len();
+            log.retained_floor = lsn;
             for link in log.links.iter_mut().filter(|link| link.complete < lsn) {
                 if !link.fell_behind {
                     tracing::warn!(pg = pg_index, %lsn, "segment fell behind the writer's retention; it needs repair");
@@ -486,23 +587,40 @@ impl<W> WriterCore<W> {
     /// duplicated or retried request) is only an acknowledgement.
     pub fn segment_connected(&mut self, pg: PgId, replica: ReplicaIndex, complete: Lsn, now_micros: u64) -> Durable<W> {
         let Some(log) = self.pgs.get_mut(pg.0 as usize) else { return Durable::nothing() };
-        let oldest_retained = log.retained.front().map(|(lsn, _)| *lsn);
+        let retained_floor = log.retained_floor;
         let link = &mut log.links[replica.0 as usize];
         if link.connected {
             return self.acknowledged(pg, replica, complete, now_micros);
         }
         if complete < link.complete {
             tracing::warn!(%pg, replica = replica.0, before = %link.complete, now = %complete, "segment came back with a lower SCL");
-            let resendable = oldest_retained.is_some_and(|oldest| oldest <= complete.next());
-            if !resendable {
-                link.fell_behind = true;
-            }
         }
+        // Whether the retained records reach down to what it holds.
+        link.fell_behind = complete < retained_floor;
         link.complete = complete;
         link.connected = true;
         link.sent_up_to = link.complete;
         link.waiting_since = None;
         self.record_segment_complete(pg, replica)
+    }
+
+    /// A segment answered a status request (or a seal, or an open). The
+    /// writer only counts a segment that is open at its own epoch;
+    /// `open_request_id` names the open it sends otherwise.
+    pub fn status_received(
+        &mut self,
+        replica: ReplicaIndex,
+        status: &SegmentStatus,
+        open_request_id: u64,
+        now_micros: u64,
+    ) -> StatusOutcome<W> {
+        if status.epoch > self.epoch || self.fenced {
+            return StatusOutcome::Fenced(self.observe_epoch(Some(status.epoch)).unwrap_or_default());
+        }
+        if status.epoch < self.epoch || !status.is_open() {
+            return StatusOutcome::Open(self.open_request(open_request_id, status.pg));
+        }
+        StatusOutcome::Connected(self.segment_connected(status.pg, replica, status.segment_complete_lsn, now_micros))
     }
 
     /// Whether the segment answered a status request on its current connection.
