@@ -15,6 +15,7 @@ use common::limits::BLOCK_BYTES_MAX;
 use common::transport::{MemoryNetwork, TcpTransport, Transport};
 use db_frontend::volume::client::{VolumeClient, VolumeConfig};
 use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, VolumeGeometry};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +107,7 @@ impl LocalCluster {
                 memory_store: memory_store.clone(),
                 segments: Vec::new(),
                 block_segments: Vec::new(),
+                peers: BTreeMap::new(),
             };
             specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
             slots.push(NodeSlot { config, transport, running: None });
@@ -143,6 +145,14 @@ impl LocalCluster {
         }
         for placement in geometry.segments.iter_mut().flatten() {
             placement.address = slots[placement.node.0 as usize].config.listen_address.clone();
+        }
+        // Each segment gossips with the other five of its PG.
+        for (index, slot) in slots.iter_mut().enumerate() {
+            slot.config.peers = geometry.peers_of(NodeId(index as u32));
+            let node = slot.running.as_ref().expect("started above");
+            for (pg, addresses) in &slot.config.peers {
+                node.set_peers(*pg, addresses.clone());
+            }
         }
         let block_layout = (options.block_pgs > 0).then(|| {
             let replicas: [String; REPLICAS] = std::array::from_fn(|index| slots[index].config.listen_address.clone());

@@ -65,6 +65,10 @@ const COMMITS: u64 = 300;
 const ALLOCATION_LIMIT: u64 = 64;
 /// Front end `k` is connection `FRONTEND_BASE + k` on every node.
 const FRONTEND_BASE: u64 = 10;
+/// Node `i` asking a peer (gossip, repair) is connection `PEER_BASE + i`.
+const PEER_BASE: u64 = 1_000_000;
+/// How often each node's segments may gossip (as `BACKGROUND_INTERVAL`).
+const GOSSIP_INTERVAL_MICROS: u64 = 20_000;
 /// A read unanswered this long is given up.
 const READ_TIMEOUT_MICROS: u64 = 20_000;
 /// Every run ends by this virtual time (microseconds), or fails.
@@ -92,7 +96,7 @@ pub enum PlantedBug {
 }
 
 /// What one seed did.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SimReport {
     pub seed: u64,
     pub commits_acknowledged: u64,
@@ -106,6 +110,10 @@ pub struct SimReport {
     pub reads_checked: u64,
     /// Of those, served while an AZ and one more node were down.
     pub reads_during_az_outage: u64,
+    /// Records segments took from their peers to fill holes (gossip).
+    pub gossip_records: u64,
+    /// Page-state batches segments took from peers (repair by hydration).
+    pub hydrate_batches: u64,
     /// A hash of the event log: the same seed gives the same digest.
     pub digest: u64,
     pub events: Vec<String>,
@@ -138,6 +146,10 @@ enum Event {
     /// Front end `frontend` reads a page.
     ReadStep {
         frontend: usize,
+    },
+    /// Node `node`'s segments gossip with their peers and run background work.
+    GossipRound {
+        node: usize,
     },
     Tick,
     Crash {
@@ -257,6 +269,8 @@ struct World {
     frontend_failures: u64,
     reads_checked: u64,
     reads_during_az_outage: u64,
+    gossip_records: u64,
+    hydrate_batches: u64,
     az_outage: bool,
     healing: bool,
     plant: Option<PlantedBug>,
@@ -337,6 +351,8 @@ impl World {
             frontend_failures: 0,
             reads_checked: 0,
             reads_during_az_outage: 0,
+            gossip_records: 0,
+            hydrate_batches: 0,
             az_outage: false,
             healing: false,
             plant,
@@ -346,6 +362,10 @@ impl World {
         };
         world.schedule(0, Event::FrontendStarts);
         world.schedule(1_000, Event::Tick);
+        for node in 0..NODES {
+            let at = 1_000 + world.rng.below(GOSSIP_INTERVAL_MICROS);
+            world.schedule(at, Event::GossipRound { node });
+        }
         // Node faults: crashes and partitions, at most two nodes out at once.
         for _ in 0..world.rng.below(5) {
             let at = 5_000 + world.rng.below(400_000);
@@ -488,8 +508,16 @@ impl World {
                 if self.nodes[node].cut {
                     return Ok(());
                 }
-                let frontend = (to - FRONTEND_BASE) as usize;
-                self.frontend_receives(frontend, node, message)?;
+                if to >= PEER_BASE {
+                    self.peer_answer_arrives((to - PEER_BASE) as usize, message)?;
+                } else {
+                    let frontend = (to - FRONTEND_BASE) as usize;
+                    self.frontend_receives(frontend, node, message)?;
+                }
+            }
+            Event::GossipRound { node } => {
+                self.schedule(GOSSIP_INTERVAL_MICROS, Event::GossipRound { node });
+                self.gossip_round(node)?;
             }
             Event::DiskDone { node, pg, life } => {
                 if life != self.nodes[node].life {
@@ -550,6 +578,55 @@ impl World {
             Event::FrontendStarts => self.start_frontend(),
         }
         Ok(())
+    }
+
+    /// Each segment of `node` may ask one of its PG's peers for what it lacks.
+    fn gossip_round(&mut self, node: usize) -> Result<()> {
+        if self.nodes[node].cut || self.nodes[node].segments.is_none() {
+            return Ok(());
+        }
+        let peers = self.geometry.peers_of(NodeId(node as u32));
+        for pg in 0..PGS as usize {
+            let addresses = &peers[&PgId(pg as u32)];
+            let segments = self.nodes[node].segments.as_mut().expect("running");
+            let background = segments[pg].core.background();
+            let due = segments[pg].core.gossip_due(addresses.len());
+            self.carry_out(node, pg, background)?;
+            if let Some((index, message)) = due {
+                let peer: usize = addresses[index].trim_start_matches("node-").parse().expect("node-i");
+                let from = PEER_BASE + node as u64;
+                self.send(|| Event::ToNode { node: peer, from, message: message.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// A peer's answer to a segment of node `node`.
+    fn peer_answer_arrives(&mut self, node: usize, message: Message) -> Result<()> {
+        if self.nodes[node].cut {
+            return Ok(());
+        }
+        let Some(segments) = self.nodes[node].segments.as_mut() else { return Ok(()) };
+        let (pg, actions) = match message {
+            Message::RecordBatch(batch) => {
+                let (pg, records) = (batch.pg.0 as usize, batch.records.len() as u64);
+                let before = segments[pg].core.peer_repair_stats().records_received;
+                let actions = segments[pg].core.gossip_received(batch);
+                let taken = segments[pg].core.peer_repair_stats().records_received - before;
+                if taken > records {
+                    bail!("node {node} counted {taken} records from a batch of {records}");
+                }
+                self.gossip_records += taken;
+                (pg, actions)
+            }
+            Message::HydrateBatch(batch) => {
+                self.hydrate_batches += 1;
+                let pg = batch.pg.0 as usize;
+                (pg, segments[pg].core.hydrate_received(batch))
+            }
+            _ => return Ok(()), // a refusal: the segment asks another peer in time
+        };
+        self.carry_out(node, pg, actions)
     }
 
     fn crash(&mut self, node: usize) {
@@ -751,6 +828,18 @@ impl World {
             Message::FetchRecords(request) => {
                 let answer = match segments[request.pg.0 as usize].core.fetch_records(&request) {
                     Ok(batch) => Message::RecordBatch(batch),
+                    Err(refusal) => Message::Error(common::message::ErrorResponse {
+                        request_id: request.request_id,
+                        pg: request.pg,
+                        code: refusal.code,
+                        message: refusal.message,
+                    }),
+                };
+                self.send(|| reply(answer.clone()));
+            }
+            Message::Hydrate(request) => {
+                let answer = match segments[request.pg.0 as usize].core.hydrate(&request) {
+                    Ok(batch) => Message::HydrateBatch(batch),
                     Err(refusal) => Message::Error(common::message::ErrorResponse {
                         request_id: request.request_id,
                         pg: request.pg,
@@ -1058,11 +1147,14 @@ impl World {
         let current = self.current();
         let Some(writer) = self.frontends[current].writer() else { return false };
         let points = writer.points();
+        let pg_points: Vec<Lsn> = (0..PGS).map(|pg| writer.pg_read_point(PgId(pg), points.volume_durable)).collect();
         points.volume_durable == points.highest_allocated
             && self.nodes.iter().all(|node| {
-                node.segments
-                    .as_ref()
-                    .is_some_and(|segments| segments.iter().all(|segment| segment.in_flight.is_none()))
+                node.segments.as_ref().is_some_and(|segments| {
+                    segments.iter().zip(&pg_points).all(|(segment, point)| {
+                        segment.in_flight.is_none() && segment.core.segment_complete_lsn() >= *point
+                    })
+                })
             })
     }
 
@@ -1174,6 +1266,8 @@ fn run_seed_with(seed: u64, plant: Option<PlantedBug>, verbose: bool) -> (Result
                 frontend_failures: world.frontend_failures,
                 reads_checked: world.reads_checked,
                 reads_during_az_outage: world.reads_during_az_outage,
+                gossip_records: world.gossip_records,
+                hydrate_batches: world.hydrate_batches,
                 digest: world.hasher.finish(),
                 events: log,
             }),
@@ -1228,29 +1322,12 @@ pub fn run(options: &SimOptions) -> Result<()> {
         println!("{}", summary(&report));
         return Ok(());
     }
-    let mut totals = SimReport {
-        seed: 0,
-        commits_acknowledged: 0,
-        crashes: 0,
-        messages_dropped: 0,
-        recoveries: 0,
-        frontend_failures: 0,
-        reads_checked: 0,
-        reads_during_az_outage: 0,
-        digest: 0,
-        events: Vec::new(),
-    };
+    let mut totals = SimReport::default();
     let progress = indicatif::ProgressBar::new(options.seeds);
     for seed in 1..=options.seeds {
         match run_seed(seed, options.plant) {
             Ok(report) => {
-                totals.commits_acknowledged += report.commits_acknowledged;
-                totals.crashes += report.crashes;
-                totals.messages_dropped += report.messages_dropped;
-                totals.recoveries += report.recoveries;
-                totals.frontend_failures += report.frontend_failures;
-                totals.reads_checked += report.reads_checked;
-                totals.reads_during_az_outage += report.reads_during_az_outage;
+                totals.absorb(&report);
                 progress.inc(1);
             }
             Err(error) => {
@@ -1265,32 +1342,42 @@ pub fn run(options: &SimOptions) -> Result<()> {
         }
     }
     progress.finish_and_clear();
-    println!(
-        "{} seeds passed: {} commits acknowledged, {} node crashes, {} messages dropped, {} recoveries \
-         ({} front-end crashes or zombies), {} reads checked ({} during AZ+1 outages)",
-        options.seeds,
-        totals.commits_acknowledged,
-        totals.crashes,
-        totals.messages_dropped,
-        totals.recoveries,
-        totals.frontend_failures,
-        totals.reads_checked,
-        totals.reads_during_az_outage
-    );
+    println!("{} seeds passed: {}", options.seeds, totals.counts());
     Ok(())
 }
 
 fn summary(report: &SimReport) -> String {
-    format!(
-        "seed {}: {} commits acknowledged, {} crashes, {} messages dropped, {} recoveries, {} front-end failures, \
-         {} reads checked, digest {:016x}",
-        report.seed,
-        report.commits_acknowledged,
-        report.crashes,
-        report.messages_dropped,
-        report.recoveries,
-        report.frontend_failures,
-        report.reads_checked,
-        report.digest
-    )
+    format!("seed {}: {}, digest {:016x}", report.seed, report.counts(), report.digest)
+}
+
+impl SimReport {
+    /// Adds another run's counts to these.
+    fn absorb(&mut self, other: &SimReport) {
+        self.commits_acknowledged += other.commits_acknowledged;
+        self.crashes += other.crashes;
+        self.messages_dropped += other.messages_dropped;
+        self.recoveries += other.recoveries;
+        self.frontend_failures += other.frontend_failures;
+        self.reads_checked += other.reads_checked;
+        self.reads_during_az_outage += other.reads_during_az_outage;
+        self.gossip_records += other.gossip_records;
+        self.hydrate_batches += other.hydrate_batches;
+    }
+
+    fn counts(&self) -> String {
+        format!(
+            "{} commits acknowledged, {} node crashes, {} messages dropped, {} recoveries ({} front-end crashes \
+             or zombies), {} reads checked ({} during AZ+1 outages), {} records and {} page-state batches taken \
+             from peers",
+            self.commits_acknowledged,
+            self.crashes,
+            self.messages_dropped,
+            self.recoveries,
+            self.frontend_failures,
+            self.reads_checked,
+            self.reads_during_az_outage,
+            self.gossip_records,
+            self.hydrate_batches
+        )
+    }
 }

@@ -24,7 +24,7 @@ fn pass(seeds: std::ops::RangeInclusive<u64>) -> Vec<SimReport> {
 /// The thousand seeds, in two halves (the test harness runs them at once).
 /// Each half must also have exercised what the simulation claims to:
 /// front-end crashes and zombies followed by recoveries, node crashes,
-/// dropped messages, and reads served during AZ+1 outages.
+/// dropped messages, reads served during AZ+1 outages, gossip and repair.
 #[test]
 fn seeds_1_to_500_keep_every_invariant() {
     check_coverage(&pass(1..=SEEDS / 2));
@@ -44,6 +44,8 @@ fn check_coverage(reports: &[SimReport]) {
     assert!(sum(|report| report.messages_dropped) > seeds, "messages were dropped");
     assert!(sum(|report| report.reads_during_az_outage) > 0, "reads were served during AZ+1 outages");
     assert!(sum(|report| report.commits_acknowledged) > seeds * 100, "commits were acknowledged");
+    assert!(sum(|report| report.gossip_records) > 0, "segments filled holes from their peers");
+    assert!(sum(|report| report.hydrate_batches) > 0, "segments too far behind rebuilt from a peer's page state");
 }
 
 #[test]

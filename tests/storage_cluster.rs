@@ -529,3 +529,50 @@ async fn a_second_writer_recovers_the_volume_and_fences_the_first() {
     .await
     .expect("in time");
 }
+
+/// A writer crashes while a node is down; after the node comes back,
+/// and with no writer to resend anything, its segments learn from their
+/// peers (gossip) that they are behind and fetch what they missed (records,
+/// or the page state where peers collected them), until every node serves
+/// every page as acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_behind_catch_up_from_their_peers_without_a_writer() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let client = Arc::new(cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume"));
+        let model: Model = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = start_writers(&client, &model, &stop);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.kill(5);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stop.store(true, Ordering::Relaxed);
+        assert!(futures_total(writers).await > 0);
+        let targets: Vec<Lsn> = (0..PG_COUNT).map(|pg| client.pg_complete_lsn(PgId(pg))).collect();
+        client.close(); // the writer is gone: only peers can bring node 5 back up
+        cluster.restart(5).await.expect("restart");
+        let behind_at_restart: Vec<Lsn> =
+            (0..PG_COUNT).map(|pg| cluster.segment_complete_lsn(5, PgId(pg)).expect("running")).collect();
+        assert!((0..PG_COUNT as usize).any(|pg| behind_at_restart[pg] < targets[pg]), "node 5 missed records");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while (0..PG_COUNT).any(|pg| cluster.segment_complete_lsn(5, PgId(pg)).expect("running") < targets[pg as usize])
+        {
+            assert!(tokio::time::Instant::now() < deadline, "node 5 never caught up from its peers");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let from_peers: u64 = (0..PG_COUNT)
+            .map(|pg| {
+                let stats = cluster.node(5).expect("running").peer_repair_stats(PgId(pg)).expect("hosted");
+                stats.records_received + stats.hydrations_completed
+            })
+            .sum();
+        assert!(from_peers > 0, "the state came from peers");
+        let points: Vec<Lsn> = (0..PG_COUNT).map(|pg| cluster.segment_complete_lsn(0, PgId(pg)).expect("up")).collect();
+        let model = model.lock().clone();
+        verify_every_segment(&cluster, &model, &points).await;
+        cluster.stop();
+    })
+    .await
+    .expect("in time");
+}

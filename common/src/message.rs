@@ -41,6 +41,8 @@ pub enum MessageKind {
     OpenEpoch = 15,
     FetchRecords = 16,
     RecordBatch = 17,
+    Hydrate = 18,
+    HydrateBatch = 19,
 }
 
 /// Bytes of the fixed part of an append payload, before the records.
@@ -172,8 +174,65 @@ pub struct RecordBatch {
     /// The epoch whose writer wrote `truncations` (0: none yet).
     pub open_epoch: Epoch,
     pub truncations: Vec<Truncation>,
+    /// The segment's minimum read point: it may have collected records at
+    /// or below it (subsumed by page versions), so a peer further behind
+    /// cannot be brought up with records alone ([`HydrateRequest`]).
+    pub min_read_point: Lsn,
     pub records: Vec<RedoRecord>,
     pub more: bool,
+}
+
+/// Asks a peer for its whole page state, in batches (repair of a segment
+/// too far behind for records alone, of a corrupt one, or of a new one).
+/// `transfer` 0 starts a transfer: the peer pins its garbage collection at
+/// its minimum read point and fixes its SCL at that moment; later batches
+/// name the transfer and the cursor the previous batch returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HydrateRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub transfer: u64,
+    /// Where to go on: a position in the peer's page list, and the last
+    /// record of that page already sent (0: none, the version first).
+    pub cursor: HydrateCursor,
+    /// Most bytes of versions and records the asker can log in one write.
+    pub bytes_max: u32,
+}
+
+/// A position in a hydrate transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HydrateCursor {
+    pub page_position: u64,
+    pub after_lsn: Lsn,
+}
+
+/// One page version in a [`HydrateBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionImage {
+    pub page: PageId,
+    pub lsn: Lsn,
+    pub image: Bytes,
+}
+
+/// A batch of a hydrate transfer: for each page in turn, its newest
+/// version at or below `min_read_point` and its records above that
+/// version up to `complete_through`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HydrateBatch {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub transfer: u64,
+    /// The peer's SCL when the transfer started: once every batch is
+    /// durable, the asker is complete through it.
+    pub complete_through: Lsn,
+    /// The peer's pinned minimum read point: the asker serves no read below it.
+    pub min_read_point: Lsn,
+    pub versions: Vec<VersionImage>,
+    pub records: Vec<RedoRecord>,
+    /// Where the next batch starts; `None`: this was the last.
+    pub next: Option<HydrateCursor>,
 }
 
 /// A segment's state.
@@ -286,6 +345,8 @@ pub enum Message {
     OpenEpoch(OpenEpochRequest),
     FetchRecords(FetchRecordsRequest),
     RecordBatch(RecordBatch),
+    Hydrate(HydrateRequest),
+    HydrateBatch(HydrateBatch),
 }
 
 /// Why a frame's payload is not a valid message.
@@ -310,6 +371,32 @@ fn put_truncations(payload: &mut Vec<u8>, truncations: &[Truncation]) {
         payload.put_u64_le(truncation.above.0);
         payload.put_u64_le(truncation.through.0);
     }
+}
+
+fn put_records(payload: &mut Vec<u8>, records: &[RedoRecord]) {
+    payload.put_u32_le(records.len() as u32);
+    for record in records {
+        payload.put_slice(&record.encoded);
+    }
+}
+
+/// A record count, then the records to the end of the payload.
+fn read_records(reader: &mut Reader, payload: &Bytes) -> Result<Vec<RedoRecord>, MessageError> {
+    let count = reader.u32()? as usize;
+    if count > RECORDS_PER_APPEND_MAX {
+        return Err(MessageError::TooManyRecords { count });
+    }
+    let mut records = Vec::with_capacity(count);
+    let mut offset = reader.offset();
+    for _ in 0..count {
+        let (record, next) = RedoRecord::decode(payload, offset)?;
+        records.push(record);
+        offset = next;
+    }
+    if offset != payload.len() {
+        return Err(CodecError::Trailing { trailing: payload.len() - offset }.into());
+    }
+    Ok(records)
 }
 
 fn read_truncations(reader: &mut Reader) -> Result<Vec<Truncation>, MessageError> {
@@ -446,12 +533,41 @@ impl Message {
                 payload.put_u64_le(batch.epoch.0);
                 payload.put_u64_le(batch.segment_complete_lsn.0);
                 payload.put_u64_le(batch.open_epoch.0);
+                payload.put_u64_le(batch.min_read_point.0);
                 put_truncations(&mut payload, &batch.truncations);
-                payload.put_u32_le(batch.records.len() as u32);
-                for record in &batch.records {
-                    payload.put_slice(&record.encoded);
-                }
+                put_records(&mut payload, &batch.records);
                 MessageKind::RecordBatch
+            }
+            Message::Hydrate(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(request.bytes_max);
+                payload.put_u64_le(request.epoch.0);
+                payload.put_u64_le(request.transfer);
+                payload.put_u64_le(request.cursor.page_position);
+                payload.put_u64_le(request.cursor.after_lsn.0);
+                MessageKind::Hydrate
+            }
+            Message::HydrateBatch(batch) => {
+                payload.put_u64_le(batch.request_id);
+                payload.put_u32_le(batch.pg.0);
+                payload.put_u32_le(u32::from(batch.next.is_some()));
+                payload.put_u64_le(batch.epoch.0);
+                payload.put_u64_le(batch.transfer);
+                payload.put_u64_le(batch.complete_through.0);
+                payload.put_u64_le(batch.min_read_point.0);
+                let next = batch.next.unwrap_or_default();
+                payload.put_u64_le(next.page_position);
+                payload.put_u64_le(next.after_lsn.0);
+                payload.put_u32_le(batch.versions.len() as u32);
+                for version in &batch.versions {
+                    payload.put_u64_le(version.page.0);
+                    payload.put_u64_le(version.lsn.0);
+                    payload.put_u32_le(version.image.len() as u32);
+                    payload.put_slice(&version.image);
+                }
+                put_records(&mut payload, &batch.records);
+                MessageKind::HydrateBatch
             }
             Message::Error(error) => {
                 let mut message = error.message.as_bytes();
@@ -621,21 +737,9 @@ impl Message {
                 let epoch = Epoch(reader.u64()?);
                 let segment_complete_lsn = Lsn(reader.u64()?);
                 let open_epoch = Epoch(reader.u64()?);
+                let min_read_point = Lsn(reader.u64()?);
                 let truncations = read_truncations(&mut reader)?;
-                let count = reader.u32()? as usize;
-                if count > RECORDS_PER_APPEND_MAX {
-                    return Err(MessageError::TooManyRecords { count });
-                }
-                let mut records = Vec::with_capacity(count);
-                let mut offset = reader.offset();
-                for _ in 0..count {
-                    let (record, next) = RedoRecord::decode(payload, offset)?;
-                    records.push(record);
-                    offset = next;
-                }
-                if offset != payload.len() {
-                    return Err(CodecError::Trailing { trailing: payload.len() - offset }.into());
-                }
+                let records = read_records(&mut reader, payload)?;
                 return Ok(Message::RecordBatch(RecordBatch {
                     request_id,
                     pg,
@@ -643,8 +747,56 @@ impl Message {
                     segment_complete_lsn,
                     open_epoch,
                     truncations,
+                    min_read_point,
                     records,
                     more,
+                }));
+            }
+            kind if kind == MessageKind::Hydrate as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let bytes_max = reader.u32()?;
+                let epoch = Epoch(reader.u64()?);
+                let transfer = reader.u64()?;
+                let cursor = HydrateCursor { page_position: reader.u64()?, after_lsn: Lsn(reader.u64()?) };
+                Message::Hydrate(HydrateRequest { request_id, pg, epoch, transfer, cursor, bytes_max })
+            }
+            kind if kind == MessageKind::HydrateBatch as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let has_next = match reader.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(CodecError::Invalid { field: "next", detail: other.to_string() }.into()),
+                };
+                let epoch = Epoch(reader.u64()?);
+                let transfer = reader.u64()?;
+                let complete_through = Lsn(reader.u64()?);
+                let min_read_point = Lsn(reader.u64()?);
+                let cursor = HydrateCursor { page_position: reader.u64()?, after_lsn: Lsn(reader.u64()?) };
+                let count = reader.u32()? as usize;
+                if count > RECORDS_PER_APPEND_MAX {
+                    return Err(MessageError::TooManyRecords { count });
+                }
+                let mut versions = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let page = PageId(reader.u64()?);
+                    let lsn = Lsn(reader.u64()?);
+                    let image = read_length_prefixed(&mut reader, payload, PAGE_BYTES_MAX, "page version")?;
+                    versions.push(VersionImage { page, lsn, image });
+                }
+                let records = read_records(&mut reader, payload)?;
+                let next = has_next.then_some(cursor);
+                return Ok(Message::HydrateBatch(HydrateBatch {
+                    request_id,
+                    pg,
+                    epoch,
+                    transfer,
+                    complete_through,
+                    min_read_point,
+                    versions,
+                    records,
+                    next,
                 }));
             }
             kind if kind == MessageKind::Error as u8 => {
@@ -768,9 +920,32 @@ mod tests {
             segment_complete_lsn: Lsn(3),
             open_epoch: Epoch(2),
             truncations,
+            min_read_point: Lsn(1),
             records: vec![record.clone()],
             more: true,
         }));
+        let cursor = HydrateCursor { page_position: 4, after_lsn: Lsn(2) };
+        round_trip(Message::Hydrate(HydrateRequest {
+            request_id: 6,
+            pg: PgId(1),
+            epoch: Epoch(2),
+            transfer: 3,
+            cursor,
+            bytes_max: 65536,
+        }));
+        for next in [Some(cursor), None] {
+            round_trip(Message::HydrateBatch(HydrateBatch {
+                request_id: 6,
+                pg: PgId(1),
+                epoch: Epoch(2),
+                transfer: 3,
+                complete_through: Lsn(3),
+                min_read_point: Lsn(1),
+                versions: vec![VersionImage { page: PageId(4), lsn: Lsn(2), image: Bytes::from_static(b"image") }],
+                records: vec![record.clone()],
+                next,
+            }));
+        }
         round_trip(Message::Error(ErrorResponse {
             request_id: 0,
             pg: PgId(2),
@@ -825,7 +1000,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(kind in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let frame = Frame { kind, payload: Bytes::from(payload) };
             let _ = Message::decode(&frame);
         }

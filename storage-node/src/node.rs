@@ -14,7 +14,7 @@
 use crate::block_segment::{BlockAction, BlockSegmentConfig, BlockSegmentCore};
 use crate::disk::{DiskBackend, LogDisk, MemoryVolumeStore, StdFileDisk, UringDisk, UringRing};
 use crate::log_format::{ScanResult, scan_log};
-use crate::segment::{Action, LogWrite, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
+use crate::segment::{Action, LogWrite, PeerRepairStats, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
 use common::ids::{Epoch, NodeId, PgId};
 use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
 use common::message::{ErrorCode, ErrorResponse, Message, PageImage, SegmentStatus};
@@ -32,7 +32,8 @@ use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tracing::{debug, error, info, warn};
 
-/// How often idle segments get a chance to coalesce and clean.
+/// How often idle segments get a chance to coalesce and clean, and each
+/// segment may ask a peer for records it lacks (gossip).
 const BACKGROUND_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a node waits for its new segments' first log write at start.
 const SEGMENT_CREATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,6 +63,10 @@ pub struct NodeConfig {
     pub segments: Vec<SegmentConfig>,
     /// Segments of block volumes (the file system's shared disk).
     pub block_segments: Vec<BlockSegmentConfig>,
+    /// For each hosted redo segment, the addresses of the nodes holding the
+    /// other segments of its PG: whom it gossips with. Also settable while
+    /// running ([`StorageNode::set_peers`]).
+    pub peers: BTreeMap<PgId, Vec<String>>,
 }
 
 /// What the driver does for one action of a core.
@@ -209,6 +214,9 @@ impl<C: LogCore> SegmentDriver<C> {
 struct NodeShared {
     node: NodeId,
     segments: BTreeMap<PgId, RedoDriver>,
+    /// Gossip peers of each redo segment, and the connections to them.
+    peers: Mutex<BTreeMap<PgId, Vec<String>>>,
+    peer_links: PeerLinks,
     block_segments: BTreeMap<PgId, BlockDriver>,
     replies: Arc<Replies>,
     next_connection: AtomicU64,
@@ -374,6 +382,8 @@ impl StorageNode {
         let shared = Arc::new(NodeShared {
             node: config.node,
             segments,
+            peers: Mutex::new(config.peers.clone()),
+            peer_links: PeerLinks { transport: transport.clone(), senders: Mutex::new(HashMap::new()) },
             block_segments,
             replies,
             next_connection: AtomicU64::new(1),
@@ -408,6 +418,7 @@ impl StorageNode {
                 interval.tick().await;
                 background_shared.segments.values().for_each(SegmentDriver::background);
                 background_shared.block_segments.values().for_each(SegmentDriver::background);
+                gossip_round(&background_shared);
             }
         });
         shared.tasks.lock().extend([accept.abort_handle(), background.abort_handle()]);
@@ -426,6 +437,16 @@ impl StorageNode {
     /// A segment's state, read directly (for tools and tests).
     pub fn segment_status(&self, pg: PgId) -> Option<SegmentStatus> {
         self.shared.segments.get(&pg).map(|driver| driver.core.lock().status(0))
+    }
+
+    /// What a segment took from its peers (gossip, repair) since the node started.
+    pub fn peer_repair_stats(&self, pg: PgId) -> Option<PeerRepairStats> {
+        self.shared.segments.get(&pg).map(|driver| driver.core.lock().peer_repair_stats())
+    }
+
+    /// Sets whom the segment of `pg` gossips with.
+    pub fn set_peers(&self, pg: PgId, addresses: Vec<String>) {
+        self.shared.peers.lock().insert(pg, addresses);
     }
 
     /// Stops the node as a crash would: no goodbye, no flush, no more acks.
@@ -469,6 +490,88 @@ async fn serve_connection(shared: &NodeShared, mut connection: Connection) {
     }
     shared.replies.senders.lock().remove(&id);
     debug!(connection = id, peer = %connection.peer, "connection closed");
+}
+
+/// Connections to peer nodes for gossip, one per address, opened on first
+/// use; answers come back on a task per connection.
+struct PeerLinks {
+    transport: Arc<dyn Transport>,
+    /// `None` while connecting.
+    senders: Mutex<HashMap<String, Option<FrameSender>>>,
+}
+
+impl fmt::Debug for PeerLinks {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.debug_struct("PeerLinks").field("connected", &self.senders.lock().len()).finish()
+    }
+}
+
+/// One gossip round: every redo segment that should ask a peer for
+/// records does (see `SegmentCore::gossip_due`). A peer not connected yet
+/// is connected in the background; that round's request is lost, and the
+/// segment asks again.
+fn gossip_round(shared: &Arc<NodeShared>) {
+    let peers = shared.peers.lock().clone();
+    for (pg, driver) in &shared.segments {
+        let Some(addresses) = peers.get(pg).filter(|addresses| !addresses.is_empty()) else { continue };
+        let Some((index, request)) = driver.core.lock().gossip_due(addresses.len()) else { continue };
+        let request = request.encode();
+        let address = &addresses[index];
+        let link = shared.peer_links.senders.lock().get(address).cloned();
+        match link {
+            Some(Some(sender)) => {
+                if sender.try_send(request).is_err() {
+                    shared.peer_links.senders.lock().remove(address);
+                }
+            }
+            Some(None) => {} // connecting
+            None => {
+                shared.peer_links.senders.lock().insert(address.clone(), None);
+                connect_peer(shared.clone(), address.clone());
+            }
+        }
+    }
+}
+
+fn connect_peer(shared: Arc<NodeShared>, address: String) {
+    let tasks = shared.clone();
+    let task = tokio::spawn(async move {
+        let mut connection = match shared.peer_links.transport.connect(address.clone()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                debug!(%address, %error, "gossip: peer not reachable");
+                tokio::time::sleep(BACKGROUND_INTERVAL * 10).await;
+                shared.peer_links.senders.lock().remove(&address);
+                return;
+            }
+        };
+        shared.peer_links.senders.lock().insert(address.clone(), Some(connection.sender.clone()));
+        while let Some(Ok(frame)) = connection.receiver.recv().await {
+            match Message::decode(&frame) {
+                Ok(Message::RecordBatch(batch)) => {
+                    if let Some(driver) = shared.segments.get(&batch.pg) {
+                        let actions = driver.core.lock().gossip_received(batch);
+                        driver.run(actions);
+                    }
+                }
+                Ok(Message::HydrateBatch(batch)) => {
+                    if let Some(driver) = shared.segments.get(&batch.pg) {
+                        let actions = driver.core.lock().hydrate_received(batch);
+                        driver.run(actions);
+                    }
+                }
+                Ok(_) => {} // a refusal: the segment asks another peer in time
+                Err(error) => {
+                    warn!(%address, %error, "gossip: closing connection to peer: bad message");
+                    break;
+                }
+            }
+        }
+        shared.peer_links.senders.lock().remove(&address);
+    });
+    let mut tasks = tasks.tasks.lock();
+    tasks.retain(|handle| !handle.is_finished());
+    tasks.push(task.abort_handle());
 }
 
 fn unknown_segment(request_id: u64, pg: PgId) -> Message {
@@ -537,6 +640,21 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             let response = match shared.segments.get(&request.pg) {
                 Some(driver) => match driver.core.lock().fetch_records(&request) {
                     Ok(batch) => Message::RecordBatch(batch),
+                    Err(refusal) => Message::Error(ErrorResponse {
+                        request_id: request.request_id,
+                        pg: request.pg,
+                        code: refusal.code,
+                        message: refusal.message,
+                    }),
+                },
+                None => unknown_segment(request.request_id, request.pg),
+            };
+            reply(sender, &response);
+        }
+        Message::Hydrate(request) => {
+            let response = match shared.segments.get(&request.pg) {
+                Some(driver) => match driver.core.lock().hydrate(&request) {
+                    Ok(batch) => Message::HydrateBatch(batch),
                     Err(refusal) => Message::Error(ErrorResponse {
                         request_id: request.request_id,
                         pg: request.pg,

@@ -69,6 +69,11 @@ impl<T: Default> PageIndex<T> {
         self.entries.iter().map(|(page, _)| *page)
     }
 
+    /// The entry at `position` in that order (positions never change).
+    pub fn at(&self, position: usize) -> Option<(PageId, &T)> {
+        self.entries.get(position).map(|(page, entry)| (*page, entry))
+    }
+
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.entries.iter().map(|(_, entry)| entry)
     }

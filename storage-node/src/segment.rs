@@ -47,7 +47,8 @@ use common::limits::{
     RECORDS_PER_APPEND_MAX, SEGMENT_QUEUED_BYTES_MAX, TRUNCATIONS_MAX,
 };
 use common::message::{
-    AppendAck, AppendRequest, ErrorCode, ErrorResponse, FetchRecordsRequest, RecordBatch, SegmentStatus, Truncation,
+    AppendAck, AppendRequest, ErrorCode, ErrorResponse, FetchRecordsRequest, HydrateBatch, HydrateCursor,
+    HydrateRequest, Message, RecordBatch, SegmentStatus, Truncation, VersionImage,
 };
 use common::redo::RedoRecord;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -146,6 +147,16 @@ pub struct RecoveryReport {
     pub truncated_tail_bytes: u64,
     /// Corrupt entries in the middle of the log (the segment needs repair).
     pub mid_log_corruptions: usize,
+}
+
+/// What a segment took from its peers: records that filled holes, and
+/// whole page states (hydrations) when records alone could not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerRepairStats {
+    pub records_received: u64,
+    pub hydrations_completed: u64,
+    /// Bytes of versions and records the hydrations brought.
+    pub hydrated_bytes: u64,
 }
 
 /// Why a page could not be served.
@@ -256,6 +267,10 @@ struct InFlight {
     delete_after: Vec<u64>,
     /// Seals answered once this write (whose checkpoint carries their epoch) is durable.
     sealed: Vec<SealWaiter>,
+    /// This write carries the last batch of a hydration: once durable, the
+    /// segment is complete through the first value and serves no read below
+    /// the second.
+    completes_hydration: Option<(Lsn, Lsn)>,
 }
 
 /// Who waits for a seal: the connection and its request id.
@@ -323,6 +338,82 @@ pub struct SegmentCore {
     /// truncation drops, found without walking the whole log.
     recent: VecDeque<(Lsn, PageId)>,
     recent_floor: Lsn,
+    /// The connection that appended last: told when gossip advances SCL.
+    last_writer: Option<ReplyTo>,
+    gossip: Gossip,
+    /// Hydrate transfers served to peers, by id.
+    transfers: BTreeMap<u64, Transfer>,
+    next_transfer: u64,
+    /// A hydrate batch received, waiting for its log write.
+    hydration_pending: Option<(Vec<PageVersion>, Vec<RedoRecord>)>,
+}
+
+impl Hydration {
+    fn from_peer(peer: usize) -> Hydration {
+        Hydration {
+            peer,
+            transfer: 0,
+            cursor: HydrateCursor::default(),
+            paged_out: false,
+            complete_through: Lsn::ZERO,
+            min_read_point: Lsn::ZERO,
+        }
+    }
+}
+
+/// Rounds of [`SegmentCore::gossip_due`] a peer has to answer before the
+/// segment asks another.
+const GOSSIP_PATIENCE_ROUNDS: u32 = 5;
+
+/// Every this many rounds a segment that sees no gap asks a peer for its SCL.
+const GOSSIP_PROBE_ROUNDS: u32 = 25;
+
+/// A segment's gossip with its peers.
+#[derive(Debug, Default)]
+struct Gossip {
+    /// Calls of [`SegmentCore::gossip_due`] so far.
+    rounds: u32,
+    /// The request waiting for an answer, and rounds waited.
+    outstanding: Option<(u64, u32)>,
+    request_id: u64,
+    /// Which peer to ask next (modulo their count).
+    next_peer: usize,
+    /// The highest SCL a peer reported.
+    peer_complete: Lsn,
+    records_received: u64,
+    /// The repair in progress from a peer, if any.
+    hydration: Option<Hydration>,
+    /// Which peer the outstanding request went to.
+    asked_peer: usize,
+    hydrations_completed: u64,
+    hydrated_bytes: u64,
+}
+
+/// Rebuilding this segment's page state from a peer (see [`HydrateRequest`]).
+#[derive(Debug)]
+struct Hydration {
+    peer: usize,
+    /// The peer's transfer id (0 until its first batch).
+    transfer: u64,
+    cursor: HydrateCursor,
+    /// The last batch arrived and its write is durable or on its way.
+    paged_out: bool,
+    /// What the peer was complete through, and its pinned minimum read point.
+    complete_through: Lsn,
+    min_read_point: Lsn,
+}
+
+/// Rounds of [`SegmentCore::background`] a transfer may sit unasked
+/// before the peer forgets it (and unpins its garbage collection).
+const TRANSFER_IDLE_ROUNDS_MAX: u32 = 500;
+
+/// A hydrate transfer this segment serves to a peer.
+#[derive(Debug)]
+struct Transfer {
+    /// Garbage collection stays at or below this while the transfer lives.
+    pin: Lsn,
+    complete_through: Lsn,
+    idle_rounds: u32,
 }
 
 impl SegmentCore {
@@ -363,6 +454,11 @@ impl SegmentCore {
             truncations: Vec::new(),
             recent: VecDeque::new(),
             recent_floor: Lsn::ZERO,
+            last_writer: None,
+            gossip: Gossip::default(),
+            transfers: BTreeMap::new(),
+            next_transfer: 1,
+            hydration_pending: None,
         })
     }
 
@@ -627,25 +723,10 @@ impl SegmentCore {
             self.coalesce_bound = request.volume_durable_lsn;
             self.trim_recent();
         }
-        let mut accepted = 0;
-        for record in request.records {
-            let lsn = record.lsn;
-            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) || self.pending_lsns.contains(&lsn) {
-                continue;
-            }
-            if record.prev_segment_lsn < self.segment_complete_lsn {
-                // Another record already follows that backlink in the chain.
-                let message = format!(
-                    "record {lsn} links to {} below SCL {}: the chain already continues differently",
-                    record.prev_segment_lsn, self.segment_complete_lsn
-                );
-                actions.push(Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, message) });
-                continue;
-            }
-            self.pending_lsns.insert(lsn);
-            self.queued_bytes += record.encoded.len();
-            self.queued.push(record);
-            accepted += 1;
+        self.last_writer = Some(from);
+        let (accepted, problems) = self.queue_new_records(request.records);
+        for problem in problems {
+            actions.push(Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, problem) });
         }
         if accepted == 0 {
             // Nothing new: report where we are (the writer may have missed an ack).
@@ -657,9 +738,313 @@ impl SegmentCore {
         actions
     }
 
+    /// Queues the records not held, queued or in flight yet (validated
+    /// already); returns how many, and why any was refused.
+    fn queue_new_records(&mut self, records: Vec<RedoRecord>) -> (usize, Vec<String>) {
+        let mut accepted = 0;
+        let mut problems = Vec::new();
+        for record in records {
+            let lsn = record.lsn;
+            if lsn <= self.segment_complete_lsn || self.parked_lsns.contains(&lsn) || self.pending_lsns.contains(&lsn) {
+                continue;
+            }
+            if record.prev_segment_lsn < self.segment_complete_lsn {
+                // Another record already follows that backlink in the chain.
+                problems.push(format!(
+                    "record {lsn} links to {} below SCL {}: the chain already continues differently",
+                    record.prev_segment_lsn, self.segment_complete_lsn
+                ));
+                continue;
+            }
+            self.pending_lsns.insert(lsn);
+            self.queued_bytes += record.encoded.len();
+            self.queued.push(record);
+            accepted += 1;
+        }
+        (accepted, problems)
+    }
+
+    /// Gossip: whether this segment should ask a peer of its PG for records
+    /// now, and which. It asks while its chain has a hole (records held
+    /// above SCL) or it is behind what it knows exists (the writer's VDL,
+    /// a peer's SCL), one request at a time, moving to the next of its
+    /// `peer_count` peers when one has nothing or stays silent. Returns the
+    /// peer's index and the request; the driver sends it and hands the
+    /// answer to [`Self::gossip_received`].
+    pub fn gossip_due(&mut self, peer_count: usize) -> Option<(usize, Message)> {
+        if peer_count == 0 || self.failed.is_some() || self.open_epoch != self.epoch {
+            return None;
+        }
+        if let Some(outstanding) = self.gossip.outstanding.as_mut() {
+            outstanding.1 += 1;
+            if outstanding.1 < GOSSIP_PATIENCE_ROUNDS {
+                return None;
+            }
+            self.gossip.outstanding = None;
+            self.gossip.next_peer += 1; // silent: try another
+            // A repair starts over from the next peer (batches already
+            // logged only added versions and records).
+            self.gossip.hydration = None;
+        }
+        self.gossip.rounds += 1;
+        self.gossip.request_id += 1;
+        let request_id = self.gossip.request_id;
+        if self.gossip.hydration.is_none() && self.needs_repair {
+            // Corruption left a hole records may not fill: rebuild from a peer.
+            self.gossip.hydration = Some(Hydration::from_peer(self.gossip.next_peer % peer_count));
+        }
+        if let Some(hydration) = &self.gossip.hydration {
+            if hydration.paged_out || self.hydration_pending.is_some() {
+                return None; // waiting for the disk
+            }
+            let room = self.config.write_bytes_max() - self.checkpoint_bytes() - 4 * ENTRY_OVERHEAD_GUARD;
+            let request = HydrateRequest {
+                request_id,
+                pg: self.config.pg,
+                epoch: self.epoch,
+                transfer: hydration.transfer,
+                cursor: hydration.cursor,
+                bytes_max: room.min(RECORD_BATCH_BYTES_MAX) as u32,
+            };
+            let peer = hydration.peer % peer_count;
+            self.gossip.outstanding = Some((request_id, 0));
+            self.gossip.asked_peer = peer;
+            return Some((peer, Message::Hydrate(request)));
+        }
+        let behind = self.highest_durable_lsn.max(self.gossip.peer_complete) > self.segment_complete_lsn;
+        let through = if behind && self.queued_bytes <= SEGMENT_QUEUED_BYTES_MAX / 2 {
+            // With a hole, only what lies below the first record held above it.
+            self.parked_lsns.iter().min().map_or(Lsn(u64::MAX), |lowest| Lsn(lowest.0 - 1))
+        } else if self.gossip.rounds.is_multiple_of(GOSSIP_PROBE_ROUNDS) {
+            // A probe: no records, only the peer's SCL (a segment that
+            // missed the end of the log has no hole to see).
+            self.segment_complete_lsn
+        } else {
+            return None;
+        };
+        let request = FetchRecordsRequest {
+            request_id,
+            pg: self.config.pg,
+            epoch: self.epoch,
+            above: self.segment_complete_lsn,
+            through,
+        };
+        self.gossip.outstanding = Some((request_id, 0));
+        let peer = self.gossip.next_peer % peer_count;
+        self.gossip.asked_peer = peer;
+        Some((peer, Message::FetchRecords(request)))
+    }
+
+    /// A peer's answer to [`Self::gossip_due`]'s request: the records this
+    /// segment lacks are made durable as an append's would be (those inside
+    /// its truncation list are not taken), and the writer that last
+    /// appended is told the new SCL when they are.
+    pub fn gossip_received(&mut self, batch: RecordBatch) -> Vec<Action> {
+        if self.gossip.outstanding.is_none_or(|(request_id, _)| request_id != batch.request_id) {
+            return Vec::new(); // late or duplicated
+        }
+        self.gossip.outstanding = None;
+        if batch.epoch != self.epoch || self.open_epoch != self.epoch || self.failed.is_some() {
+            self.gossip.next_peer += 1;
+            return Vec::new();
+        }
+        self.gossip.peer_complete = batch.segment_complete_lsn;
+        let continues = batch.records.first().is_some_and(|first| first.prev_segment_lsn <= self.segment_complete_lsn);
+        if !continues
+            && batch.segment_complete_lsn > self.segment_complete_lsn
+            && batch.min_read_point > self.segment_complete_lsn
+        {
+            // The peer collected records this segment lacks (subsumed by
+            // its page versions): only its page state can bring it up.
+            self.gossip.hydration = Some(Hydration::from_peer(self.gossip.asked_peer));
+            return Vec::new();
+        }
+        let useful: Vec<RedoRecord> =
+            batch.records.into_iter().filter(|record| self.validate_record(record).is_ok()).collect();
+        let (accepted, _) = self.queue_new_records(useful);
+        if accepted == 0 {
+            if batch.segment_complete_lsn <= self.segment_complete_lsn {
+                self.gossip.next_peer += 1; // nothing there: ask another next time
+            }
+            return Vec::new();
+        }
+        self.gossip.records_received += accepted as u64;
+        if let Some(writer) = self.last_writer {
+            self.queued_waiters.insert(writer);
+        }
+        self.start_write()
+    }
+
+    /// Serves a batch of a hydrate transfer to a peer: page by page (in
+    /// the page index's stable order), the newest version at or below the
+    /// transfer's pin and the records above it up to the SCL the transfer
+    /// started at. Garbage collection stays at or below the pin while the
+    /// transfer lives, so nothing a later batch needs goes away.
+    pub fn hydrate(&mut self, request: &HydrateRequest) -> Result<HydrateBatch, ReadRefusal> {
+        if let Err((code, message)) = self.check_epoch(request.epoch) {
+            return Err(ReadRefusal { code, message });
+        }
+        if self.open_epoch != self.epoch || self.needs_repair || self.failed.is_some() {
+            let message =
+                format!("{} cannot serve its page state (not open, or needing repair itself)", self.config.pg);
+            return Err(ReadRefusal { code: ErrorCode::NotOpen, message });
+        }
+        let transfer_id = if request.transfer == 0 {
+            let id = self.next_transfer;
+            self.next_transfer += 1;
+            let transfer =
+                Transfer { pin: self.min_read_point, complete_through: self.segment_complete_lsn, idle_rounds: 0 };
+            self.transfers.insert(id, transfer);
+            id
+        } else {
+            request.transfer
+        };
+        let Some(transfer) = self.transfers.get_mut(&transfer_id) else {
+            let message = format!("transfer {transfer_id} expired: start again");
+            return Err(ReadRefusal { code: ErrorCode::InvalidRequest, message });
+        };
+        transfer.idle_rounds = 0;
+        let (pin, through) = (transfer.pin, transfer.complete_through);
+        let budget =
+            (request.bytes_max as usize).clamp(version_item_bytes(self.config.page_bytes) * 2, RECORD_BATCH_BYTES_MAX);
+        let (mut versions, mut records, mut bytes) = (Vec::new(), Vec::new(), 0);
+        let mut cursor = request.cursor;
+        let mut next = None;
+        'pages: while let Some((page, chain)) = self.pages.at(cursor.page_position as usize) {
+            let base = chain.versions.range(..=pin).next_back();
+            if cursor.after_lsn == Lsn::ZERO
+                && let Some((lsn, version)) = base
+            {
+                if bytes > 0 && bytes + version_item_bytes(version.image.len()) > budget {
+                    next = Some(cursor);
+                    break;
+                }
+                bytes += version_item_bytes(version.image.len());
+                versions.push(VersionImage { page, lsn: *lsn, image: version.image.clone() });
+                cursor.after_lsn = *lsn;
+            }
+            let above = cursor.after_lsn.max(base.map_or(Lsn::ZERO, |(lsn, _)| *lsn));
+            for held in chain.records_between(above, through) {
+                if bytes > 0 && (bytes + held.encoded.len() > budget || records.len() == RECORDS_PER_APPEND_MAX) {
+                    next = Some(HydrateCursor { after_lsn: cursor.after_lsn.max(Lsn(1)), ..cursor });
+                    break 'pages;
+                }
+                bytes += held.encoded.len();
+                records
+                    .push(held.decode().map_err(|message| ReadRefusal { code: ErrorCode::InvalidRequest, message })?);
+                cursor.after_lsn = held.lsn;
+            }
+            cursor = HydrateCursor { page_position: cursor.page_position + 1, after_lsn: Lsn::ZERO };
+        }
+        Ok(HydrateBatch {
+            request_id: request.request_id,
+            pg: self.config.pg,
+            epoch: self.epoch,
+            transfer: transfer_id,
+            complete_through: through,
+            min_read_point: pin,
+            versions,
+            records,
+            next,
+        })
+    }
+
+    /// A batch of this segment's own hydration arrived: it is logged with
+    /// the next write; once the last one is durable, the segment is
+    /// complete through the peer's SCL, no longer needs repair, and serves
+    /// no read below the peer's pinned read point.
+    pub fn hydrate_received(&mut self, batch: HydrateBatch) -> Vec<Action> {
+        if self.gossip.outstanding.is_none_or(|(request_id, _)| request_id != batch.request_id) {
+            return Vec::new();
+        }
+        self.gossip.outstanding = None;
+        let Some(hydration) = self.gossip.hydration.as_mut() else { return Vec::new() };
+        if batch.epoch != self.epoch || (hydration.transfer != 0 && hydration.transfer != batch.transfer) {
+            self.gossip.hydration = None;
+            return Vec::new();
+        }
+        hydration.transfer = batch.transfer;
+        hydration.complete_through = batch.complete_through;
+        hydration.min_read_point = batch.min_read_point;
+        match batch.next {
+            Some(cursor) => hydration.cursor = cursor,
+            None => hydration.paged_out = true,
+        }
+        let truncations = &self.truncations;
+        let records: Vec<RedoRecord> = batch
+            .records
+            .into_iter()
+            .filter(|record| !truncations.iter().any(|range| range.contains(record.lsn)))
+            .collect();
+        let versions: Vec<PageVersion> = batch
+            .versions
+            .into_iter()
+            .filter(|version| version.image.len() == self.config.page_bytes)
+            .map(|version| PageVersion { page: version.page, lsn: version.lsn, image: version.image })
+            .collect();
+        self.gossip.hydrated_bytes += records.iter().map(|record| record.encoded.len() as u64).sum::<u64>()
+            + versions.iter().map(|version| version.image.len() as u64).sum::<u64>();
+        self.hydration_pending = Some((versions, records));
+        self.start_write()
+    }
+
+    /// Every batch of a hydration is durable: the segment holds the peer's
+    /// page state through `complete_through` (versions for what the peer
+    /// collected, records above them), so its chain is complete there; it
+    /// serves no read below the peer's pinned read point (the write that
+    /// carried the last batch logged both in its checkpoint), and it no
+    /// longer needs repair.
+    fn finish_hydration(&mut self, complete_through: Lsn, min_read_point: Lsn) {
+        self.gossip.hydration = None;
+        self.gossip.hydrations_completed += 1;
+        self.needs_repair = false;
+        self.min_read_point = self.min_read_point.max(min_read_point);
+        if complete_through > self.segment_complete_lsn {
+            self.segment_complete_lsn = complete_through;
+            let parked: Vec<(Lsn, Lsn)> = self.parked_by_prev.drain().collect();
+            self.parked_lsns.clear();
+            for (prev, lsn) in parked.into_iter().filter(|(_, lsn)| *lsn > complete_through) {
+                // Its predecessor is complete now if it lies at or below.
+                self.park(prev.max(complete_through), lsn);
+            }
+            self.advance_segment_complete_lsn();
+        }
+        self.highest_durable_lsn = self.parked_lsns.iter().copied().fold(self.segment_complete_lsn, Lsn::max);
+    }
+
+    /// What this segment took from its peers so far.
+    pub fn peer_repair_stats(&self) -> PeerRepairStats {
+        PeerRepairStats {
+            records_received: self.gossip.records_received,
+            hydrations_completed: self.gossip.hydrations_completed,
+            hydrated_bytes: self.gossip.hydrated_bytes,
+        }
+    }
+
+    /// Starts a repair from the next peer now (a new replica must take its
+    /// peers' whole page state, not only what records they still hold).
+    pub fn gossip_hydrate_now(&mut self) {
+        if self.gossip.hydration.is_none() {
+            self.gossip.hydration = Some(Hydration::from_peer(self.gossip.next_peer));
+        }
+    }
+
+    /// Whether a repair from a peer is in progress.
+    pub fn is_hydrating(&self) -> bool {
+        self.gossip.hydration.is_some()
+    }
+
     /// Background work when the driver has nothing else to do: coalesce,
     /// clean, and log the results.
     pub fn background(&mut self) -> Vec<Action> {
+        let before = self.transfers.len();
+        self.transfers.retain(|_, transfer| {
+            transfer.idle_rounds += 1;
+            transfer.idle_rounds <= TRANSFER_IDLE_ROUNDS_MAX
+        });
+        if self.transfers.len() < before {
+            self.collect_garbage(); // unpinned
+        }
         self.start_write()
     }
 
@@ -835,6 +1220,12 @@ impl SegmentCore {
         found
     }
 
+    /// Garbage collection's bound: the minimum read point, held lower while
+    /// a hydrate transfer served to a peer pins it.
+    fn gc_point(&self) -> Lsn {
+        self.transfers.values().map(|transfer| transfer.pin).fold(self.min_read_point, Lsn::min)
+    }
+
     /// Drops `recent` entries at or below the writer's VDL.
     fn trim_recent(&mut self) {
         while self.recent.front().is_some_and(|(lsn, _)| *lsn <= self.coalesce_bound) {
@@ -870,6 +1261,7 @@ impl SegmentCore {
             segment_complete_lsn: self.segment_complete_lsn,
             open_epoch: self.open_epoch,
             truncations: self.truncations.clone(),
+            min_read_point: self.min_read_point,
             records,
             more,
         })
@@ -905,9 +1297,13 @@ impl SegmentCore {
         for version in in_flight.versions {
             self.insert_durable_version(version, in_flight.file);
         }
+        let mut waiters = in_flight.waiters;
+        if let Some((complete_through, min_read_point)) = in_flight.completes_hydration {
+            self.finish_hydration(complete_through, min_read_point);
+            waiters.extend(self.last_writer);
+        }
         self.collect_garbage();
-        let mut actions: Vec<Action> =
-            in_flight.waiters.into_iter().map(|to| Action::Ack { to, ack: self.ack() }).collect();
+        let mut actions: Vec<Action> = waiters.into_iter().map(|to| Action::Ack { to, ack: self.ack() }).collect();
         actions.extend(in_flight.delete_after.into_iter().map(Action::DeleteFile));
         for (to, request_id) in in_flight.sealed {
             actions.push(Action::Status { to, status: self.status(request_id) });
@@ -983,7 +1379,7 @@ impl SegmentCore {
         }
         *self.file_live.entry(file).or_default() += 1;
         self.file_versions.entry(file).or_default().push((page, lsn));
-        if lsn > self.min_read_point {
+        if lsn > self.gc_point() {
             self.gc_waiting.entry(lsn).or_default().push(page);
         }
         self.collect_page(page);
@@ -1068,7 +1464,7 @@ impl SegmentCore {
     /// Drops versions older than the newest one at or below PGMRPL, and the
     /// records such a version subsumes.
     fn collect_garbage(&mut self) {
-        let reached: Vec<Lsn> = self.gc_waiting.range(..=self.min_read_point).map(|(lsn, _)| *lsn).collect();
+        let reached: Vec<Lsn> = self.gc_waiting.range(..=self.gc_point()).map(|(lsn, _)| *lsn).collect();
         for lsn in reached {
             for page in self.gc_waiting.remove(&lsn).unwrap_or_default() {
                 self.collect_page(page);
@@ -1077,8 +1473,9 @@ impl SegmentCore {
     }
 
     fn collect_page(&mut self, page: PageId) {
+        let gc_point = self.gc_point();
         let Some(chain) = self.pages.get_mut(page) else { return };
-        let Some(keep) = chain.versions.range(..=self.min_read_point).next_back().map(|(lsn, _)| *lsn) else { return };
+        let Some(keep) = chain.versions.range(..=gc_point).next_back().map(|(lsn, _)| *lsn) else { return };
         let older: Vec<Lsn> = chain.versions.range(..keep).map(|(lsn, _)| *lsn).collect();
         for lsn in older {
             let version = chain.versions.remove(&lsn).expect("listed above");
@@ -1177,24 +1574,45 @@ impl SegmentCore {
             room -= record.encoded.len();
             take += 1;
         }
+        // A hydration batch next, whole or not at all.
+        let hydration_bytes = self.hydration_pending.as_ref().map(|(versions, records)| {
+            ENTRY_HEADER_BYTES
+                + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
+                + records.iter().map(|record| record.encoded.len()).sum::<usize>()
+        });
+        let hydration = match hydration_bytes {
+            Some(bytes) if bytes <= room => {
+                room -= bytes;
+                self.hydration_pending.take()
+            }
+            _ => None,
+        };
+        let completes_hydration = match (&hydration, &self.gossip.hydration) {
+            (Some(_), Some(state)) if state.paged_out => Some((state.complete_through, state.min_read_point)),
+            _ => None,
+        };
         // Then background work, in what room is left.
         let mut budget = self.config.coalesce_bytes_per_write.min(room);
         self.plan_cleaning(&mut budget);
         self.plan_coalescing(&mut budget);
-        let checkpoint = !self.checkpoint_due.is_empty() || self.seal_due;
-        if take == 0 && self.pending_versions.is_empty() && !checkpoint {
+        // The write that completes a hydration logs the SCL it reaches with it.
+        let checkpoint = !self.checkpoint_due.is_empty() || self.seal_due || completes_hydration.is_some();
+        if take == 0 && self.pending_versions.is_empty() && !checkpoint && hydration.is_none() {
             return Vec::new();
         }
-        let versions = std::mem::take(&mut self.pending_versions);
+        let (hydration_versions, hydration_records) = hydration.unwrap_or_default();
+        let mut versions = hydration_versions;
+        versions.append(&mut self.pending_versions);
         let versions_bytes = if versions.is_empty() {
             0
         } else {
             ENTRY_HEADER_BYTES + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
         };
         let checkpoint_bytes = if checkpoint { self.checkpoint_bytes() } else { 0 };
-        let redo: Vec<RedoRecord> = self.queued.drain(..take).collect();
+        let mut redo: Vec<RedoRecord> = self.queued.drain(..take).collect();
+        self.queued_bytes -= redo.iter().map(|record| record.encoded.len()).sum::<usize>();
+        redo.extend(hydration_records.into_iter().filter(|record| !self.pending_lsns.contains(&record.lsn)));
         let redo_bytes: usize = redo.iter().map(|record| record.encoded.len()).sum();
-        self.queued_bytes -= redo_bytes;
         let waiters =
             if self.queued.is_empty() { std::mem::take(&mut self.queued_waiters) } else { self.queued_waiters.clone() };
 
@@ -1213,8 +1631,10 @@ impl SegmentCore {
                 pg: self.config.pg,
                 page_bytes: self.config.page_bytes as u32,
                 epoch: self.epoch,
-                segment_complete_lsn: self.segment_complete_lsn,
-                min_read_point: self.min_read_point,
+                segment_complete_lsn: completes_hydration
+                    .map_or(self.segment_complete_lsn, |(through, _)| through.max(self.segment_complete_lsn)),
+                min_read_point: completes_hydration
+                    .map_or(self.min_read_point, |(_, pin)| pin.max(self.min_read_point)),
                 open_epoch: self.open_epoch,
                 truncations: self.truncations.clone(),
             };
@@ -1230,6 +1650,7 @@ impl SegmentCore {
             waiters,
             delete_after: delete_after.into_iter().filter(|file| *file != 0).collect(),
             sealed,
+            completes_hydration,
         });
         vec![Action::Write(LogWrite { id, position, bytes: bytes.freeze() })]
     }

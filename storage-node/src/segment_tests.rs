@@ -675,3 +675,164 @@ fn fetched_records_come_in_order_up_to_scl_and_in_pages() {
         FetchRecordsRequest { request_id: 3, pg: PG, epoch: Epoch(2), above: Lsn::ZERO, through: Lsn(u64::MAX) };
     assert_eq!(harness.core.fetch_records(&stale).unwrap_err().code, ErrorCode::UnknownEpoch);
 }
+
+/// Runs one gossip exchange of `asking` with `peer`, if one is due.
+fn gossip_once(asking: &mut Harness, peer: &mut Harness) -> bool {
+    let Some((index, request)) = asking.core.gossip_due(1) else { return false };
+    assert_eq!(index, 0);
+    let actions = match request {
+        Message::FetchRecords(request) => {
+            let batch = peer.core.fetch_records(&request).expect("same epoch");
+            asking.core.gossip_received(batch)
+        }
+        Message::Hydrate(request) => {
+            let batch = peer.core.hydrate(&request).expect("a peer that can serve");
+            asking.core.hydrate_received(batch)
+        }
+        other => panic!("gossip sent {other:?}"),
+    };
+    asking.complete_all(actions);
+    true
+}
+
+/// A segment with a hole in its chain fills it from a peer (without the
+/// writer), and one that missed the end of the log learns it from a
+/// peer's SCL and fetches it; the writer that appended last hears the new
+/// SCL. Records a truncation voided are not taken from a peer that still
+/// holds them.
+#[test]
+fn gossip_fills_holes_and_tails_from_a_peer() {
+    let (mut holey, mut full) = (Harness::new(), Harness::new());
+    let mut maker = RecordMaker::default();
+    let records: Vec<RedoRecord> = (0..6u64).map(|index| maker.make(1 + index % 2, 0, &[index as u8; 4], 0)).collect();
+    full.append(records.clone(), 1);
+    holey.append(vec![records[0].clone(), records[1].clone(), records[4].clone(), records[5].clone()], 9);
+    assert_eq!(holey.core.segment_complete_lsn(), records[1].lsn);
+    assert!(gossip_once(&mut holey, &mut full), "a hole asks at once");
+    assert_eq!(holey.core.segment_complete_lsn(), records[5].lsn, "filled: SCL jumps over the parked records");
+    assert_eq!(holey.core.peer_repair_stats().records_received, 2);
+    assert_eq!(holey.acks.last().map(|(to, ack)| (*to, ack.segment_complete_lsn)), Some((9, records[5].lsn)));
+    assert!(!gossip_once(&mut holey, &mut full), "nothing is asked without a reason");
+
+    // Behind with no hole: a probe finds the peer's SCL ahead, then the tail comes.
+    let more: Vec<RedoRecord> = (0..3u64).map(|index| maker.make(3, 0, &[index as u8; 4], 0)).collect();
+    full.append(more.clone(), 1);
+    let mut rounds = 0;
+    while holey.core.segment_complete_lsn() < more[2].lsn {
+        gossip_once(&mut holey, &mut full);
+        rounds += 1;
+        assert!(rounds <= 2 * super::GOSSIP_PROBE_ROUNDS, "the tail never came");
+    }
+    let (_, image) = holey.read(3, more[2].lsn).expect("readable at the new SCL");
+    assert_eq!(image[..4], [2u8; 4]);
+}
+
+/// A peer that never applied a truncation still holds the voided records;
+/// a segment that applied it does not take them from that peer.
+#[test]
+fn gossip_never_brings_back_a_voided_record() {
+    let (mut opened, mut stale) = (Harness::new(), Harness::new());
+    let mut maker = RecordMaker::default();
+    let records: Vec<RedoRecord> = (0..4u64).map(|index| maker.make(1, 0, &[index as u8; 4], 0)).collect();
+    stale.append(records.clone(), 1);
+    opened.append(records[..2].to_vec(), 1);
+    // Both are sealed at epoch 2; only `opened` gets the list voiding 3 and 4.
+    let seal = stale.core.seal(1, Epoch(2), 5);
+    stale.complete_all(seal);
+    let truncations = vec![Truncation { epoch: Epoch(2), above: records[1].lsn, through: Lsn(100) }];
+    let open = opened.core.open_epoch(1, Epoch(2), truncations, 5);
+    opened.complete_all(open);
+    // `opened` believes it is behind (a peer reported a higher SCL)...
+    for _ in 0..super::GOSSIP_PROBE_ROUNDS * 2 {
+        gossip_once(&mut opened, &mut stale);
+    }
+    assert_eq!(opened.core.segment_complete_lsn(), records[1].lsn, "the voided records were not taken");
+    assert_eq!(opened.core.peer_repair_stats().records_received, 0);
+}
+
+/// Appends `count` records over pages 0..8 with the writer's VDL and MRPL
+/// following along, so the segment coalesces pages and collects the
+/// records its versions subsume.
+fn write_and_collect(harness: &mut Harness, maker: &mut RecordMaker, count: u64) -> Lsn {
+    let mut last = Lsn::ZERO;
+    for index in 0..count {
+        let record = maker.make(index % 8, (index % 16) as u32 * 8, &index.to_le_bytes(), 0);
+        last = record.lsn;
+        let actions = harness.core.append(Harness::request(vec![record], last, last), 1);
+        harness.complete_all(actions);
+    }
+    for _ in 0..8 {
+        let actions = harness.core.background();
+        harness.complete_all(actions);
+    }
+    last
+}
+
+/// A segment behind a peer that collected the records it lacks cannot be
+/// brought up by records: it rebuilds from the peer's page state
+/// (hydration, in batches), then serves every page as the peer does, also
+/// after a restart; an empty segment does the same, as a new replica would.
+#[test]
+fn a_segment_too_far_behind_hydrates_from_a_peer() {
+    let (mut behind, mut peer) = (Harness::new(), Harness::new());
+    let mut maker = RecordMaker::default();
+    let early = write_and_collect(&mut peer, &mut maker, 10);
+    let mut early_maker = RecordMaker::default();
+    write_and_collect(&mut behind, &mut early_maker, 10);
+    assert_eq!(behind.core.segment_complete_lsn(), early);
+    let last = write_and_collect(&mut peer, &mut maker, 400);
+    assert!(peer.core.record_count() < 400, "the peer collected records: {}", peer.core.record_count());
+    let mut rounds = 0;
+    while behind.core.segment_complete_lsn() < last {
+        gossip_once(&mut behind, &mut peer);
+        rounds += 1;
+        assert!(rounds < 1000, "never caught up: SCL {}", behind.core.segment_complete_lsn());
+    }
+    let stats = behind.core.peer_repair_stats();
+    assert_eq!(stats.hydrations_completed, 1, "one hydration");
+    assert!(stats.hydrated_bytes > 0);
+    assert_eq!(stats.records_received, 0, "records alone could not do it");
+    let compare = |behind: &Harness, peer: &Harness| {
+        for page in 0..8 {
+            let ours = behind.core.read_page(PageId(page), last, Epoch::INITIAL).expect("readable");
+            let theirs = peer.core.read_page(PageId(page), last, Epoch::INITIAL).expect("readable");
+            assert_eq!(ours, theirs, "page {page}");
+        }
+    };
+    compare(&behind, &peer);
+    behind.restart();
+    assert_eq!(behind.core.segment_complete_lsn(), last, "the jump survives a restart");
+    compare(&behind, &peer);
+
+    let mut fresh = Harness::new();
+    fresh.core.gossip_hydrate_now();
+    let mut rounds = 0;
+    while fresh.core.segment_complete_lsn() < last {
+        gossip_once(&mut fresh, &mut peer);
+        rounds += 1;
+        assert!(rounds < 1000, "the new replica never caught up");
+    }
+    compare(&fresh, &peer);
+}
+
+/// A corrupt record in the middle of the log marks the segment as needing
+/// repair; it hydrates from a peer on its own, and then serves the pages
+/// the corruption had made unreadable.
+#[test]
+fn a_corrupt_segment_repairs_itself_from_a_peer() {
+    let (mut corrupt, mut peer) = (Harness::new(), Harness::new());
+    let lsns = corrupt.append_six_records_to_page_one();
+    peer.append_six_records_to_page_one();
+    corrupt.corrupt_payload(&[3u8; 16]);
+    corrupt.restart();
+    assert!(corrupt.core.status(0).needs_repair);
+    assert!(corrupt.read(1, lsns[5]).is_err());
+    let mut rounds = 0;
+    while corrupt.core.status(0).needs_repair {
+        gossip_once(&mut corrupt, &mut peer);
+        rounds += 1;
+        assert!(rounds < 100, "the repair never finished");
+    }
+    assert_eq!(corrupt.read(1, lsns[5]), peer.read(1, lsns[5]));
+    assert_eq!(corrupt.core.segment_complete_lsn(), lsns[5]);
+}

@@ -127,6 +127,22 @@ impl VolumeGeometry {
     }
 
     /// The PGs (and replica index) that `node` hosts a segment of.
+    /// For each PG with a segment on `node`, the addresses of the nodes
+    /// holding its other segments (whom that segment gossips with).
+    pub fn peers_of(&self, node: NodeId) -> BTreeMap<PgId, Vec<String>> {
+        self.segments_on(node)
+            .into_iter()
+            .map(|(pg, _)| {
+                let others = self.segments[pg.0 as usize]
+                    .iter()
+                    .filter(|placement| placement.node != node)
+                    .map(|placement| placement.address.clone())
+                    .collect();
+                (pg, others)
+            })
+            .collect()
+    }
+
     pub fn segments_on(&self, node: NodeId) -> Vec<(PgId, ReplicaIndex)> {
         let mut hosted = Vec::new();
         for (pg, placements) in self.segments.iter().enumerate() {
