@@ -14,12 +14,17 @@
 //!   file system on the block volume, mounted with FUSE.
 //! - [`fs_crash`]: `lab fs crash-test`, kill -9 at seeded points.
 //! - [`sim`]: `lab sim`, the seeded simulation of the redo protocol.
+//! - [`procs`]: the process shape: cluster files, `lab node storage` and
+//!   `lab node writer`, and a cluster of node processes to kill.
+//! - [`crash`]: `lab crash SCENARIO`, crash experiments on real processes.
 
 pub mod alloc_count;
 pub mod bench;
 pub mod cluster;
+pub mod crash;
 pub mod demo;
 pub mod fs;
 pub mod fs_crash;
 pub mod locks;
+pub mod procs;
 pub mod sim;

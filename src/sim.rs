@@ -201,6 +201,8 @@ struct Allocated {
     offset: usize,
     data: Bytes,
     prev_volume: Lsn,
+    /// The epoch of the writer that allocated it.
+    epoch: Epoch,
 }
 
 /// Why a read was made.
@@ -262,7 +264,8 @@ struct World {
     records: BTreeMap<Lsn, Allocated>,
     allocated: u64,
     /// Every commit (its CPL) any writer acknowledged.
-    acknowledged: BTreeSet<Lsn>,
+    /// ... and the epoch of the writer that acknowledged it.
+    acknowledged: BTreeMap<Lsn, Epoch>,
     crashes: u64,
     dropped: u64,
     recoveries: u64,
@@ -344,7 +347,7 @@ impl World {
             nodes,
             records: BTreeMap::new(),
             allocated: 0,
-            acknowledged: BTreeSet::new(),
+            acknowledged: BTreeMap::new(),
             crashes: 0,
             dropped: 0,
             recoveries: 0,
@@ -425,8 +428,18 @@ impl World {
         self.nodes.iter().filter(|node| node.segments.is_none() || node.cut).count()
     }
 
+    /// The front end in charge: the unfenced writer with the highest epoch
+    /// (two recoveries may race; the lower one is fenced), else the newest.
     fn current(&self) -> usize {
-        self.frontends.len() - 1
+        self.frontends
+            .iter()
+            .enumerate()
+            .filter_map(|(index, frontend)| match &frontend.state {
+                FrontendState::Writing(writer) if !writer.is_fenced() => Some((writer.epoch(), index)),
+                _ => None,
+            })
+            .max()
+            .map_or(self.frontends.len() - 1, |(_, index)| index)
     }
 
     /// A message on the network: dropped, delayed, or also duplicated.
@@ -653,7 +666,7 @@ impl World {
             pg_lsns: vec![BTreeSet::new(); PGS as usize],
             page_lsns: BTreeMap::new(),
         });
-        let frontend = self.current();
+        let frontend = self.frontends.len() - 1;
         for (node, message) in outgoing {
             self.send_to_node(frontend, node, message);
         }
@@ -691,7 +704,7 @@ impl World {
     fn writer_step(&mut self, frontend: usize) -> Result<()> {
         let busy = self.frontends[frontend].read.is_some();
         let Some(writer) = self.frontends[frontend].writer() else { return Ok(()) };
-        if writer.is_fenced() || (self.allocated >= COMMITS && frontend == self.frontends.len() - 1) {
+        if writer.is_fenced() || self.allocated >= COMMITS {
             return Ok(());
         }
         let pages = 1 + self.rng.below(3);
@@ -708,13 +721,24 @@ impl World {
         match writer.allocate(&changes) {
             Ok(last) => {
                 let first = last.0 + 1 - changes.len() as u64;
+                let epoch = self.frontends[frontend].writer().expect("writing").epoch();
                 for (index, change) in changes.iter().enumerate() {
                     if let PageOp::Write { offset, data } = &change.op {
                         let lsn = Lsn(first + index as u64);
                         let prev_volume = if index == 0 { before } else { Lsn(lsn.0 - 1) };
-                        let allocated =
-                            Allocated { page: change.page, offset: *offset as usize, data: data.clone(), prev_volume };
-                        self.records.insert(lsn, allocated);
+                        let allocated = Allocated {
+                            page: change.page,
+                            offset: *offset as usize,
+                            data: data.clone(),
+                            prev_volume,
+                            epoch,
+                        };
+                        // A writer whose recovery was overtaken by a newer
+                        // one may allocate the same LSNs before it hears it
+                        // is fenced: the newer epoch's record is the real one.
+                        if self.records.get(&lsn).is_none_or(|held| held.epoch < epoch) {
+                            self.records.insert(lsn, allocated);
+                        }
                         let entry = &mut self.frontends[frontend];
                         entry.pg_lsns[(change.page.0 / PAGES_PER_PG) as usize].insert(lsn);
                         entry.page_lsns.entry(change.page).or_default().push(lsn);
@@ -945,7 +969,8 @@ impl World {
                     Message::PageImage(_) | Message::Error(_) | Message::RecordBatch(_) => Vec::new(),
                     other => bail!("unexpected message to a writer: {other:?}"),
                 };
-                self.acknowledged.extend(waiters.into_iter().map(Lsn));
+                let epoch = self.frontends[frontend].writer().expect("writing").epoch();
+                self.acknowledged.extend(waiters.into_iter().map(|lsn| (Lsn(lsn), epoch)));
                 self.check_writer(frontend)?;
                 self.send_frames(frontend);
                 Ok(())
@@ -984,7 +1009,7 @@ impl World {
                 // An operator would start another recovery.
                 self.note(format!("{} front end {frontend} gave up recovering: {error}", self.now));
                 self.frontends[frontend].state = FrontendState::Dead;
-                if frontend == self.current() {
+                if frontend == self.frontends.len() - 1 {
                     self.schedule(10_000, Event::FrontendStarts);
                 }
             }
@@ -1044,16 +1069,20 @@ impl World {
         Ok(())
     }
 
-    /// A recovery's decision keeps every acknowledged commit and invents
-    /// nothing. Returns the recovered volume chain.
+    /// A recovery's decision keeps every commit a writer of an older epoch
+    /// acknowledged, and invents nothing. (A racing recovery at a newer
+    /// epoch may have acknowledged more meanwhile; it fences this one.)
+    /// Returns the recovered volume chain.
     fn check_recovered(&mut self, log: &RecoveredLog) -> Result<BTreeSet<Lsn>> {
-        if let Some(highest) = self.acknowledged.last()
+        let older: Vec<Lsn> =
+            self.acknowledged.iter().filter(|(_, epoch)| **epoch < log.epoch).map(|(lsn, _)| *lsn).collect();
+        if let Some(highest) = older.last()
             && *highest > log.volume_durable
         {
             bail!("recovery at {} found VDL {}, below acknowledged commit {highest}", log.epoch, log.volume_durable);
         }
         let chain: BTreeSet<Lsn> = self.chain(log.volume_durable)?.into_iter().collect();
-        if let Some(lost) = self.acknowledged.iter().find(|lsn| !chain.contains(lsn)) {
+        if let Some(lost) = older.iter().find(|lsn| !chain.contains(lsn)) {
             bail!(
                 "recovery at {} lost acknowledged commit {lost}: it is not on the chain to {}",
                 log.epoch,
@@ -1167,7 +1196,7 @@ impl World {
         let points: Vec<Lsn> = (0..PGS).map(|pg| writer.pg_read_point(PgId(pg), durable)).collect();
         let chain = self.chain(durable)?;
         let on_chain: BTreeSet<Lsn> = chain.iter().copied().collect();
-        if let Some(lost) = self.acknowledged.iter().find(|lsn| !on_chain.contains(lsn)) {
+        if let Some(lost) = self.acknowledged.keys().find(|lsn| !on_chain.contains(lsn)) {
             bail!("acknowledged commit {lost} is not on the final volume chain to {durable}");
         }
         let mut read = 0;

@@ -1100,9 +1100,13 @@ impl SegmentCore {
             return self.answer_once_durable(request_id, from);
         }
         let mut actions = if epoch > self.epoch { self.enter_epoch(epoch) } else { Vec::new() };
+        // Ranges the segment held before were applied then, and nothing
+        // inside them was taken since: only the new ones can cover records.
+        let adopted: Vec<Truncation> =
+            truncations.iter().filter(|range| !self.truncations.contains(range)).copied().collect();
         self.open_epoch = epoch;
         self.truncations = truncations;
-        self.void_truncated_records();
+        self.void_truncated_records(&adopted);
         self.seal_due = true;
         actions.extend(self.answer_once_durable(request_id, from));
         actions
@@ -1156,18 +1160,17 @@ impl SegmentCore {
         vec![Action::Status { to: from, status: self.status(request_id) }]
     }
 
-    /// Drops every held record inside a truncation range. If SCL lay above
+    /// Drops every held record inside the newly adopted ranges. If SCL lay above
     /// one, it falls back to the chain predecessor of the lowest record
     /// dropped at or below it, and the records still held above that wait
     /// to link up again.
-    fn void_truncated_records(&mut self) {
-        let lowest = self.truncations.iter().map(|range| range.above).min().unwrap_or(Lsn::ZERO);
-        let held = self.records_in(lowest, Lsn(u64::MAX));
+    fn void_truncated_records(&mut self, adopted: &[Truncation]) {
+        let lowest = adopted.iter().map(|range| range.above).min().unwrap_or(Lsn::ZERO);
+        let mut held: Vec<(Lsn, PageId)> =
+            adopted.iter().flat_map(|range| self.records_in(range.above, range.through)).collect();
+        held.sort_unstable();
         let mut fallback: Option<Lsn> = None;
         for (lsn, page) in held {
-            if !self.is_truncated(lsn) {
-                continue;
-            }
             if lsn <= self.segment_complete_lsn && fallback.is_none() {
                 let record = self.pages.get(page).and_then(|chain| chain.record(lsn)).map(ChainRecord::decode);
                 fallback = Some(match record {
