@@ -20,6 +20,9 @@
 //!   from its peers.
 //! - `slow-az`: one AZ's nodes 20 ms slower on every frame they send; p99
 //!   with and without.
+//! - `repair`: fill `--repair-bytes` of pages over `--pgs` PGs, kill a node
+//!   and give it an empty disk, and time its segments' rebuild from their
+//!   peers (each PG from a different peer) while a load goes on: MB/s.
 
 use anyhow::{Context, Result, ensure};
 use common::ids::{Lsn, PageId, PgId};
@@ -58,6 +61,8 @@ pub enum Scenario {
     CorruptSegment,
     /// One AZ 20 ms slower: the effect on p99.
     SlowAz,
+    /// Replace a node's disk with an empty one: its segments rebuild from their peers, in MB/s.
+    Repair,
 }
 
 /// Options of `lab crash`.
@@ -83,6 +88,12 @@ pub struct CrashOptions {
     /// slow-az: the extra delay on the slow AZ's frames, in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub slow_ms: u64,
+    /// repair: bytes of page data to fill the volume with (and rebuild).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub repair_bytes: u64,
+    /// PGs of the volume (the loads write to PG 0; repair fills them all).
+    #[arg(long, default_value_t = 1)]
+    pub pgs: u32,
     /// Keep the cluster's data here instead of a temp directory.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -251,8 +262,9 @@ pub async fn run(options: CrashOptions, lab: &Path) -> Result<CrashReport> {
     let temporary = tempfile::tempdir()?;
     let directory = options.data_dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
     std::fs::create_dir_all(&directory)?;
+    ensure!(options.pgs >= 1, "--pgs must be at least 1");
     let volume = VolumeSpec {
-        pg_count: 1,
+        pg_count: options.pgs,
         pg_bytes: db_frontend::volume::geometry::PG_BYTES_DEFAULT,
         page_bytes: db_frontend::volume::geometry::PAGE_BYTES_DEFAULT,
         log_file_bytes: 64 * 1024 * 1024,
@@ -280,6 +292,7 @@ pub async fn run(options: CrashOptions, lab: &Path) -> Result<CrashReport> {
         Scenario::AzPlusOne => az_plus_one(&mut run, &mut cluster).await?,
         Scenario::CorruptSegment => corrupt_segment(&mut run, &mut cluster, &options, &mut rng).await?,
         Scenario::SlowAz => slow_az(&mut run, &mut cluster, &options).await?,
+        Scenario::Repair => repair(&mut run, &mut cluster, &options, &mut rng).await?,
     }
     cluster.stop();
     run.note("cluster stopped");
@@ -597,10 +610,16 @@ fn entry_ranges(directory: &Path) -> Result<Vec<(PathBuf, usize, usize)>> {
     Ok(ranges)
 }
 
-async fn read_direct(address: &str, page: PageId, read_point: Lsn, epoch: common::ids::Epoch) -> Option<Message> {
+async fn read_direct(
+    address: &str,
+    pg: PgId,
+    page: PageId,
+    read_point: Lsn,
+    epoch: common::ids::Epoch,
+) -> Option<Message> {
     let transport = TcpTransport::new();
     let mut connection = transport.connect(address.to_string()).await.ok()?;
-    let request = ReadPageRequest { request_id: 1, pg: PgId(0), epoch, page, read_point };
+    let request = ReadPageRequest { request_id: 1, pg, epoch, page, read_point };
     connection.sender.send(Message::ReadPage(request).encode()).await.ok()?;
     let frame = tokio::time::timeout(Duration::from_secs(2), connection.receiver.recv()).await.ok()??.ok()?;
     Message::decode(&frame).ok()
@@ -662,8 +681,8 @@ async fn corrupt_segment(
         let status = cluster.status(victim, PgId(0)).await;
         let point = status.map_or(Lsn::ZERO, |status| status.segment_complete_lsn.min(healthy.segment_complete_lsn));
         for page in 0..LOAD_PAGES {
-            let reference = read_direct(cluster.address(0), PageId(page), point, healthy.epoch).await;
-            match read_direct(cluster.address(victim), PageId(page), point, healthy.epoch).await {
+            let reference = read_direct(cluster.address(0), PgId(0), PageId(page), point, healthy.epoch).await;
+            match read_direct(cluster.address(victim), PgId(0), PageId(page), point, healthy.epoch).await {
                 Some(Message::PageImage(image)) => {
                     served += 1;
                     // Node 0 serves only at or above its own minimum read point.
@@ -764,6 +783,128 @@ async fn slow_az(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOpt
     run.figure("p99_ratio", ratio);
     client.close();
     Ok(())
+}
+
+/// Waits (at most `timeout`) until node `index`'s segment of `pg` is
+/// complete through `target` and needs no repair; returns when it was.
+async fn wait_complete(
+    cluster: &ProcessCluster,
+    index: usize,
+    pg: PgId,
+    target: Lsn,
+    timeout: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cluster
+            .status(index, pg)
+            .await
+            .is_some_and(|status| !status.needs_repair && status.segment_complete_lsn >= target)
+        {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn repair(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOptions, rng: &mut SimRng) -> Result<()> {
+    let page_bytes = cluster.file.volume.page_bytes as u64;
+    let pages = options.repair_bytes.div_ceil(page_bytes);
+    ensure!(pages > 0, "--repair-bytes must be at least one page");
+    let pgs: Vec<PgId> = (0..options.pgs).map(PgId).collect();
+    let base = value_base(1);
+    let mut args = load_args(base);
+    args.extend(["--fill".into(), pages.to_string(), "--fill-bytes".into(), page_bytes.to_string()]);
+    let filled_at = Instant::now();
+    let mut filler = cluster.writer(&args)?;
+    filler.wait_filled(Duration::from_secs(3600))?;
+    filler.kill()?;
+    let mut ledger = Ledger::default();
+    ledger.absorb(&filler, base);
+    run.note(format!(
+        "filled {pages} whole pages ({:.0} MiB) over {} PG(s) in {:.1} s",
+        (pages * page_bytes) as f64 / 1048576.0,
+        pgs.len(),
+        filled_at.elapsed().as_secs_f64()
+    ));
+    let victim = rng.below(cluster.file.nodes.len() as u64) as usize;
+    let witness = (victim + 1) % cluster.file.nodes.len();
+    // The load goes on through the repair.
+    let load_base = value_base(2);
+    let mut load = cluster.writer(&load_args(load_base))?;
+    cluster.kill(victim);
+    let directory = cluster.file.nodes[victim].data_directory.clone();
+    std::fs::remove_dir_all(&directory).with_context(|| format!("emptying {}", directory.display()))?;
+    std::fs::create_dir_all(&directory)?;
+    run.note(format!("node {victim} killed -9 and its data directory emptied: a replacement disk"));
+    let mut targets = BTreeMap::new();
+    for pg in &pgs {
+        let status = cluster.status(witness, *pg).await.with_context(|| format!("node {witness} answers"))?;
+        targets.insert(*pg, status.segment_complete_lsn);
+    }
+    cluster.restart(victim, 0)?;
+    let restarted = Instant::now();
+    run.note(format!("node {victim} serving again with empty segments; the load writer opens them"));
+    let waits = pgs.iter().map(|pg| wait_complete(cluster, victim, *pg, targets[pg], Duration::from_secs(600)));
+    let finished = futures::future::join_all(waits).await;
+    let repaired_ms: Vec<Option<f64>> =
+        finished.iter().map(|at| at.map(|at| at.duration_since(restarted).as_secs_f64() * 1000.0)).collect();
+    for (pg, ms) in pgs.iter().zip(&repaired_ms) {
+        run.note(match ms {
+            Some(ms) => format!("{pg} on node {victim} complete through {} after {ms:.0} ms", targets[pg]),
+            None => format!("{pg} on node {victim} did not complete within 600 s"),
+        });
+    }
+    let all_repaired = repaired_ms.iter().all(Option::is_some);
+    let slowest_ms = repaired_ms.iter().flatten().copied().fold(0.0, f64::max);
+    let rebuilt_bytes = pages * page_bytes;
+    let mb_per_s = rebuilt_bytes as f64 / 1e6 / (slowest_ms / 1000.0).max(1e-3);
+    run.check(
+        "every segment of the replaced node rebuilds from its peers",
+        all_repaired,
+        format!("{} of {} PGs complete again", repaired_ms.iter().flatten().count(), pgs.len()),
+    );
+    run.check(
+        "repair rebuilds at 200 MB/s or more",
+        all_repaired && mb_per_s >= 200.0,
+        format!("{:.0} MiB of pages in {slowest_ms:.0} ms: {mb_per_s:.0} MB/s", rebuilt_bytes as f64 / 1048576.0),
+    );
+    run.figure("rebuilt_bytes", rebuilt_bytes);
+    run.figure("repair_ms_by_pg", &repaired_ms);
+    run.figure("repair_mb_per_s", mb_per_s);
+    load.kill()?;
+    ledger.absorb(&load, load_base);
+    // The rebuilt pages against a peer's, at one read point (the load
+    // stopped, so the minimum read point no longer moves).
+    let (mut compared, mut differing) = (0u64, 0u64);
+    for sample in 0..256u64.min(pages) {
+        let index = sample * pages / 256.min(pages);
+        let pg = PgId((index % u64::from(options.pgs)) as u32);
+        let page =
+            u64::from(pg.0) * cluster.file.geometry()?.pages_per_pg() + LOAD_PAGES + index / u64::from(options.pgs);
+        let (Some(mine), Some(theirs)) = (cluster.status(victim, pg).await, cluster.status(witness, pg).await) else {
+            continue;
+        };
+        let point = mine.segment_complete_lsn.min(theirs.segment_complete_lsn);
+        let read = |at: usize| read_direct(cluster.address(at), pg, PageId(page), point, theirs.epoch);
+        if let (Some(Message::PageImage(rebuilt)), Some(Message::PageImage(reference))) =
+            (read(victim).await, read(witness).await)
+        {
+            compared += 1;
+            if rebuilt.image != reference.image {
+                differing += 1;
+            }
+        }
+    }
+    run.check(
+        "rebuilt pages match a peer's",
+        compared > 0 && differing == 0,
+        format!(
+            "{compared} filled pages read from node {victim} and node {witness} at the same point, {differing} differ"
+        ),
+    );
+    verify_ledger(run, cluster, &ledger, "after the repair").await
 }
 
 /// The report as text: timeline, invariants, figures.

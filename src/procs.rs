@@ -84,9 +84,10 @@ impl ClusterFile {
     /// Six nodes on free loopback ports, two per AZ (node `i` in AZ `i % 3`,
     /// as `LocalCluster`), with data under `directory`.
     pub fn local(directory: &Path, volume: VolumeSpec) -> Result<ClusterFile> {
+        let mut ports = free_listen_ports(6)?.into_iter();
         let nodes = (0..6u32)
             .map(|id| {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+                let port = ports.next().expect("six ports");
                 Ok(NodeEntry {
                     id,
                     az: (id % 3) as u8,
@@ -216,9 +217,14 @@ pub struct WriterOptions {
     #[arg(long, default_value_t = 0)]
     pub value_base: u64,
     /// Before the load, commit this many records to distinct pages above
-    /// `--pages` (a long log that never coalesces), then print `filled`.
+    /// `--pages` (a long log that never coalesces), spread round-robin
+    /// over the PGs, then print `filled`.
     #[arg(long, default_value_t = 0)]
     pub fill: u64,
+    /// Bytes each prefill record writes at the start of its page (the
+    /// page size fills whole pages).
+    #[arg(long, default_value_t = 8)]
+    pub fill_bytes: usize,
     /// Stop after this many commits per writer (0: until killed).
     #[arg(long, default_value_t = 0)]
     pub commits: u64,
@@ -243,7 +249,21 @@ pub async fn run_writer(options: WriterOptions) -> Result<()> {
     let file = ClusterFile::read(&options.cluster)?;
     let geometry = file.geometry()?;
     ensure!(u64::from(options.writers) * 8 <= geometry.page_bytes as u64, "--writers does not fit a page's slots");
-    ensure!(options.pages + options.fill <= geometry.page_count(), "--pages + --fill exceeds the volume's pages");
+    ensure!(
+        options.pages + options.fill.div_ceil(u64::from(geometry.pg_count())) <= geometry.pages_per_pg(),
+        "--pages + --fill exceeds the volume's pages"
+    );
+    ensure!(
+        (8..=geometry.page_bytes).contains(&options.fill_bytes),
+        "--fill-bytes must be from 8 to the page size {}",
+        geometry.page_bytes
+    );
+    let fill_shape = FillShape {
+        first_page: options.pages,
+        pg_count: u64::from(geometry.pg_count()),
+        pages_per_pg: geometry.pages_per_pg(),
+        record_bytes: options.fill_bytes,
+    };
     let started = Instant::now();
     let client = Arc::new(VolumeClient::open(VolumeConfig::new(geometry), Arc::new(TcpTransport::new())).await?);
     let points = client.points();
@@ -254,7 +274,7 @@ pub async fn run_writer(options: WriterOptions) -> Result<()> {
         points.volume_durable.0
     );
     if options.fill > 0 {
-        fill(&client, options.pages, options.fill).await?;
+        fill(&client, fill_shape, options.fill).await?;
         println!("filled {}", options.fill);
     }
     let (lines, printed) = mpsc::channel::<String>();
@@ -290,8 +310,27 @@ pub async fn run_writer(options: WriterOptions) -> Result<()> {
     Ok(())
 }
 
-/// Commits `records` one-page mini-transactions to pages `first_page..`, 64 at a time.
-async fn fill(client: &Arc<VolumeClient>, first_page: u64, records: u64) -> Result<()> {
+/// Where and how much the prefill writes.
+#[derive(Clone, Copy, Debug)]
+struct FillShape {
+    /// The first page of each PG the prefill uses.
+    first_page: u64,
+    pg_count: u64,
+    pages_per_pg: u64,
+    record_bytes: usize,
+}
+
+impl FillShape {
+    /// Record `index` goes to PG `index % pg_count`, so every PG gets an equal share.
+    fn change(&self, index: u64) -> PageChange {
+        let page = (index % self.pg_count) * self.pages_per_pg + self.first_page + index / self.pg_count;
+        let data: Vec<u8> = index.to_le_bytes().iter().copied().cycle().take(self.record_bytes).collect();
+        PageChange { page: PageId(page), op: PageOp::Write { offset: 0, data: Bytes::from(data) } }
+    }
+}
+
+/// Commits `records` one-page mini-transactions to distinct pages, 64 at a time.
+async fn fill(client: &Arc<VolumeClient>, shape: FillShape, records: u64) -> Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..64 {
@@ -302,11 +341,7 @@ async fn fill(client: &Arc<VolumeClient>, first_page: u64, records: u64) -> Resu
                 if index >= records {
                     return anyhow::Ok(());
                 }
-                let change = PageChange {
-                    page: PageId(first_page + index),
-                    op: PageOp::Write { offset: 0, data: Bytes::copy_from_slice(&index.to_le_bytes()) },
-                };
-                client.commit(&[change]).await?;
+                client.commit(&[shape.change(index)]).await?;
             }
         }));
     }
@@ -314,6 +349,23 @@ async fn fill(client: &Arc<VolumeClient>, first_page: u64, records: u64) -> Resu
         task.await??;
     }
     Ok(())
+}
+
+/// Ports below Linux's default ephemeral range (32768-60999) that are free
+/// now. A node restarted after `kill -9` binds its port again; a port the
+/// kernel could hand out as some connection's local port (as one chosen
+/// with port 0 is) may be taken by then.
+fn free_listen_ports(count: usize) -> Result<Vec<u16>> {
+    const FIRST: u16 = 20000;
+    const LAST: u16 = 32000;
+    let start = FIRST + (std::process::id() % u32::from(LAST - FIRST)) as u16;
+    let ports: Vec<u16> = (0..LAST - FIRST)
+        .map(|offset| FIRST + (start - FIRST + offset) % (LAST - FIRST))
+        .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .take(count)
+        .collect();
+    ensure!(ports.len() == count, "fewer than {count} free loopback ports in {FIRST}-{LAST}");
+    Ok(ports)
 }
 
 /// A started child process, killed with SIGKILL when dropped.

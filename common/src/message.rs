@@ -198,6 +198,9 @@ pub struct HydrateRequest {
     pub cursor: HydrateCursor,
     /// Most bytes of versions and records the asker can log in one write.
     pub bytes_max: u32,
+    /// Only pages changed above this LSN (the asker holds the rest, being
+    /// complete through it): 0 for the whole page state.
+    pub changed_above: Lsn,
 }
 
 /// A position in a hydrate transfer.
@@ -546,6 +549,7 @@ impl Message {
                 payload.put_u64_le(request.transfer);
                 payload.put_u64_le(request.cursor.page_position);
                 payload.put_u64_le(request.cursor.after_lsn.0);
+                payload.put_u64_le(request.changed_above.0);
                 MessageKind::Hydrate
             }
             Message::HydrateBatch(batch) => {
@@ -759,7 +763,8 @@ impl Message {
                 let epoch = Epoch(reader.u64()?);
                 let transfer = reader.u64()?;
                 let cursor = HydrateCursor { page_position: reader.u64()?, after_lsn: Lsn(reader.u64()?) };
-                Message::Hydrate(HydrateRequest { request_id, pg, epoch, transfer, cursor, bytes_max })
+                let changed_above = Lsn(reader.u64()?);
+                Message::Hydrate(HydrateRequest { request_id, pg, epoch, transfer, cursor, bytes_max, changed_above })
             }
             kind if kind == MessageKind::HydrateBatch as u8 => {
                 let request_id = reader.u64()?;
@@ -932,6 +937,7 @@ mod tests {
             transfer: 3,
             cursor,
             bytes_max: 65536,
+            changed_above: Lsn(9),
         }));
         for next in [Some(cursor), None] {
             round_trip(Message::HydrateBatch(HydrateBatch {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
 use tracing::{debug, error, info, warn};
 
@@ -141,6 +141,9 @@ struct SegmentDriver<C> {
     core: Mutex<C>,
     disk: Arc<dyn LogDisk>,
     replies: Arc<Replies>,
+    /// Wakes the node's catch-up streaming (see `stream_catch_ups`) when a
+    /// write completes: a catch-up's next batch may be due.
+    write_completed: Arc<Notify>,
 }
 
 /// The send queues of open connections, by connection id.
@@ -194,14 +197,18 @@ impl<C: LogCore> SegmentDriver<C> {
     }
 
     fn completed(&self, id: u64, result: io::Result<()>) -> Vec<C::Action> {
-        let mut core = self.core.lock();
-        match result {
-            Ok(()) => core.write_done(id),
-            Err(error) => {
-                error!(pg = %core.pg(), %error, "log write failed; the segment stops taking writes");
-                core.write_failed(id, error.to_string())
+        let actions = {
+            let mut core = self.core.lock();
+            match result {
+                Ok(()) => core.write_done(id),
+                Err(error) => {
+                    error!(pg = %core.pg(), %error, "log write failed; the segment stops taking writes");
+                    core.write_failed(id, error.to_string())
+                }
             }
-        }
+        };
+        self.write_completed.notify_one();
+        actions
     }
 
     fn background(self: &Arc<Self>) {
@@ -276,6 +283,7 @@ fn open_segment(
     segment: SegmentConfig,
     disk: Arc<dyn LogDisk>,
     replies: Arc<Replies>,
+    write_completed: Arc<Notify>,
 ) -> Result<(RedoDriver, RecoveryReport, Vec<Action>), NodeError> {
     let pg = segment.pg;
     let (core, report, actions) = match read_log(disk.as_ref(), pg)? {
@@ -294,7 +302,7 @@ fn open_segment(
             (core, report, Vec::new())
         }
     };
-    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), report, actions))
+    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies, write_completed }), report, actions))
 }
 
 /// Opens (or creates) one block segment from its disk.
@@ -302,6 +310,7 @@ fn open_block_segment(
     segment: BlockSegmentConfig,
     disk: Arc<dyn LogDisk>,
     replies: Arc<Replies>,
+    write_completed: Arc<Notify>,
 ) -> Result<(BlockDriver, Vec<BlockAction>), NodeError> {
     let pg = segment.pg;
     let (core, actions) = match read_log(disk.as_ref(), pg)? {
@@ -315,7 +324,7 @@ fn open_block_segment(
             (core, Vec::new())
         }
     };
-    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies }), actions))
+    Ok((Arc::new(SegmentDriver { core: Mutex::new(core), disk, replies, write_completed }), actions))
 }
 
 impl StorageNode {
@@ -332,12 +341,14 @@ impl StorageNode {
             _ => None,
         };
         let replies = Arc::new(Replies::default());
+        let write_completed = Arc::new(Notify::new());
         let mut segments = BTreeMap::new();
         let mut recovery = BTreeMap::new();
         let mut first_actions = Vec::new();
         for segment in &config.segments {
             let disk = open_disk(&config, &format!("pg-{:06}", segment.pg.0), segment.log_file_bytes, &ring)?;
-            let (driver, report, actions) = open_segment(segment.clone(), disk, replies.clone())?;
+            let (driver, report, actions) =
+                open_segment(segment.clone(), disk, replies.clone(), write_completed.clone())?;
             if segments.insert(segment.pg, driver.clone()).is_some() {
                 return Err(NodeError::Config(format!("{} listed twice", segment.pg)));
             }
@@ -349,7 +360,8 @@ impl StorageNode {
         for segment in &config.block_segments {
             let name = format!("block-pg-{:06}", segment.pg.0);
             let disk = open_disk(&config, &name, segment.log_file_bytes, &ring)?;
-            let (driver, actions) = open_block_segment(segment.clone(), disk, replies.clone())?;
+            let (driver, actions) =
+                open_block_segment(segment.clone(), disk, replies.clone(), write_completed.clone())?;
             if block_segments.insert(segment.pg, driver.clone()).is_some() {
                 return Err(NodeError::Config(format!("block {} listed twice", segment.pg)));
             }
@@ -383,7 +395,11 @@ impl StorageNode {
             node: config.node,
             segments,
             peers: Mutex::new(config.peers.clone()),
-            peer_links: PeerLinks { transport: transport.clone(), senders: Mutex::new(HashMap::new()) },
+            peer_links: PeerLinks {
+                transport: transport.clone(),
+                senders: Mutex::new(HashMap::new()),
+                batch_arrived: Notify::new(),
+            },
             block_segments,
             replies,
             next_connection: AtomicU64::new(1),
@@ -421,7 +437,17 @@ impl StorageNode {
                 gossip_round(&background_shared);
             }
         });
-        shared.tasks.lock().extend([accept.abort_handle(), background.abort_handle()]);
+        let streaming_shared = shared.clone();
+        let streaming = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = write_completed.notified() => {}
+                    () = streaming_shared.peer_links.batch_arrived.notified() => {}
+                }
+                stream_catch_ups(&streaming_shared);
+            }
+        });
+        shared.tasks.lock().extend([accept.abort_handle(), background.abort_handle(), streaming.abort_handle()]);
         Ok(StorageNode { shared, local_address, recovery })
     }
 
@@ -498,6 +524,8 @@ struct PeerLinks {
     transport: Arc<dyn Transport>,
     /// `None` while connecting.
     senders: Mutex<HashMap<String, Option<FrameSender>>>,
+    /// A batch from a peer came in: the next request may be due.
+    batch_arrived: Notify,
 }
 
 impl fmt::Debug for PeerLinks {
@@ -511,10 +539,22 @@ impl fmt::Debug for PeerLinks {
 /// is connected in the background; that round's request is lost, and the
 /// segment asks again.
 fn gossip_round(shared: &Arc<NodeShared>) {
+    ask_peers(shared, |core, peer_count| core.gossip_due(peer_count));
+}
+
+/// Between rounds, after a write completed or a batch from a peer
+/// arrived: every catch-up in progress asks for its next batch if it is
+/// due (see `SegmentCore::catch_up_request_due`).
+fn stream_catch_ups(shared: &Arc<NodeShared>) {
+    ask_peers(shared, |core, peer_count| core.catch_up_request_due(peer_count));
+}
+
+/// Sends each redo segment's request, if `due` gives one, to the peer it names.
+fn ask_peers(shared: &Arc<NodeShared>, mut due: impl FnMut(&mut SegmentCore, usize) -> Option<(usize, Message)>) {
     let peers = shared.peers.lock().clone();
     for (pg, driver) in &shared.segments {
         let Some(addresses) = peers.get(pg).filter(|addresses| !addresses.is_empty()) else { continue };
-        let Some((index, request)) = driver.core.lock().gossip_due(addresses.len()) else { continue };
+        let Some((index, request)) = due(&mut driver.core.lock(), addresses.len()) else { continue };
         let request = request.encode();
         let address = &addresses[index];
         let link = shared.peer_links.senders.lock().get(address).cloned();
@@ -550,14 +590,19 @@ fn connect_peer(shared: Arc<NodeShared>, address: String) {
             match Message::decode(&frame) {
                 Ok(Message::RecordBatch(batch)) => {
                     if let Some(driver) = shared.segments.get(&batch.pg) {
+                        debug!(pg = %batch.pg, records = batch.records.len(), more = batch.more, "records from a peer arrived");
                         let actions = driver.core.lock().gossip_received(batch);
                         driver.run(actions);
+                        shared.peer_links.batch_arrived.notify_one();
                     }
                 }
                 Ok(Message::HydrateBatch(batch)) => {
                     if let Some(driver) = shared.segments.get(&batch.pg) {
+                        debug!(pg = %batch.pg, transfer = batch.transfer, next = ?batch.next.map(|cursor| cursor.page_position), versions = batch.versions.len(), records = batch.records.len(),
+                            last = batch.next.is_none(), "repair batch arrived");
                         let actions = driver.core.lock().hydrate_received(batch);
                         driver.run(actions);
+                        shared.peer_links.batch_arrived.notify_one();
                     }
                 }
                 Ok(_) => {} // a refusal: the segment asks another peer in time

@@ -211,6 +211,11 @@ impl PageChain {
         self.versions.keys().next_back().copied().unwrap_or(Lsn::ZERO)
     }
 
+    /// The LSN of the page's latest change held, version or record.
+    fn newest_lsn(&self) -> Lsn {
+        self.records.last().map_or(Lsn::ZERO, |record| record.lsn).max(self.newest_version_lsn())
+    }
+
     /// Index of the first record above `lsn`.
     fn first_above(&self, lsn: Lsn) -> usize {
         self.records.partition_point(|record| record.lsn <= lsn)
@@ -349,17 +354,31 @@ pub struct SegmentCore {
 }
 
 impl Hydration {
+    /// The whole page state from `peer`.
     fn from_peer(peer: usize) -> Hydration {
+        Hydration::changed_above(peer, Lsn::ZERO)
+    }
+
+    /// From `peer`, only the pages changed above `lsn` (this segment holds
+    /// the rest, complete through `lsn`).
+    fn changed_above(peer: usize, lsn: Lsn) -> Hydration {
         Hydration {
+            changed_above: lsn,
             peer,
             transfer: 0,
             cursor: HydrateCursor::default(),
             paged_out: false,
             complete_through: Lsn::ZERO,
             min_read_point: Lsn::ZERO,
+            retries: 0,
         }
     }
 }
+
+/// Times a repair asks its peer again for a batch that did not come (a
+/// request lost while the link connected, a busy peer) before it starts
+/// over from another peer; starting over throws the batches so far away.
+const HYDRATE_RETRIES: u32 = 3;
 
 /// Rounds of [`SegmentCore::gossip_due`] a peer has to answer before the
 /// segment asks another.
@@ -380,6 +399,12 @@ struct Gossip {
     next_peer: usize,
     /// The highest SCL a peer reported.
     peer_complete: Lsn,
+    /// The last answer's peer held more records than one batch carried.
+    peer_has_more: bool,
+    /// The last record of the chain fetched so far, queued or being
+    /// written: the next fetch asks above it, not above SCL, so it can go
+    /// out while the previous batch is still on its way to the disk.
+    fetched_through: Lsn,
     records_received: u64,
     /// The repair in progress from a peer, if any.
     hydration: Option<Hydration>,
@@ -401,6 +426,10 @@ struct Hydration {
     /// What the peer was complete through, and its pinned minimum read point.
     complete_through: Lsn,
     min_read_point: Lsn,
+    /// Requests for the current batch that went unanswered.
+    retries: u32,
+    /// See [`HydrateRequest::changed_above`].
+    changed_above: Lsn,
 }
 
 /// Rounds of [`SegmentCore::background`] a transfer may sit unasked
@@ -420,6 +449,7 @@ impl SegmentCore {
     fn empty(config: SegmentConfig, epoch: Epoch) -> Result<SegmentCore, String> {
         config.validate()?;
         let log_file_bytes = config.log_file_bytes;
+        let first_peer = config.pg.0 as usize;
         let pages = PageIndex::new(u64::from(config.pg.0) * config.pages_per_pg, config.pages_per_pg);
         Ok(SegmentCore {
             config,
@@ -455,7 +485,9 @@ impl SegmentCore {
             recent: VecDeque::new(),
             recent_floor: Lsn::ZERO,
             last_writer: None,
-            gossip: Gossip::default(),
+            // PGs start at different peers, so repairing a node's many
+            // segments spreads over its peers.
+            gossip: Gossip { next_peer: first_peer, ..Gossip::default() },
             transfers: BTreeMap::new(),
             next_transfer: 1,
             hydration_pending: None,
@@ -781,10 +813,17 @@ impl SegmentCore {
                 return None;
             }
             self.gossip.outstanding = None;
-            self.gossip.next_peer += 1; // silent: try another
-            // A repair starts over from the next peer (batches already
-            // logged only added versions and records).
-            self.gossip.hydration = None;
+            self.gossip.fetched_through = Lsn::ZERO;
+            match self.gossip.hydration.as_mut() {
+                // The same batch from the same peer again.
+                Some(hydration) if hydration.retries < HYDRATE_RETRIES => hydration.retries += 1,
+                _ => {
+                    self.gossip.next_peer += 1; // silent: try another
+                    // A repair starts over from the next peer (batches
+                    // already logged only added versions and records).
+                    self.gossip.hydration = None;
+                }
+            }
         }
         self.gossip.rounds += 1;
         self.gossip.request_id += 1;
@@ -793,46 +832,91 @@ impl SegmentCore {
             // Corruption left a hole records may not fill: rebuild from a peer.
             self.gossip.hydration = Some(Hydration::from_peer(self.gossip.next_peer % peer_count));
         }
-        if let Some(hydration) = &self.gossip.hydration {
-            if hydration.paged_out || self.hydration_pending.is_some() {
-                return None; // waiting for the disk
-            }
-            let room = self.config.write_bytes_max() - self.checkpoint_bytes() - 4 * ENTRY_OVERHEAD_GUARD;
-            let request = HydrateRequest {
-                request_id,
-                pg: self.config.pg,
-                epoch: self.epoch,
-                transfer: hydration.transfer,
-                cursor: hydration.cursor,
-                bytes_max: room.min(RECORD_BATCH_BYTES_MAX) as u32,
-            };
-            let peer = hydration.peer % peer_count;
-            self.gossip.outstanding = Some((request_id, 0));
-            self.gossip.asked_peer = peer;
-            return Some((peer, Message::Hydrate(request)));
+        if self.gossip.hydration.is_some() {
+            return self.next_hydrate_request(request_id, peer_count);
         }
-        let behind = self.highest_durable_lsn.max(self.gossip.peer_complete) > self.segment_complete_lsn;
-        let through = if behind && self.queued_bytes <= SEGMENT_QUEUED_BYTES_MAX / 2 {
-            // With a hole, only what lies below the first record held above it.
-            self.parked_lsns.iter().min().map_or(Lsn(u64::MAX), |lowest| Lsn(lowest.0 - 1))
-        } else if self.gossip.rounds.is_multiple_of(GOSSIP_PROBE_ROUNDS) {
-            // A probe: no records, only the peer's SCL (a segment that
-            // missed the end of the log has no hole to see).
-            self.segment_complete_lsn
-        } else {
+        if let Some(request) = self.fetch_request(request_id, peer_count) {
+            return Some(request);
+        }
+        if !self.gossip.rounds.is_multiple_of(GOSSIP_PROBE_ROUNDS) {
             return None;
-        };
+        }
+        // A probe: no records, only the peer's SCL (a segment that missed
+        // the end of the log has no hole to see).
+        Some(self.ask_for_records(request_id, peer_count, self.segment_complete_lsn))
+    }
+
+    /// A request for the records this segment lacks, if it is behind and
+    /// has room to queue them.
+    fn fetch_request(&mut self, request_id: u64, peer_count: usize) -> Option<(usize, Message)> {
+        let behind = self.highest_durable_lsn.max(self.gossip.peer_complete) > self.segment_complete_lsn;
+        if !behind || self.queued_bytes > SEGMENT_QUEUED_BYTES_MAX / 2 {
+            return None;
+        }
+        // With a hole, only what lies below the first record held above it.
+        let through = self.parked_lsns.iter().min().map_or(Lsn(u64::MAX), |lowest| Lsn(lowest.0 - 1));
+        Some(self.ask_for_records(request_id, peer_count, through))
+    }
+
+    fn ask_for_records(&mut self, request_id: u64, peer_count: usize, through: Lsn) -> (usize, Message) {
         let request = FetchRecordsRequest {
             request_id,
             pg: self.config.pg,
             epoch: self.epoch,
-            above: self.segment_complete_lsn,
+            above: self.segment_complete_lsn.max(self.gossip.fetched_through),
             through,
         };
         self.gossip.outstanding = Some((request_id, 0));
         let peer = self.gossip.next_peer % peer_count;
         self.gossip.asked_peer = peer;
-        Some((peer, Message::FetchRecords(request)))
+        (peer, Message::FetchRecords(request))
+    }
+
+    /// The next batch request of the repair in progress, unless the last
+    /// batch is still waiting for the disk or all of them came.
+    fn next_hydrate_request(&mut self, request_id: u64, peer_count: usize) -> Option<(usize, Message)> {
+        let hydration = self.gossip.hydration.as_ref()?;
+        if hydration.paged_out || self.hydration_pending.is_some() {
+            return None; // waiting for the disk
+        }
+        let room = self.config.write_bytes_max() - self.checkpoint_bytes() - 4 * ENTRY_OVERHEAD_GUARD;
+        let request = HydrateRequest {
+            request_id,
+            pg: self.config.pg,
+            epoch: self.epoch,
+            transfer: hydration.transfer,
+            cursor: hydration.cursor,
+            bytes_max: room.min(RECORD_BATCH_BYTES_MAX) as u32,
+            changed_above: hydration.changed_above,
+        };
+        let peer = hydration.peer % peer_count;
+        self.gossip.outstanding = Some((request_id, 0));
+        self.gossip.asked_peer = peer;
+        Some((peer, Message::Hydrate(request)))
+    }
+
+    /// Between gossip rounds: the next batch of a catch-up in progress (a
+    /// repair's, or records when the peer said it has more) as soon as the
+    /// previous one is on its way to the disk, so catching up streams (one
+    /// batch in the network while one is written) instead of taking one
+    /// batch per round. Touches no round or patience counter.
+    pub fn catch_up_request_due(&mut self, peer_count: usize) -> Option<(usize, Message)> {
+        if peer_count == 0
+            || self.failed.is_some()
+            || self.open_epoch != self.epoch
+            || self.gossip.outstanding.is_some()
+        {
+            return None;
+        }
+        if self.gossip.hydration.is_some() {
+            self.gossip.request_id += 1;
+            return self.next_hydrate_request(self.gossip.request_id, peer_count);
+        }
+        if !self.gossip.peer_has_more {
+            return None;
+        }
+        self.gossip.request_id += 1;
+        self.fetch_request(self.gossip.request_id, peer_count)
     }
 
     /// A peer's answer to [`Self::gossip_due`]'s request: the records this
@@ -849,16 +933,21 @@ impl SegmentCore {
             return Vec::new();
         }
         self.gossip.peer_complete = batch.segment_complete_lsn;
-        let continues = batch.records.first().is_some_and(|first| first.prev_segment_lsn <= self.segment_complete_lsn);
+        self.gossip.peer_has_more = false;
+        let chain_end = self.segment_complete_lsn.max(self.gossip.fetched_through);
+        self.gossip.fetched_through = Lsn::ZERO;
+        let continues = batch.records.first().is_some_and(|first| first.prev_segment_lsn <= chain_end);
         if !continues
             && batch.segment_complete_lsn > self.segment_complete_lsn
             && batch.min_read_point > self.segment_complete_lsn
         {
             // The peer collected records this segment lacks (subsumed by
-            // its page versions): only its page state can bring it up.
-            self.gossip.hydration = Some(Hydration::from_peer(self.gossip.asked_peer));
+            // its page versions): only its page state can bring it up, and
+            // only that of the pages changed since this segment's SCL.
+            self.gossip.hydration = Some(Hydration::changed_above(self.gossip.asked_peer, self.segment_complete_lsn));
             return Vec::new();
         }
+        let last_lsn = batch.records.last().map_or(Lsn::ZERO, |record| record.lsn);
         let useful: Vec<RedoRecord> =
             batch.records.into_iter().filter(|record| self.validate_record(record).is_ok()).collect();
         let (accepted, _) = self.queue_new_records(useful);
@@ -869,6 +958,10 @@ impl SegmentCore {
             return Vec::new();
         }
         self.gossip.records_received += accepted as u64;
+        self.gossip.peer_has_more = batch.more;
+        if continues && batch.more {
+            self.gossip.fetched_through = last_lsn;
+        }
         if let Some(writer) = self.last_writer {
             self.queued_waiters.insert(writer);
         }
@@ -911,6 +1004,10 @@ impl SegmentCore {
         let mut cursor = request.cursor;
         let mut next = None;
         'pages: while let Some((page, chain)) = self.pages.at(cursor.page_position as usize) {
+            if cursor.after_lsn == Lsn::ZERO && chain.newest_lsn() <= request.changed_above {
+                cursor.page_position += 1; // the asker holds this page as it is
+                continue;
+            }
             let base = chain.versions.range(..=pin).next_back();
             if cursor.after_lsn == Lsn::ZERO
                 && let Some((lsn, version)) = base
@@ -964,6 +1061,7 @@ impl SegmentCore {
             return Vec::new();
         }
         hydration.transfer = batch.transfer;
+        hydration.retries = 0;
         hydration.complete_through = batch.complete_through;
         hydration.min_read_point = batch.min_read_point;
         match batch.next {
@@ -995,7 +1093,11 @@ impl SegmentCore {
     /// carried the last batch logged both in its checkpoint), and it no
     /// longer needs repair.
     fn finish_hydration(&mut self, complete_through: Lsn, min_read_point: Lsn) {
-        self.gossip.hydration = None;
+        // What was written since comes from the same peer: its transfer
+        // still pins the records above the state it sent.
+        if let Some(hydration) = self.gossip.hydration.take() {
+            self.gossip.next_peer = hydration.peer;
+        }
         self.gossip.hydrations_completed += 1;
         self.needs_repair = false;
         self.min_read_point = self.min_read_point.max(min_read_point);
@@ -1210,14 +1312,31 @@ impl SegmentCore {
     /// The held durable records in `(above, through]`, ascending: from
     /// `recent` when it reaches that low, else from every log file's list.
     fn records_in(&self, above: Lsn, through: Lsn) -> Vec<(Lsn, PageId)> {
+        self.first_records_in(above, through, usize::MAX)
+    }
+
+    /// The lowest `limit` of [`Self::records_in`]; below `recent` it costs
+    /// one pass over the file lists and a sort of only `limit` entries, so
+    /// a peer catching up in batches is not sorted the whole log each time.
+    fn first_records_in(&self, above: Lsn, through: Lsn, limit: usize) -> Vec<(Lsn, PageId)> {
         let in_range = |lsn: Lsn| above < lsn && lsn <= through;
+        let held = |entry: &&(Lsn, PageId)| self.pages.get(entry.1).is_some_and(|chain| chain.holds_record(entry.0));
         let mut found: Vec<(Lsn, PageId)> = if above >= self.recent_floor {
             let start = self.recent.partition_point(|(lsn, _)| *lsn <= above);
-            self.recent.range(start..).take_while(|(lsn, _)| *lsn <= through).copied().collect()
+            self.recent
+                .range(start..)
+                .take_while(|(lsn, _)| *lsn <= through)
+                .filter(held)
+                .take(limit)
+                .copied()
+                .collect()
         } else {
-            self.file_records.values().flatten().filter(|(lsn, _)| in_range(*lsn)).copied().collect()
+            self.file_records.values().flatten().filter(|(lsn, _)| in_range(*lsn)).filter(held).copied().collect()
         };
-        found.retain(|(lsn, page)| self.pages.get(*page).is_some_and(|chain| chain.holds_record(*lsn)));
+        if found.len() > limit {
+            found.select_nth_unstable(limit);
+            found.truncate(limit);
+        }
         found.sort_unstable();
         found.dedup();
         found
@@ -1247,7 +1366,7 @@ impl SegmentCore {
         let mut records = Vec::new();
         let mut bytes = 0;
         let mut more = false;
-        for (lsn, page) in self.records_in(request.above, through) {
+        for (lsn, page) in self.first_records_in(request.above, through, RECORDS_PER_APPEND_MAX + 1) {
             let Some(held) = self.pages.get(page).and_then(|chain| chain.record(lsn)) else { continue };
             if records.len() == RECORDS_PER_APPEND_MAX || bytes + held.encoded.len() > RECORD_BATCH_BYTES_MAX {
                 more = true;

@@ -131,6 +131,8 @@ struct Shared {
     /// A task is sending queued frames (see [`send_queued`]); changed only
     /// under the core lock.
     sending: AtomicBool,
+    /// [`VolumeClient::close`] ran: nothing more is logged.
+    closed: AtomicBool,
     /// Signalled when VDL moves: allocations blocked on the limit retry.
     durable_advanced: Notify,
     /// Signalled when a segment answers a status request (`open` waits on it).
@@ -181,6 +183,7 @@ impl VolumeClient {
             reads: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             sending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             durable_advanced: Notify::new(),
             status_arrived: Notify::new(),
             config,
@@ -259,6 +262,9 @@ impl VolumeClient {
     async fn log(&self, changes: &[PageChange], waiter: Option<oneshot::Sender<()>>) -> Result<Lsn, VolumeError> {
         let mut waiter = waiter;
         loop {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(VolumeError::Closed);
+            }
             let advanced = self.shared.durable_advanced.notified();
             tokio::pin!(advanced);
             advanced.as_mut().enable();
@@ -424,10 +430,14 @@ impl VolumeClient {
 
     /// Stops every task. Outstanding waiters fail with [`VolumeError::Closed`].
     pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
         for task in &self.tasks {
             task.abort();
         }
         self.shared.senders.lock().clear();
+        // Dropped: their commits fail (they may or may not be durable).
+        drop(self.shared.core.lock().take_commit_waiters());
+        self.shared.durable_advanced.notify_waiters(); // allocations waiting on the limit see it
     }
 }
 

@@ -319,6 +319,11 @@ impl<W> WriterCore<W> {
         Some(std::mem::take(&mut self.commit_waiters).into_values().flatten().collect())
     }
 
+    /// Hands back every commit waiter (the client is closing: they fail).
+    pub fn take_commit_waiters(&mut self) -> Vec<W> {
+        std::mem::take(&mut self.commit_waiters).into_values().flatten().collect()
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced
     }

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 /// Background zero-filling goes in small steps with pauses between them.
@@ -18,9 +18,10 @@ const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 const PACED_CHUNK_BYTES: usize = 128 * 1024;
 const PACED_PAUSE: std::time::Duration = std::time::Duration::from_millis(4);
 
-/// The next log file being zero-filled in the background: its number and
-/// the thread that returns it.
-type Preparation = Option<(u64, std::thread::JoinHandle<io::Result<File>>)>;
+/// The next log file being zero-filled in the background: its number, the
+/// flag that tells its thread to finish at once, and the thread that
+/// returns it.
+type Preparation = Option<(u64, Arc<AtomicBool>, std::thread::JoinHandle<io::Result<File>>)>;
 
 /// The log files of one segment directory.
 #[derive(Debug)]
@@ -46,18 +47,23 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
 
 /// Creates `number` filled with zeros, durably, under a temporary name first
 /// so a crash never leaves a half-zeroed file that looks like a log file.
-/// With `paced`, the zeros go out in small steps with pauses (background
-/// preparation); without, as fast as possible (a log waiting for the file).
-fn create_zeroed(directory: &Path, number: u64, file_bytes: u64, paced: bool) -> io::Result<File> {
+/// With `pacing`, the zeros go out in small steps with pauses (background
+/// preparation) until the flag in it is set: a log is waiting for the file,
+/// and the rest is allocated at once (`fallocate`, which reads as zeros)
+/// rather than written. Without, zeros as fast as possible.
+fn create_zeroed(directory: &Path, number: u64, file_bytes: u64, pacing: Option<&AtomicBool>) -> io::Result<File> {
     let temporary = directory.join(format!("{}.tmp", file_name(number)));
     let mut file = OpenOptions::new().create(true).truncate(true).write(true).read(true).open(&temporary)?;
-    let step = if paced { PACED_CHUNK_BYTES } else { ZERO_CHUNK_BYTES };
+    let step = if pacing.is_some() { PACED_CHUNK_BYTES } else { ZERO_CHUNK_BYTES };
     let zeros = vec![0u8; step];
     let mut written = 0u64;
     while written < file_bytes {
+        if pacing.is_some_and(|hurry| hurry.load(Ordering::Relaxed)) && allocate(&file, written, file_bytes).is_ok() {
+            break;
+        }
         let chunk = (file_bytes - written).min(step as u64) as usize;
         file.write_all(&zeros[..chunk])?;
-        if paced {
+        if pacing.is_some() {
             start_writeback(&file, written, chunk as u64)?;
             std::thread::sleep(PACED_PAUSE);
         }
@@ -67,6 +73,15 @@ fn create_zeroed(directory: &Path, number: u64, file_bytes: u64, paced: bool) ->
     fs::rename(&temporary, directory.join(file_name(number)))?;
     sync_directory(directory)?;
     Ok(file)
+}
+
+/// Allocates `[from, to)` of `file` without writing it (Linux `fallocate`).
+fn allocate(file: &File, from: u64, to: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call and the
+    // call reads no memory of ours.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as i64, (to - from) as i64) };
+    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Starts writeback of a range without waiting for it and without a device
@@ -130,8 +145,11 @@ impl LogFiles {
             return Ok(file.clone());
         }
         // Wait for any background creation before touching the directory.
+        if let Some((_, hurry, _)) = preparing.as_ref() {
+            hurry.store(true, Ordering::Relaxed);
+        }
         let prepared = match preparing.take() {
-            Some((prepared_number, thread)) => match thread.join() {
+            Some((prepared_number, _, thread)) => match thread.join() {
                 Ok(Ok(file)) if prepared_number == number => Some(file),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, number = prepared_number, "preparing a log file failed; making it on demand");
@@ -145,7 +163,7 @@ impl LogFiles {
         let file = match prepared {
             Some(file) => Arc::new(file),
             None if path.exists() => Arc::new(OpenOptions::new().read(true).write(true).open(&path)?),
-            None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes, false)?),
+            None => Arc::new(create_zeroed(&self.directory, number, self.file_bytes, None)?),
         };
         self.open.lock().insert(number, file.clone());
         Ok(file)
@@ -163,8 +181,10 @@ impl LogFiles {
             let next = number + 1;
             if preparing.is_none() && !self.directory.join(file_name(next)).exists() {
                 let (directory, file_bytes) = (self.directory.clone(), self.file_bytes);
-                *preparing =
-                    Some((next, std::thread::spawn(move || create_zeroed(&directory, next, file_bytes, true))));
+                let hurry = Arc::new(AtomicBool::new(false));
+                let flag = hurry.clone();
+                let thread = std::thread::spawn(move || create_zeroed(&directory, next, file_bytes, Some(&flag)));
+                *preparing = Some((next, hurry, thread));
             }
         }
         Ok(file)
