@@ -505,6 +505,15 @@ pub struct ScanResult {
     pub corruptions: Vec<MidLogCorruption>,
 }
 
+/// The format version a log was written in, from its first entry's
+/// header (`None`: the first file does not start with an entry). A log of
+/// another version is refused whole: the scan would take its entries for
+/// a torn tail and cut them.
+pub fn log_format_version(files: &[(u64, Bytes)]) -> Option<u16> {
+    let (_, first) = files.first()?;
+    (first.len() >= 6 && first[..4] == ENTRY_MAGIC).then(|| u16::from_le_bytes([first[4], first[5]]))
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
@@ -605,6 +614,29 @@ pub fn scan_log(files: &[(u64, Bytes)]) -> ScanResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_of_another_format_version_is_recognized() {
+        let mut entry = BytesMut::new();
+        encode_checkpoint_entry(
+            &mut entry,
+            1,
+            &Checkpoint {
+                pg: PgId(0),
+                page_bytes: 4096,
+                epoch: Epoch::INITIAL,
+                segment_complete_lsn: Lsn::ZERO,
+                min_read_point: Lsn::ZERO,
+                open_epoch: Epoch::NONE,
+                truncations: Vec::new(),
+            },
+        );
+        let mut older = entry.to_vec();
+        assert_eq!(log_format_version(&[(1, entry.freeze())]), Some(LOG_FORMAT_VERSION));
+        older[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(log_format_version(&[(1, Bytes::from(older))]), Some(1));
+        assert_eq!(log_format_version(&[(1, Bytes::from(vec![0u8; 64]))]), None);
+    }
     use common::redo::{PageOp, RecordFields};
 
     fn record(lsn: u64) -> RedoRecord {

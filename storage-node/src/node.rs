@@ -13,7 +13,7 @@
 
 use crate::block_segment::{BlockAction, BlockSegmentConfig, BlockSegmentCore};
 use crate::disk::{DiskBackend, LogDisk, MemoryVolumeStore, StdFileDisk, UringDisk, UringRing};
-use crate::log_format::{ScanResult, scan_log};
+use crate::log_format::{LOG_FORMAT_VERSION, ScanResult, log_format_version, scan_log};
 use crate::segment::{Action, LogWrite, PeerRepairStats, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
 use common::ids::{Epoch, NodeId, PgId};
 use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
@@ -269,6 +269,12 @@ fn read_log(disk: &dyn LogDisk, pg: PgId) -> io::Result<Option<ScanResult>> {
     if files.iter().all(|(_, bytes)| bytes.iter().all(|byte| *byte == 0)) {
         return Ok(None);
     }
+    if let Some(version) = log_format_version(&files).filter(|version| *version != LOG_FORMAT_VERSION) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{pg}: the log is in format version {version}; this build reads version {LOG_FORMAT_VERSION}"),
+        ));
+    }
     let scan = scan_log(&files);
     if scan.truncated_tail_bytes > 0 {
         let (end, bytes) = (scan.end, scan.truncated_tail_bytes);
@@ -394,7 +400,9 @@ impl StorageNode {
         let shared = Arc::new(NodeShared {
             node: config.node,
             segments,
-            peers: Mutex::new(config.peers.clone()),
+            peers: Mutex::new(
+                config.peers.iter().map(|(pg, addresses)| (*pg, spread_peers(*pg, addresses.clone()))).collect(),
+            ),
             peer_links: PeerLinks {
                 transport: transport.clone(),
                 senders: Mutex::new(HashMap::new()),
@@ -472,7 +480,7 @@ impl StorageNode {
 
     /// Sets whom the segment of `pg` gossips with.
     pub fn set_peers(&self, pg: PgId, addresses: Vec<String>) {
-        self.shared.peers.lock().insert(pg, addresses);
+        self.shared.peers.lock().insert(pg, spread_peers(pg, addresses));
     }
 
     /// Stops the node as a crash would: no goodbye, no flush, no more acks.
@@ -532,6 +540,17 @@ impl fmt::Debug for PeerLinks {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.debug_struct("PeerLinks").field("connected", &self.senders.lock().len()).finish()
     }
+}
+
+/// A segment asks its peers in list order, starting with the first: each
+/// PG's list starts at a different peer, so the repair of a node's many
+/// segments spreads over its peers.
+fn spread_peers(pg: PgId, mut addresses: Vec<String>) -> Vec<String> {
+    if !addresses.is_empty() {
+        let first = pg.0 as usize % addresses.len();
+        addresses.rotate_left(first);
+    }
+    addresses
 }
 
 /// One gossip round: every redo segment that should ask a peer for

@@ -449,7 +449,6 @@ impl SegmentCore {
     fn empty(config: SegmentConfig, epoch: Epoch) -> Result<SegmentCore, String> {
         config.validate()?;
         let log_file_bytes = config.log_file_bytes;
-        let first_peer = config.pg.0 as usize;
         let pages = PageIndex::new(u64::from(config.pg.0) * config.pages_per_pg, config.pages_per_pg);
         Ok(SegmentCore {
             config,
@@ -485,9 +484,7 @@ impl SegmentCore {
             recent: VecDeque::new(),
             recent_floor: Lsn::ZERO,
             last_writer: None,
-            // PGs start at different peers, so repairing a node's many
-            // segments spreads over its peers.
-            gossip: Gossip { next_peer: first_peer, ..Gossip::default() },
+            gossip: Gossip::default(),
             transfers: BTreeMap::new(),
             next_transfer: 1,
             hydration_pending: None,
