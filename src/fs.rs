@@ -45,10 +45,7 @@ impl VolumeFile {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, serde_json::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", temporary.display()))?;
-        std::fs::rename(&temporary, path).with_context(|| format!("renaming onto {}", path.display()))
+        crate::write_atomically(path, &serde_json::to_string_pretty(self)?)
     }
 
     /// A client of the volume's blocks.

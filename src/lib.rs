@@ -28,3 +28,12 @@ pub mod fs_crash;
 pub mod locks;
 pub mod procs;
 pub mod sim;
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a
+/// reader (another `lab` process) never sees half a file.
+pub(crate) fn write_atomically(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, contents).with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("renaming onto {}", path.display()))
+}

@@ -75,10 +75,7 @@ impl ClusterFile {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, toml::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", temporary.display()))?;
-        std::fs::rename(&temporary, path).with_context(|| format!("renaming onto {}", path.display()))
+        crate::write_atomically(path, &toml::to_string_pretty(self)?)
     }
 
     /// Six nodes on free loopback ports, two per AZ (node `i` in AZ `i % 3`,

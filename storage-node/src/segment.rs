@@ -801,7 +801,7 @@ impl SegmentCore {
     /// peer's index and the request; the driver sends it and hands the
     /// answer to [`Self::gossip_received`].
     pub fn gossip_due(&mut self, peer_count: usize) -> Option<(usize, Message)> {
-        if peer_count == 0 || self.failed.is_some() || self.open_epoch != self.epoch {
+        if !self.may_ask_peers(peer_count) {
             return None;
         }
         if let Some(outstanding) = self.gossip.outstanding.as_mut() {
@@ -841,6 +841,12 @@ impl SegmentCore {
         // A probe: no records, only the peer's SCL (a segment that missed
         // the end of the log has no hole to see).
         Some(self.ask_for_records(request_id, peer_count, self.segment_complete_lsn))
+    }
+
+    /// A segment asks its peers only when it has some, works, and is open
+    /// at its epoch (what it would take must pass its truncation list).
+    fn may_ask_peers(&self, peer_count: usize) -> bool {
+        peer_count > 0 && self.failed.is_none() && self.open_epoch == self.epoch
     }
 
     /// A request for the records this segment lacks, if it is behind and
@@ -898,11 +904,7 @@ impl SegmentCore {
     /// batch in the network while one is written) instead of taking one
     /// batch per round. Touches no round or patience counter.
     pub fn catch_up_request_due(&mut self, peer_count: usize) -> Option<(usize, Message)> {
-        if peer_count == 0
-            || self.failed.is_some()
-            || self.open_epoch != self.epoch
-            || self.gossip.outstanding.is_some()
-        {
+        if !self.may_ask_peers(peer_count) || self.gossip.outstanding.is_some() {
             return None;
         }
         if self.gossip.hydration.is_some() {
@@ -1090,8 +1092,8 @@ impl SegmentCore {
     /// carried the last batch logged both in its checkpoint), and it no
     /// longer needs repair.
     fn finish_hydration(&mut self, complete_through: Lsn, min_read_point: Lsn) {
-        // What was written since comes from the same peer: its transfer
-        // still pins the records above the state it sent.
+        // What was written since is asked of the same peer first: if its
+        // records do not link up either, a delta repair from it follows.
         if let Some(hydration) = self.gossip.hydration.take() {
             self.gossip.next_peer = hydration.peer;
         }
