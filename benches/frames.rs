@@ -7,8 +7,8 @@
 
 use bytes::{Bytes, BytesMut};
 use common::frame::{decode_frame, encode_frame};
-use common::ids::{Epoch, Lsn, PageId, PgId};
-use common::message::{Message, MessageKind, encode_append_frame};
+use common::ids::{Epoch, Lsn, MembershipEpoch, PageId, PgId};
+use common::message::{AppendHeader, Message, MessageKind, encode_append_frame};
 use common::redo::{PageOp, RecordFields};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -40,7 +40,14 @@ fn encoded_records(count: usize) -> Vec<Bytes> {
 }
 
 fn encode_append(records: &[Bytes]) -> Bytes {
-    encode_append_frame(PgId(0), Epoch::INITIAL, Lsn(0), Lsn(0), records.iter().map(|record| &record[..]))
+    let header = AppendHeader {
+        pg: PgId(0),
+        epoch: Epoch::INITIAL,
+        volume_durable_lsn: Lsn(0),
+        min_read_point: Lsn(0),
+        membership_epoch: MembershipEpoch::INITIAL,
+    };
+    encode_append_frame(header, records.iter().map(|record| &record[..]))
 }
 
 fn frame_codec(criterion: &mut Criterion) {

@@ -10,7 +10,7 @@
 //! Run: `cargo bench --bench materialize`.
 
 use bytes::Bytes;
-use common::ids::{Epoch, Lsn, PageId, PgId};
+use common::ids::{Epoch, Lsn, MembershipEpoch, PageId, PgId};
 use common::message::AppendRequest;
 use common::redo::{PageOp, RecordFields, RedoRecord};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -77,6 +77,7 @@ fn build_segment() -> (SegmentCore, Vec<(PageId, usize, Lsn)>) {
         epoch: Epoch::INITIAL,
         volume_durable_lsn: Lsn::ZERO,
         min_read_point: Lsn::ZERO,
+        membership_epoch: MembershipEpoch::INITIAL,
         records,
     };
     let actions = core.append(request, 1);

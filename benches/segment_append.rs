@@ -29,7 +29,7 @@
 //! Run: `cargo bench --bench segment_append`.
 
 use bytes::Bytes;
-use common::ids::{Epoch, Lsn, PageId, PgId};
+use common::ids::{Epoch, Lsn, MembershipEpoch, PageId, PgId};
 use common::message::AppendRequest;
 use common::redo::{PageOp, RecordFields, RedoRecord};
 use criterion::measurement::WallTime;
@@ -163,7 +163,14 @@ impl DiskSegment {
             })
             .collect();
         // A healthy writer: everything acknowledged so far is durable and read.
-        AppendRequest { pg: PG, epoch: Epoch::INITIAL, volume_durable_lsn: complete, min_read_point: complete, records }
+        AppendRequest {
+            pg: PG,
+            epoch: Epoch::INITIAL,
+            volume_durable_lsn: complete,
+            min_read_point: complete,
+            membership_epoch: MembershipEpoch::INITIAL,
+            records,
+        }
     }
 
     /// Carries out `actions` and their follow-ups until the segment is idle.

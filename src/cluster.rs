@@ -108,6 +108,7 @@ impl LocalCluster {
                 segments: Vec::new(),
                 block_segments: Vec::new(),
                 peers: BTreeMap::new(),
+                new_segment_log_file_bytes: options.log_file_bytes,
             };
             specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
             slots.push(NodeSlot { config, transport, running: None });

@@ -20,12 +20,14 @@
 //!   from its peers.
 //! - `slow-az`: one AZ's nodes 20 ms slower on every frame they send; p99
 //!   with and without.
-//! - `repair`: fill `--repair-bytes` of pages over `--pgs` PGs, kill a node
-//!   and give it an empty disk, and time its segments' rebuild from their
-//!   peers (each PG from a different peer) while a load goes on: MB/s.
+//! - `repair`: fill `--repair-bytes` of pages over `--pgs` PGs, kill a node,
+//!   and replace each of its segments by a new one on a spare node of its
+//!   AZ with a membership change (joint quorum, then settled) while a load
+//!   goes on; the new segments rebuild from their peers (each PG from a
+//!   different peer): MB/s.
 
 use anyhow::{Context, Result, ensure};
-use common::ids::{Lsn, PageId, PgId};
+use common::ids::{Lsn, MembershipEpoch, NodeId, PageId, PgId};
 use common::message::{Message, ReadPageRequest};
 use common::rng::SimRng;
 use common::transport::{TcpTransport, Transport};
@@ -270,7 +272,9 @@ pub async fn run(options: CrashOptions, lab: &Path) -> Result<CrashReport> {
         log_file_bytes: 64 * 1024 * 1024,
         disk: DiskBackend::Std,
     };
-    let file = ClusterFile::local(&directory, volume)?;
+    // A repair replaces a node by a spare one (a membership change).
+    let spares = u32::from(options.scenario == Scenario::Repair);
+    let file = ClusterFile::local(&directory, volume, spares)?;
     let mut run = Run {
         started: Instant::now(),
         report: CrashReport {
@@ -785,29 +789,6 @@ async fn slow_az(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOpt
     Ok(())
 }
 
-/// Waits (at most `timeout`) until node `index`'s segment of `pg` is
-/// complete through `target` and needs no repair; returns when it was.
-async fn wait_complete(
-    cluster: &ProcessCluster,
-    index: usize,
-    pg: PgId,
-    target: Lsn,
-    timeout: Duration,
-) -> Option<Instant> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cluster
-            .status(index, pg)
-            .await
-            .is_some_and(|status| !status.needs_repair && status.segment_complete_lsn >= target)
-        {
-            return Some(Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 async fn repair(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOptions, rng: &mut SimRng) -> Result<()> {
     let page_bytes = cluster.file.volume.page_bytes as u64;
     let pages = options.repair_bytes.div_ceil(page_bytes);
@@ -828,51 +809,79 @@ async fn repair(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOpti
         pgs.len(),
         filled_at.elapsed().as_secs_f64()
     ));
-    let victim = rng.below(cluster.file.nodes.len() as u64) as usize;
-    let witness = (victim + 1) % cluster.file.nodes.len();
-    // The load goes on through the repair.
-    let load_base = value_base(2);
-    let mut load = cluster.writer(&load_args(load_base))?;
+    let spare = cluster.file.nodes.iter().position(|node| node.spare).context("a repair cluster has a spare node")?;
+    let az = cluster.file.nodes[spare].az;
+    let candidates: Vec<usize> = (0..cluster.file.nodes.len())
+        .filter(|index| !cluster.file.nodes[*index].spare && cluster.file.nodes[*index].az == az)
+        .collect();
+    let victim = candidates[rng.below(candidates.len() as u64) as usize];
+    let witness = (0..cluster.file.nodes.len())
+        .find(|index| *index != victim && !cluster.file.nodes[*index].spare)
+        .expect("six nodes");
     cluster.kill(victim);
-    let directory = cluster.file.nodes[victim].data_directory.clone();
-    std::fs::remove_dir_all(&directory).with_context(|| format!("emptying {}", directory.display()))?;
-    std::fs::create_dir_all(&directory)?;
-    run.note(format!("node {victim} killed -9 and its data directory emptied: a replacement disk"));
-    let mut targets = BTreeMap::new();
-    for pg in &pgs {
-        let status = cluster.status(witness, *pg).await.with_context(|| format!("node {witness} answers"))?;
-        targets.insert(*pg, status.segment_complete_lsn);
+    run.note(format!("node {victim} killed -9: its segments are replaced by new ones on spare node {spare} (AZ {az})"));
+    // The load goes on through the membership changes and the repair.
+    let load_base = value_base(2);
+    let mut args = load_args(load_base);
+    args.extend(["--replace".into(), cluster.file.nodes[victim].id.to_string()]);
+    let mut load = cluster.writer(&args)?;
+    run.note("a writer recovers the volume, runs the load, and changes each PG's membership: joint, repair, settle");
+    let replaced = load.wait_replaced(pgs.len(), Duration::from_secs(600));
+    for change in &load.replaced {
+        run.note(format!(
+            "pg:{}: joint membership on a write quorum of both sets after {:.0} ms; the new segment complete through \
+             {} after {:.0} ms; settled after {:.0} ms",
+            change.pg, change.joint_durable_ms, change.catch_up_target, change.caught_up_ms, change.settled_ms
+        ));
     }
-    cluster.restart(victim, 0)?;
-    let restarted = Instant::now();
-    run.note(format!("node {victim} serving again with empty segments; the load writer opens them"));
-    let waits = pgs.iter().map(|pg| wait_complete(cluster, victim, *pg, targets[pg], Duration::from_secs(600)));
-    let finished = futures::future::join_all(waits).await;
-    let repaired_ms: Vec<Option<f64>> =
-        finished.iter().map(|at| at.map(|at| at.duration_since(restarted).as_secs_f64() * 1000.0)).collect();
-    for (pg, ms) in pgs.iter().zip(&repaired_ms) {
-        run.note(match ms {
-            Some(ms) => format!("{pg} on node {victim} complete through {} after {ms:.0} ms", targets[pg]),
-            None => format!("{pg} on node {victim} did not complete within 600 s"),
-        });
-    }
-    let all_repaired = repaired_ms.iter().all(Option::is_some);
-    let slowest_ms = repaired_ms.iter().flatten().copied().fold(0.0, f64::max);
+    let all_replaced = replaced.is_ok();
+    run.check(
+        "every segment of the dead node is replaced (joint, then settled) while writes go on",
+        all_replaced,
+        match &replaced {
+            Ok(()) => format!(
+                "{} PG(s) moved to node {spare}; {} commits acknowledged meanwhile",
+                pgs.len(),
+                load.ack_count()
+            ),
+            Err(error) => format!("{error:#}"),
+        },
+    );
+    let slowest_ms =
+        load.replaced.iter().map(|change| change.caught_up_ms - change.joint_durable_ms).fold(0.0, f64::max);
     let rebuilt_bytes = pages * page_bytes;
     let mb_per_s = rebuilt_bytes as f64 / 1e6 / (slowest_ms / 1000.0).max(1e-3);
     run.check(
-        "every segment of the replaced node rebuilds from its peers",
-        all_repaired,
-        format!("{} of {} PGs complete again", repaired_ms.iter().flatten().count(), pgs.len()),
-    );
-    run.check(
         "repair rebuilds at 200 MB/s or more",
-        all_repaired && mb_per_s >= 200.0,
-        format!("{:.0} MiB of pages in {slowest_ms:.0} ms: {mb_per_s:.0} MB/s", rebuilt_bytes as f64 / 1048576.0),
+        all_replaced && mb_per_s >= 200.0,
+        format!(
+            "{:.0} MiB of pages in {slowest_ms:.0} ms (joint membership durable to the new segment complete): {mb_per_s:.0} MB/s",
+            rebuilt_bytes as f64 / 1048576.0
+        ),
     );
     run.figure("rebuilt_bytes", rebuilt_bytes);
-    run.figure("repair_ms_by_pg", &repaired_ms);
+    run.figure("membership_changes", &load.replaced);
     run.figure("repair_mb_per_s", mb_per_s);
+    cluster.file = ClusterFile::read(&cluster.path)?;
+    let geometry = cluster.file.geometry()?;
+    let (victim_id, spare_id) = (NodeId(cluster.file.nodes[victim].id), NodeId(cluster.file.nodes[spare].id));
+    let settled = pgs.iter().all(|pg| {
+        let membership = geometry.membership(*pg);
+        membership.replacing.is_none() && membership.epoch == MembershipEpoch::INITIAL.next().next()
+    });
+    run.check(
+        "the recorded membership names the new segments, two steps on",
+        all_replaced
+            && settled
+            && geometry.segments_on(victim_id).is_empty()
+            && geometry.segments_on(spare_id).len() == pgs.len(),
+        format!(
+            "node {victim} holds {} segments, node {spare} holds {}; membership epochs {:?}",
+            geometry.segments_on(victim_id).len(),
+            geometry.segments_on(spare_id).len(),
+            pgs.iter().map(|pg| geometry.membership(*pg).epoch.0).collect::<Vec<_>>()
+        ),
+    );
     load.kill()?;
     ledger.absorb(&load, load_base);
     // The rebuilt pages against a peer's, at one read point (the load
@@ -883,13 +892,13 @@ async fn repair(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOpti
         let pg = PgId((index % u64::from(options.pgs)) as u32);
         let page =
             u64::from(pg.0) * cluster.file.geometry()?.pages_per_pg() + LOAD_PAGES + index / u64::from(options.pgs);
-        let (Some(mine), Some(theirs)) = (cluster.status(victim, pg).await, cluster.status(witness, pg).await) else {
+        let (Some(mine), Some(theirs)) = (cluster.status(spare, pg).await, cluster.status(witness, pg).await) else {
             continue;
         };
         let point = mine.segment_complete_lsn.min(theirs.segment_complete_lsn);
         let read = |at: usize| read_direct(cluster.address(at), pg, PageId(page), point, theirs.epoch);
         if let (Some(Message::PageImage(rebuilt)), Some(Message::PageImage(reference))) =
-            (read(victim).await, read(witness).await)
+            (read(spare).await, read(witness).await)
         {
             compared += 1;
             if rebuilt.image != reference.image {
@@ -901,7 +910,7 @@ async fn repair(run: &mut Run, cluster: &mut ProcessCluster, options: &CrashOpti
         "rebuilt pages match a peer's",
         compared > 0 && differing == 0,
         format!(
-            "{compared} filled pages read from node {victim} and node {witness} at the same point, {differing} differ"
+            "{compared} filled pages read from node {spare} and node {witness} at the same point, {differing} differ"
         ),
     );
     verify_ledger(run, cluster, &ledger, "after the repair").await

@@ -5,12 +5,17 @@
 //!   node: id, AZ, address, data directory. Every process reads it:
 //!   `lab node storage --cluster F --node I` serves node `I`;
 //!   `lab node writer --cluster F` recovers the volume and runs a write load.
+//!   Spare nodes host nothing until a membership change places segments
+//!   on them; the writer records each new membership in the file
+//!   (`membership`), which every process then places segments by.
 //! - [`ProcessCluster`] starts, kills (SIGKILL) and restarts the node
 //!   processes of a cluster file on loopback; dropping it kills them all.
 //! - [`WriterProcess`] runs `lab node writer` and reads what it reports on
 //!   stdout, one line per event: `ready <open_ms> <epoch> <vdl>` once the
 //!   volume is open, `filled <records>` after a prefill, and `ack <writer>
-//!   <value>` after every acknowledged commit. A line is written only once
+//!   <value>` after every acknowledged commit, and `replaced <pg> <joint_ms>
+//!   <caught_up_ms> <settled_ms> <target_lsn>` after each membership change
+//!   `--replace` asked for. A line is written only once
 //!   its commit returned, so every `ack` the harness reads, also after a
 //!   kill, is a commit the volume promised to keep.
 //!
@@ -26,7 +31,7 @@ use common::message::{Message, SegmentStatus, StatusRequest};
 use common::redo::PageOp;
 use common::transport::{TcpTransport, Transport};
 use db_frontend::volume::client::{VolumeClient, VolumeConfig};
-use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, VolumeGeometry};
+use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, SegmentPlacement, VolumeGeometry};
 use db_frontend::volume::writer::PageChange;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -59,6 +64,9 @@ pub struct NodeEntry {
     pub az: u8,
     pub address: String,
     pub data_directory: PathBuf,
+    /// Not placed on: a spare for membership changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
 }
 
 /// What every process of a cluster reads (see the module docs).
@@ -66,6 +74,11 @@ pub struct NodeEntry {
 pub struct ClusterFile {
     pub volume: VolumeSpec,
     pub nodes: Vec<NodeEntry>,
+    /// The volume's geometry as the writer last recorded it (after a
+    /// membership change); absent, the volume is placed on the non-spare
+    /// nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<VolumeGeometry>,
 }
 
 impl ClusterFile {
@@ -79,28 +92,51 @@ impl ClusterFile {
     }
 
     /// Six nodes on free loopback ports, two per AZ (node `i` in AZ `i % 3`,
-    /// as `LocalCluster`), with data under `directory`.
-    pub fn local(directory: &Path, volume: VolumeSpec) -> Result<ClusterFile> {
-        let mut ports = free_listen_ports(6)?.into_iter();
-        let nodes = (0..6u32)
+    /// as `LocalCluster`), then `spares` spare nodes (the same rule), with
+    /// data under `directory`.
+    pub fn local(directory: &Path, volume: VolumeSpec, spares: u32) -> Result<ClusterFile> {
+        let count = 6 + spares;
+        let mut ports = free_listen_ports(count as usize)?.into_iter();
+        let nodes = (0..count)
             .map(|id| {
-                let port = ports.next().expect("six ports");
+                let port = ports.next().expect("a port per node");
                 Ok(NodeEntry {
                     id,
                     az: (id % 3) as u8,
                     address: format!("127.0.0.1:{port}"),
                     data_directory: directory.join(format!("node-{id}")),
+                    spare: id >= 6,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ClusterFile { volume, nodes })
+        Ok(ClusterFile { volume, nodes, membership: None })
+    }
+
+    /// Records `geometry` as the volume's membership in the file at `path`
+    /// (read again first: other fields may have changed).
+    pub fn record_membership(path: &Path, geometry: &VolumeGeometry) -> Result<()> {
+        let mut file = ClusterFile::read(path)?;
+        file.membership = Some(geometry.clone());
+        file.write(path)
     }
 
     /// Where every PG's segments live.
     pub fn geometry(&self) -> Result<VolumeGeometry> {
+        if let Some(geometry) = &self.membership {
+            let volume = &self.volume;
+            ensure!(
+                geometry.pg_count() == volume.pg_count
+                    && geometry.pg_bytes == volume.pg_bytes
+                    && geometry.page_bytes == volume.page_bytes
+                    && geometry.memberships.len() == geometry.segments.len(),
+                "the cluster file's recorded membership does not match its volume"
+            );
+            return Ok(geometry.clone());
+        }
         let nodes = self
             .nodes
             .iter()
+            .filter(|node| !node.spare)
             .map(|node| NodeSpec { id: NodeId(node.id), az: AzId(node.az), address: node.address.clone() })
             .collect();
         VolumeGeometry::place(
@@ -137,6 +173,7 @@ impl ClusterFile {
             segments,
             block_segments: Vec::new(),
             peers: geometry.peers_of(NodeId(id)),
+            new_segment_log_file_bytes: self.volume.log_file_bytes,
         })
     }
 }
@@ -225,6 +262,12 @@ pub struct WriterOptions {
     /// Stop after this many commits per writer (0: until killed).
     #[arg(long, default_value_t = 0)]
     pub commits: u64,
+    /// Once the volume is open (and filled), replace every segment on this
+    /// node by one on a spare node of its AZ while the load runs (a
+    /// membership change per PG, all at once), and record each new
+    /// membership in the cluster file.
+    #[arg(long)]
+    pub replace: Option<u32>,
 }
 
 /// The page writer `writer`'s value `value` goes to.
@@ -299,12 +342,67 @@ pub async fn run_writer(options: WriterOptions) -> Result<()> {
             anyhow::Ok(())
         }));
     }
+    if let Some(node) = options.replace {
+        let replacements = replace_node(&client, &options.cluster, &file, NodeId(node))?;
+        let lines = lines.clone();
+        tasks.push(tokio::spawn(async move {
+            for report in futures::future::try_join_all(replacements).await? {
+                let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
+                let line = format!(
+                    "replaced {} {:.1} {:.1} {:.1} {}",
+                    report.pg.0,
+                    ms(report.joint_durable_after),
+                    ms(report.caught_up_after),
+                    ms(report.settled_after),
+                    report.catch_up_target.0
+                );
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
     drop(lines);
     for task in tasks {
         task.await??;
     }
     printer.join().map_err(|_| anyhow::anyhow!("the output thread panicked"))?;
     Ok(())
+}
+
+/// How long a membership change may take (its repair of 1 GiB included).
+const REPLACEMENT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One membership change per PG with a segment on `node`: each replaces it
+/// by a segment on a spare node of the same AZ that holds none of that PG.
+fn replace_node(
+    client: &Arc<VolumeClient>,
+    cluster: &Path,
+    file: &ClusterFile,
+    node: NodeId,
+) -> Result<Vec<impl std::future::Future<Output = Result<db_frontend::volume::client::ReplacementReport>> + use<>>> {
+    let geometry = client.geometry();
+    let hosted = geometry.segments_on(node);
+    ensure!(!hosted.is_empty(), "{node} holds no segment of the volume");
+    let mut changes = Vec::new();
+    for (pg, replica) in hosted {
+        let az = geometry.segment(pg, replica).az;
+        let spare = file
+            .nodes
+            .iter()
+            .find(|entry| entry.spare && AzId(entry.az) == az && geometry.slot_on(pg, NodeId(entry.id)).is_none())
+            .with_context(|| format!("no spare node in {az} for {pg}"))?;
+        let incoming = SegmentPlacement { node: NodeId(spare.id), az, address: spare.address.clone() };
+        let (client, cluster) = (client.clone(), cluster.to_path_buf());
+        changes.push(async move {
+            let record = |geometry: &VolumeGeometry| {
+                ClusterFile::record_membership(&cluster, geometry).map_err(|error| format!("{error:#}"))
+            };
+            Ok(client.replace_segment(pg, replica, incoming, &record, REPLACEMENT_TIMEOUT).await?)
+        });
+    }
+    Ok(changes)
 }
 
 /// Where and how much the prefill writes.
@@ -520,6 +618,18 @@ pub struct WriterProcess {
     pub recovered_vdl: Lsn,
     /// Acknowledged values per writer, in order.
     pub acks: BTreeMap<u32, Vec<u64>>,
+    /// The membership changes `--replace` finished.
+    pub replaced: Vec<Replaced>,
+}
+
+/// A `replaced` line: one PG's membership change, in milliseconds since it began.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Replaced {
+    pub pg: u32,
+    pub joint_durable_ms: f64,
+    pub caught_up_ms: f64,
+    pub settled_ms: f64,
+    pub catch_up_target: u64,
 }
 
 impl WriterProcess {
@@ -546,6 +656,7 @@ impl WriterProcess {
             epoch: epoch.parse()?,
             recovered_vdl: Lsn(vdl.parse()?),
             acks: BTreeMap::new(),
+            replaced: Vec::new(),
         })
     }
 
@@ -564,6 +675,13 @@ impl WriterProcess {
             match words.as_slice() {
                 ["ack", writer, value] => self.acks.entry(writer.parse()?).or_default().push(value.parse()?),
                 ["filled", _] => filled = true,
+                ["replaced", pg, joint, caught_up, settled, target] => self.replaced.push(Replaced {
+                    pg: pg.parse()?,
+                    joint_durable_ms: joint.parse()?,
+                    caught_up_ms: caught_up.parse()?,
+                    settled_ms: settled.parse()?,
+                    catch_up_target: target.parse()?,
+                }),
                 _ => bail!("the writer printed {line:?}"),
             }
         }
@@ -583,6 +701,20 @@ impl WriterProcess {
             }
         }
         bail!("the prefill did not finish within {timeout:?}")
+    }
+
+    /// Waits (at most `timeout`) until `count` membership changes finished.
+    pub fn wait_replaced(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.replaced.len() < count {
+            ensure!(
+                Instant::now() < deadline,
+                "{} of {count} membership changes within {timeout:?}",
+                self.replaced.len()
+            );
+            self.drain(Duration::from_millis(200))?;
+        }
+        Ok(())
     }
 
     /// `kill -9`, then reads every line it printed before dying.

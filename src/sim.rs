@@ -849,6 +849,12 @@ impl World {
                 }
                 self.carry_out(node, pg, actions)?;
             }
+            Message::SetMembership(request) => {
+                let pg = request.pg.0 as usize;
+                let actions =
+                    segments[pg].core.set_membership(request.request_id, request.epoch, request.membership_epoch, from);
+                self.carry_out(node, pg, actions)?;
+            }
             Message::FetchRecords(request) => {
                 let answer = match segments[request.pg.0 as usize].core.fetch_records(&request) {
                     Ok(batch) => Message::RecordBatch(batch),
@@ -937,6 +943,10 @@ impl World {
                             StatusOutcome::Fenced(_) => Vec::new(),
                             StatusOutcome::Open(request) => {
                                 self.send_to_node(frontend, NodeId(node as u32), Message::OpenEpoch(request));
+                                Vec::new()
+                            }
+                            StatusOutcome::SetMembership(request) => {
+                                self.send_to_node(frontend, NodeId(node as u32), Message::SetMembership(request));
                                 Vec::new()
                             }
                             StatusOutcome::Connected(durable) => durable.waiters,

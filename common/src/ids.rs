@@ -63,6 +63,23 @@ id_type!(
     "epoch:"
 );
 
+id_type!(
+    /// A PG's membership epoch (A18 §4.1): bumped by every step of a
+    /// membership change and written to a write quorum. A segment refuses
+    /// appends that carry an older one (a writer with a stale view).
+    MembershipEpoch(u64),
+    "membership:"
+);
+
+impl MembershipEpoch {
+    /// The membership a PG is placed with.
+    pub const INITIAL: MembershipEpoch = MembershipEpoch(1);
+
+    pub fn next(self) -> MembershipEpoch {
+        MembershipEpoch(self.0.checked_add(1).expect("membership epoch space exhausted"))
+    }
+}
+
 impl Lsn {
     /// "No record": the backlink of the first record in a chain.
     pub const ZERO: Lsn = Lsn(0);

@@ -26,7 +26,7 @@ pub const RECORDS_PER_APPEND_MAX: usize = 8192;
 
 /// Largest group-commit batch a segment writes with one write + one
 /// fdatasync.
-pub const LOG_BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+pub const LOG_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Most bytes a segment queues behind its in-flight disk write before it
 /// refuses appends (queue depth for the disk).
@@ -67,6 +67,14 @@ pub const TRUNCATIONS_MAX: usize = 1024;
 /// Most bytes of records one [`crate::message::RecordBatch`] carries.
 pub const RECORD_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
+/// Most bytes of versions and records one
+/// [`crate::message::HydrateBatch`] carries: a repairing segment logs each
+/// batch in one write, with the appends queued meanwhile (so three
+/// quarters of a log write), and larger batches mean fewer flushes and
+/// round trips per byte repaired.
+pub const HYDRATE_BATCH_BYTES_MAX: usize = LOG_BATCH_BYTES_MAX / 4 * 3;
+const _: () = assert!(HYDRATE_BATCH_BYTES_MAX + 64 * 1024 < FRAME_PAYLOAD_BYTES_MAX);
+
 /// Slack reserved in every log write for entry headers and padding.
 pub const ENTRY_OVERHEAD_GUARD: usize = 256;
 
@@ -74,6 +82,11 @@ pub const ENTRY_OVERHEAD_GUARD: usize = 256;
 pub const SEGMENTS_PER_PG: usize = 6;
 /// Acknowledgements that make a write durable in its PG.
 pub const WRITE_QUORUM: usize = 4;
+/// Segment slots of a PG: its six segments, plus the incoming one while a
+/// membership change replaces one of them (slot 6).
+pub const SEGMENT_SLOTS: usize = SEGMENTS_PER_PG + 1;
+/// Bytes of a peer address in a membership request at most.
+pub const ADDRESS_BYTES_MAX: usize = 255;
 /// Segments whose answers meet every write quorum.
 pub const READ_QUORUM: usize = 3;
 

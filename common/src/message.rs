@@ -12,9 +12,10 @@ pub use crate::block_message::{
 };
 use crate::codec::{CodecError, Reader, read_length_prefixed};
 use crate::frame::{Frame, FrameBuilder, encode_frame};
-use crate::ids::{Epoch, Lsn, PageId, PgId};
+use crate::ids::{Epoch, Lsn, MembershipEpoch, PageId, PgId};
 use crate::limits::{
-    ERROR_MESSAGE_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, PAGE_BYTES_MAX, RECORDS_PER_APPEND_MAX, TRUNCATIONS_MAX,
+    ADDRESS_BYTES_MAX, ERROR_MESSAGE_BYTES_MAX, FRAME_PAYLOAD_BYTES_MAX, PAGE_BYTES_MAX, RECORDS_PER_APPEND_MAX,
+    SEGMENT_SLOTS, TRUNCATIONS_MAX,
 };
 use crate::redo::{RecordError, RedoRecord};
 use bytes::{BufMut, Bytes};
@@ -43,6 +44,7 @@ pub enum MessageKind {
     RecordBatch = 17,
     Hydrate = 18,
     HydrateBatch = 19,
+    SetMembership = 20,
 }
 
 /// Bytes of the fixed part of an append payload, before the records.
@@ -60,6 +62,9 @@ pub struct AppendRequest {
     /// PGMRPL: the lowest read point of any reader; versions below it may be
     /// garbage-collected.
     pub min_read_point: Lsn,
+    /// The PG membership the writer sends under: a segment that holds a
+    /// newer one refuses the append (`StaleMembership`).
+    pub membership_epoch: MembershipEpoch,
     pub records: Vec<RedoRecord>,
 }
 
@@ -146,6 +151,26 @@ pub struct OpenEpochRequest {
     pub pg: PgId,
     pub epoch: Epoch,
     pub truncations: Vec<Truncation>,
+}
+
+/// One step of a membership change of a PG (A18 §4.1), sent by the writer
+/// to every segment of the PG's new membership: the segment durably takes
+/// `membership_epoch` (refusing appends of older ones from then on) and
+/// gossips with `peers` (the other members' addresses). A node that hosts
+/// no segment of the PG creates it, empty, with the PG's shape
+/// (`page_bytes`, `pages_per_pg`): the new segment repairs itself from its
+/// peers. Answered with a [`SegmentStatus`] once durable; a stale volume
+/// epoch is refused (`StaleEpoch`), an older membership epoch than the
+/// segment's too (`StaleMembership`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetMembershipRequest {
+    pub request_id: u64,
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub membership_epoch: MembershipEpoch,
+    pub page_bytes: u32,
+    pub pages_per_pg: u64,
+    pub peers: Vec<String>,
 }
 
 /// Asks for a segment's records in `(above, through]` that lie at or below
@@ -257,6 +282,8 @@ pub struct SegmentStatus {
     /// it is durable on a write quorum of every PG. Recovery reads the
     /// records above it, never the whole log.
     pub volume_durable_hint: Lsn,
+    /// The newest membership of its PG this segment holds durably.
+    pub membership_epoch: MembershipEpoch,
 }
 
 impl SegmentStatus {
@@ -297,6 +324,8 @@ pub enum ErrorCode {
     /// The segment is at the request's epoch, but that epoch's writer has
     /// not opened it yet ([`OpenEpochRequest`]): no appends until then.
     NotOpen = 12,
+    /// The request carries an older PG membership epoch than the segment's.
+    StaleMembership = 13,
 }
 
 impl ErrorCode {
@@ -314,6 +343,7 @@ impl ErrorCode {
             10 => ErrorCode::StaleFencingToken,
             11 => ErrorCode::Superseded,
             12 => ErrorCode::NotOpen,
+            13 => ErrorCode::StaleMembership,
             other => return Err(CodecError::Invalid { field: "error code", detail: other.to_string() }),
         })
     }
@@ -350,6 +380,7 @@ pub enum Message {
     RecordBatch(RecordBatch),
     Hydrate(HydrateRequest),
     HydrateBatch(HydrateBatch),
+    SetMembership(SetMembershipRequest),
 }
 
 /// Why a frame's payload is not a valid message.
@@ -418,27 +449,31 @@ fn read_truncations(reader: &mut Reader) -> Result<Vec<Truncation>, MessageError
     Ok(truncations)
 }
 
+/// The fields of an append besides its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendHeader {
+    pub pg: PgId,
+    pub epoch: Epoch,
+    pub volume_durable_lsn: Lsn,
+    pub min_read_point: Lsn,
+    pub membership_epoch: MembershipEpoch,
+}
+
 /// Encodes an append frame from records that are already encoded (the
 /// writer's hot path: one encoding, shared by the six segments' frames).
-pub fn encode_append_frame<'a>(
-    pg: PgId,
-    epoch: Epoch,
-    volume_durable_lsn: Lsn,
-    min_read_point: Lsn,
-    encoded_records: impl Iterator<Item = &'a [u8]> + Clone,
-) -> Bytes {
+pub fn encode_append_frame<'a>(header: AppendHeader, encoded_records: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
     let count = encoded_records.clone().count();
     let bytes: usize = encoded_records.clone().map(<[u8]>::len).sum();
     assert!(count <= RECORDS_PER_APPEND_MAX, "append exceeds RECORDS_PER_APPEND_MAX");
     assert!(APPEND_HEADER_BYTES + bytes <= FRAME_PAYLOAD_BYTES_MAX, "append exceeds FRAME_PAYLOAD_BYTES_MAX");
     let mut builder = FrameBuilder::new(MessageKind::Append as u8, APPEND_HEADER_BYTES + bytes);
     let payload = builder.payload();
-    payload.put_u32_le(pg.0);
+    payload.put_u32_le(header.pg.0);
     payload.put_u32_le(count as u32);
-    payload.put_u64_le(epoch.0);
-    payload.put_u64_le(volume_durable_lsn.0);
-    payload.put_u64_le(min_read_point.0);
-    payload.put_u64_le(0);
+    payload.put_u64_le(header.epoch.0);
+    payload.put_u64_le(header.volume_durable_lsn.0);
+    payload.put_u64_le(header.min_read_point.0);
+    payload.put_u64_le(header.membership_epoch.0);
     for record in encoded_records {
         payload.put_slice(record);
     }
@@ -451,13 +486,14 @@ impl Message {
         let mut payload = Vec::new();
         let kind = match self {
             Message::Append(append) => {
-                return encode_append_frame(
-                    append.pg,
-                    append.epoch,
-                    append.volume_durable_lsn,
-                    append.min_read_point,
-                    append.records.iter().map(|record| &record.encoded[..]),
-                );
+                let header = AppendHeader {
+                    pg: append.pg,
+                    epoch: append.epoch,
+                    volume_durable_lsn: append.volume_durable_lsn,
+                    min_read_point: append.min_read_point,
+                    membership_epoch: append.membership_epoch,
+                };
+                return encode_append_frame(header, append.records.iter().map(|record| &record.encoded[..]));
             }
             Message::AppendAck(ack) => {
                 payload.put_u32_le(ack.pg.0);
@@ -510,6 +546,7 @@ impl Message {
                 payload.put_u64_le(status.min_read_point.0);
                 payload.put_u64_le(status.open_epoch.0);
                 payload.put_u64_le(status.volume_durable_hint.0);
+                payload.put_u64_le(status.membership_epoch.0);
                 MessageKind::Status
             }
             Message::OpenEpoch(request) => {
@@ -573,6 +610,22 @@ impl Message {
                 put_records(&mut payload, &batch.records);
                 MessageKind::HydrateBatch
             }
+            Message::SetMembership(request) => {
+                payload.put_u64_le(request.request_id);
+                payload.put_u32_le(request.pg.0);
+                payload.put_u32_le(request.page_bytes);
+                payload.put_u64_le(request.epoch.0);
+                payload.put_u64_le(request.membership_epoch.0);
+                payload.put_u64_le(request.pages_per_pg);
+                assert!(request.peers.len() < SEGMENT_SLOTS, "a PG has at most SEGMENT_SLOTS - 1 peers");
+                payload.put_u32_le(request.peers.len() as u32);
+                for peer in &request.peers {
+                    assert!(peer.len() <= ADDRESS_BYTES_MAX, "address longer than ADDRESS_BYTES_MAX");
+                    payload.put_u16_le(peer.len() as u16);
+                    payload.put_slice(peer.as_bytes());
+                }
+                MessageKind::SetMembership
+            }
             Message::Error(error) => {
                 let mut message = error.message.as_bytes();
                 if message.len() > ERROR_MESSAGE_BYTES_MAX {
@@ -631,7 +684,7 @@ impl Message {
                 let epoch = Epoch(reader.u64()?);
                 let volume_durable_lsn = Lsn(reader.u64()?);
                 let min_read_point = Lsn(reader.u64()?);
-                let _reserved = reader.u64()?;
+                let membership_epoch = MembershipEpoch(reader.u64()?);
                 let mut records = Vec::with_capacity(count);
                 let mut offset = reader.offset();
                 for _ in 0..count {
@@ -642,7 +695,14 @@ impl Message {
                 if offset != payload.len() {
                     return Err(CodecError::Trailing { trailing: payload.len() - offset }.into());
                 }
-                return Ok(Message::Append(AppendRequest { pg, epoch, volume_durable_lsn, min_read_point, records }));
+                return Ok(Message::Append(AppendRequest {
+                    pg,
+                    epoch,
+                    volume_durable_lsn,
+                    min_read_point,
+                    membership_epoch,
+                    records,
+                }));
             }
             kind if kind == MessageKind::AppendAck as u8 => {
                 let pg = PgId(reader.u32()?);
@@ -708,6 +768,7 @@ impl Message {
                     needs_repair,
                     open_epoch: Epoch(reader.u64()?),
                     volume_durable_hint: Lsn(reader.u64()?),
+                    membership_epoch: MembershipEpoch(reader.u64()?),
                 })
             }
             kind if kind == MessageKind::OpenEpoch as u8 => {
@@ -804,6 +865,37 @@ impl Message {
                     next,
                 }));
             }
+            kind if kind == MessageKind::SetMembership as u8 => {
+                let request_id = reader.u64()?;
+                let pg = PgId(reader.u32()?);
+                let page_bytes = reader.u32()?;
+                let epoch = Epoch(reader.u64()?);
+                let membership_epoch = MembershipEpoch(reader.u64()?);
+                let pages_per_pg = reader.u64()?;
+                let count = reader.u32()? as usize;
+                if count >= SEGMENT_SLOTS {
+                    return Err(CodecError::Invalid { field: "peers", detail: format!("{count} peers") }.into());
+                }
+                let mut peers = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let length = reader.u16()? as usize;
+                    if length > ADDRESS_BYTES_MAX {
+                        return Err(CodecError::Invalid { field: "peer", detail: format!("{length} bytes") }.into());
+                    }
+                    let address = std::str::from_utf8(reader.take(length)?)
+                        .map_err(|error| CodecError::Invalid { field: "peer", detail: error.to_string() })?;
+                    peers.push(address.to_string());
+                }
+                Message::SetMembership(SetMembershipRequest {
+                    request_id,
+                    pg,
+                    epoch,
+                    membership_epoch,
+                    page_bytes,
+                    pages_per_pg,
+                    peers,
+                })
+            }
             kind if kind == MessageKind::Error as u8 => {
                 let request_id = reader.u64()?;
                 let pg = PgId(reader.u32()?);
@@ -868,6 +960,7 @@ mod tests {
             epoch: Epoch(2),
             volume_durable_lsn: Lsn(1),
             min_read_point: Lsn(1),
+            membership_epoch: MembershipEpoch(2),
             records: vec![record.clone()],
         }));
         round_trip(Message::AppendAck(AppendAck {
@@ -903,6 +996,16 @@ mod tests {
             needs_repair: true,
             open_epoch: Epoch(1),
             volume_durable_hint: Lsn(8),
+            membership_epoch: MembershipEpoch(3),
+        }));
+        round_trip(Message::SetMembership(SetMembershipRequest {
+            request_id: 9,
+            pg: PgId(2),
+            epoch: Epoch(4),
+            membership_epoch: MembershipEpoch(2),
+            page_bytes: 8192,
+            pages_per_pg: 128,
+            peers: vec!["127.0.0.1:20001".into(), "node-b:7".into()],
         }));
         let truncations = vec![Truncation { epoch: Epoch(2), above: Lsn(5), through: Lsn(105) }];
         round_trip(Message::OpenEpoch(OpenEpochRequest {
@@ -1006,7 +1109,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(kind in 0u8..22, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_never_panics(kind in 0u8..23, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let frame = Frame { kind, payload: Bytes::from(payload) };
             let _ = Message::decode(&frame);
         }

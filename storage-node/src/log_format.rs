@@ -7,7 +7,7 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic      "ASEG"
-//!      4     2  version    LOG_FORMAT_VERSION (2)
+//!      4     2  version    LOG_FORMAT_VERSION (3)
 //!      6     2  kind       1 = redo batch, 2 = page versions, 3 = checkpoint,
 //!                          4 = block versions, 5 = block checkpoint
 //!      8     4  body_len   bytes of body, u32 LE
@@ -26,11 +26,12 @@
 //!   crc32c u32 (over the image), image` (each item padded to 8 bytes).
 //! - checkpoint: `epoch u64, segment_complete_lsn u64, min_read_point u64,
 //!   pg u32, page_bytes u32, open_epoch u64, truncation_count u32, reserved
-//!   u32`, then `truncation_count` ranges of `epoch u64, above u64, through
+//!   u32, membership_epoch u64`, then `truncation_count` ranges of `epoch u64, above u64, through
 //!   u64`: the segment chain is complete through `segment_complete_lsn`, so
 //!   records at or below it that are absent were subsumed by page versions
 //!   and garbage-collected; the ranges are the truncation list of the
-//!   writer of `open_epoch`, and void the records logged before them.
+//!   writer of `open_epoch`, and void the records logged before them;
+//!   `membership_epoch` is the newest PG membership the segment took.
 //! - block versions (block segments only): `count` items of `block u64,
 //!   version u64, lease_epoch u64, fencing_token u64, length u32, flags u32
 //!   (bit 0: a seal's repair), crc32c u32 (over the data), reserved u32, data`
@@ -54,13 +55,13 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::codec::Reader;
-use common::ids::{BlockId, Epoch, Lsn, PageId, PgId};
+use common::ids::{BlockId, Epoch, Lsn, MembershipEpoch, PageId, PgId};
 use common::limits::{BLOCK_BYTES_MAX, FENCED_EPOCHS_MAX, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, TRUNCATIONS_MAX};
 use common::message::{TRUNCATION_BYTES, Truncation};
 use common::redo::RedoRecord;
 
 pub const ENTRY_MAGIC: [u8; 4] = *b"ASEG";
-pub const LOG_FORMAT_VERSION: u16 = 2;
+pub const LOG_FORMAT_VERSION: u16 = 3;
 pub const ENTRY_HEADER_BYTES: usize = 32;
 /// Largest entry body: a group-commit batch, or a set of page versions.
 pub const ENTRY_BODY_BYTES_MAX: usize = LOG_BATCH_BYTES_MAX + PAGE_BYTES_MAX;
@@ -72,7 +73,7 @@ const KIND_BLOCK_CHECKPOINT: u16 = 5;
 const BLOCK_ITEM_HEADER_BYTES: usize = 48;
 const BLOCK_FLAG_REPAIRED: u32 = 1;
 const VERSION_ITEM_HEADER_BYTES: usize = 24;
-const CHECKPOINT_BODY_BYTES: usize = 48;
+const CHECKPOINT_BODY_BYTES: usize = 56;
 
 /// Rounds up to the 8-byte alignment of entries.
 pub fn aligned(length: usize) -> usize {
@@ -151,6 +152,7 @@ pub struct Checkpoint {
     pub min_read_point: Lsn,
     /// The epoch whose writer's truncation list this is (0: none yet).
     pub open_epoch: Epoch,
+    pub membership_epoch: MembershipEpoch,
     pub truncations: Vec<Truncation>,
 }
 
@@ -249,6 +251,7 @@ pub fn encode_checkpoint_entry(out: &mut BytesMut, sequence: u64, checkpoint: &C
     out.put_u64_le(checkpoint.open_epoch.0);
     out.put_u32_le(checkpoint.truncations.len() as u32);
     out.put_u32_le(0);
+    out.put_u64_le(checkpoint.membership_epoch.0);
     for truncation in &checkpoint.truncations {
         out.put_u64_le(truncation.epoch.0);
         out.put_u64_le(truncation.above.0);
@@ -398,6 +401,7 @@ fn decode_body(header: &Header, body: &Bytes) -> Option<Entry> {
             let open_epoch = Epoch(reader.u64().ok()?);
             let count = reader.u32().ok()? as usize;
             let _reserved = reader.u32().ok()?;
+            let membership_epoch = MembershipEpoch(reader.u64().ok()?);
             if count > TRUNCATIONS_MAX {
                 return None;
             }
@@ -408,8 +412,16 @@ fn decode_body(header: &Header, body: &Bytes) -> Option<Entry> {
                 truncations.push(Truncation { epoch, above, through });
             }
             reader.finish().ok()?;
-            let checkpoint =
-                Checkpoint { pg, page_bytes, epoch, segment_complete_lsn, min_read_point, open_epoch, truncations };
+            let checkpoint = Checkpoint {
+                pg,
+                page_bytes,
+                epoch,
+                segment_complete_lsn,
+                min_read_point,
+                open_epoch,
+                membership_epoch,
+                truncations,
+            };
             Some(Entry::Checkpoint(checkpoint))
         }
         KIND_BLOCK_VERSIONS => {
@@ -628,6 +640,7 @@ mod tests {
                 segment_complete_lsn: Lsn::ZERO,
                 min_read_point: Lsn::ZERO,
                 open_epoch: Epoch::NONE,
+                membership_epoch: MembershipEpoch(2),
                 truncations: Vec::new(),
             },
         );
@@ -695,6 +708,7 @@ mod tests {
             segment_complete_lsn: Lsn(6),
             min_read_point: Lsn(4),
             open_epoch: Epoch(2),
+            membership_epoch: MembershipEpoch(2),
             truncations: vec![Truncation { epoch: Epoch(2), above: Lsn(6), through: Lsn(106) }],
         };
         let end = starts[2] + redo_entry_bytes(record(5).encoded.len() * 2);

@@ -17,9 +17,9 @@ use crate::log_format::{LOG_FORMAT_VERSION, ScanResult, log_format_version, scan
 use crate::segment::{Action, LogWrite, PeerRepairStats, RecoveryReport, ReplyTo, SegmentConfig, SegmentCore};
 use common::ids::{Epoch, NodeId, PgId};
 use common::limits::{NODE_CONNECTIONS_MAX, NODE_SEGMENTS_MAX};
-use common::message::{ErrorCode, ErrorResponse, Message, PageImage, SegmentStatus};
+use common::message::{ErrorCode, ErrorResponse, Message, PageImage, SegmentStatus, SetMembershipRequest};
 use common::transport::{Connection, FrameSender, Transport};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
@@ -67,6 +67,9 @@ pub struct NodeConfig {
     /// other segments of its PG: whom it gossips with. Also settable while
     /// running ([`StorageNode::set_peers`]).
     pub peers: BTreeMap<PgId, Vec<String>>,
+    /// Size of each log file of a segment this node creates when a
+    /// membership change places a new segment here.
+    pub new_segment_log_file_bytes: u64,
 }
 
 /// What the driver does for one action of a core.
@@ -220,7 +223,12 @@ impl<C: LogCore> SegmentDriver<C> {
 #[derive(Debug)]
 struct NodeShared {
     node: NodeId,
-    segments: BTreeMap<PgId, RedoDriver>,
+    /// Grows when a membership change places a new segment here.
+    segments: RwLock<BTreeMap<PgId, RedoDriver>>,
+    /// What a new segment is created with.
+    config: NodeConfig,
+    ring: Option<Arc<UringRing>>,
+    write_completed: Arc<Notify>,
     /// Gossip peers of each redo segment, and the connections to them.
     peers: Mutex<BTreeMap<PgId, Vec<String>>>,
     peer_links: PeerLinks,
@@ -229,6 +237,57 @@ struct NodeShared {
     next_connection: AtomicU64,
     connection_slots: Arc<Semaphore>,
     tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl NodeShared {
+    fn segment(&self, pg: PgId) -> Option<RedoDriver> {
+        self.segments.read().get(&pg).cloned()
+    }
+
+    fn redo_segments(&self) -> Vec<(PgId, RedoDriver)> {
+        self.segments.read().iter().map(|(pg, driver)| (*pg, driver.clone())).collect()
+    }
+
+    fn set_peers(&self, pg: PgId, addresses: Vec<String>) {
+        self.peers.lock().insert(pg, spread_peers(pg, addresses));
+    }
+
+    /// The segment a membership change places here: opened from its
+    /// directory if it has a log there (the node restarted since, without
+    /// it in its configuration), else created empty to repair itself from
+    /// its peers.
+    fn place_segment(&self, request: &SetMembershipRequest) -> Result<RedoDriver, String> {
+        let pg = request.pg;
+        let mut segments = self.segments.write();
+        if let Some(driver) = segments.get(&pg) {
+            return Ok(driver.clone());
+        }
+        if segments.len() + self.block_segments.len() >= NODE_SEGMENTS_MAX {
+            return Err(format!("this node hosts NODE_SEGMENTS_MAX ({NODE_SEGMENTS_MAX}) segments"));
+        }
+        let segment = SegmentConfig {
+            log_file_bytes: self.config.new_segment_log_file_bytes,
+            ..SegmentConfig::new(pg, request.page_bytes as usize, request.pages_per_pg)
+        };
+        let disk = open_disk(&self.config, &segment_directory(pg), segment.log_file_bytes, &self.ring)
+            .map_err(|error| format!("opening the new segment's disk: {error}"))?;
+        let (driver, report, actions) = open_segment(segment, disk, self.replies.clone(), self.write_completed.clone())
+            .map_err(|error| error.to_string())?;
+        if report == RecoveryReport::default() {
+            // A new replica takes its peers' whole page state.
+            driver.core.lock().gossip_hydrate_now();
+        }
+        info!(%pg, recovered = ?report, "segment placed on this node by a membership change");
+        segments.insert(pg, driver.clone());
+        drop(segments);
+        driver.run(actions);
+        Ok(driver)
+    }
+}
+
+/// The directory of a redo segment under the node's data directory.
+fn segment_directory(pg: PgId) -> String {
+    format!("pg-{:06}", pg.0)
 }
 
 /// A running storage node. [`StorageNode::stop`] (or drop) ends it like a
@@ -352,7 +411,7 @@ impl StorageNode {
         let mut recovery = BTreeMap::new();
         let mut first_actions = Vec::new();
         for segment in &config.segments {
-            let disk = open_disk(&config, &format!("pg-{:06}", segment.pg.0), segment.log_file_bytes, &ring)?;
+            let disk = open_disk(&config, &segment_directory(segment.pg), segment.log_file_bytes, &ring)?;
             let (driver, report, actions) =
                 open_segment(segment.clone(), disk, replies.clone(), write_completed.clone())?;
             if segments.insert(segment.pg, driver.clone()).is_some() {
@@ -399,7 +458,9 @@ impl StorageNode {
         let local_address = listener.local_address().to_string();
         let shared = Arc::new(NodeShared {
             node: config.node,
-            segments,
+            segments: RwLock::new(segments),
+            ring,
+            write_completed: write_completed.clone(),
             peers: Mutex::new(
                 config.peers.iter().map(|(pg, addresses)| (*pg, spread_peers(*pg, addresses.clone()))).collect(),
             ),
@@ -413,8 +474,9 @@ impl StorageNode {
             next_connection: AtomicU64::new(1),
             connection_slots: Arc::new(Semaphore::new(NODE_CONNECTIONS_MAX)),
             tasks: Mutex::new(Vec::new()),
+            config: config.clone(),
         });
-        info!(node = %config.node, address = %local_address, segments = shared.segments.len(),
+        info!(node = %config.node, address = %local_address, segments = shared.segments.read().len(),
             block_segments = shared.block_segments.len(), "storage node serving");
 
         let accept_shared = shared.clone();
@@ -440,7 +502,7 @@ impl StorageNode {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
-                background_shared.segments.values().for_each(SegmentDriver::background);
+                background_shared.redo_segments().iter().for_each(|(_, driver)| driver.background());
                 background_shared.block_segments.values().for_each(SegmentDriver::background);
                 gossip_round(&background_shared);
             }
@@ -470,17 +532,17 @@ impl StorageNode {
 
     /// A segment's state, read directly (for tools and tests).
     pub fn segment_status(&self, pg: PgId) -> Option<SegmentStatus> {
-        self.shared.segments.get(&pg).map(|driver| driver.core.lock().status(0))
+        self.shared.segment(pg).map(|driver| driver.core.lock().status(0))
     }
 
     /// What a segment took from its peers (gossip, repair) since the node started.
     pub fn peer_repair_stats(&self, pg: PgId) -> Option<PeerRepairStats> {
-        self.shared.segments.get(&pg).map(|driver| driver.core.lock().peer_repair_stats())
+        self.shared.segment(pg).map(|driver| driver.core.lock().peer_repair_stats())
     }
 
     /// Sets whom the segment of `pg` gossips with.
     pub fn set_peers(&self, pg: PgId, addresses: Vec<String>) {
-        self.shared.peers.lock().insert(pg, spread_peers(pg, addresses));
+        self.shared.set_peers(pg, addresses);
     }
 
     /// Stops the node as a crash would: no goodbye, no flush, no more acks.
@@ -571,7 +633,7 @@ fn stream_catch_ups(shared: &Arc<NodeShared>) {
 /// Sends each redo segment's request, if `due` gives one, to the peer it names.
 fn ask_peers(shared: &Arc<NodeShared>, mut due: impl FnMut(&mut SegmentCore, usize) -> Option<(usize, Message)>) {
     let peers = shared.peers.lock().clone();
-    for (pg, driver) in &shared.segments {
+    for (pg, driver) in &shared.redo_segments() {
         let Some(addresses) = peers.get(pg).filter(|addresses| !addresses.is_empty()) else { continue };
         let Some((index, request)) = due(&mut driver.core.lock(), addresses.len()) else { continue };
         let request = request.encode();
@@ -608,7 +670,7 @@ fn connect_peer(shared: Arc<NodeShared>, address: String) {
         while let Some(Ok(frame)) = connection.receiver.recv().await {
             match Message::decode(&frame) {
                 Ok(Message::RecordBatch(batch)) => {
-                    if let Some(driver) = shared.segments.get(&batch.pg) {
+                    if let Some(driver) = shared.segment(batch.pg) {
                         debug!(pg = %batch.pg, records = batch.records.len(), more = batch.more, "records from a peer arrived");
                         let actions = driver.core.lock().gossip_received(batch);
                         driver.run(actions);
@@ -616,7 +678,7 @@ fn connect_peer(shared: Arc<NodeShared>, address: String) {
                     }
                 }
                 Ok(Message::HydrateBatch(batch)) => {
-                    if let Some(driver) = shared.segments.get(&batch.pg) {
+                    if let Some(driver) = shared.segment(batch.pg) {
                         debug!(pg = %batch.pg, transfer = batch.transfer, next = ?batch.next.map(|cursor| cursor.page_position), versions = batch.versions.len(), records = batch.records.len(),
                             last = batch.next.is_none(), "repair batch arrived");
                         let actions = driver.core.lock().hydrate_received(batch);
@@ -656,7 +718,7 @@ fn reply(sender: &FrameSender, message: &Message) {
 /// Handles one message; `Err` closes the connection.
 fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, message: Message) -> Result<(), String> {
     match message {
-        Message::Append(request) => match shared.segments.get(&request.pg) {
+        Message::Append(request) => match shared.segment(request.pg) {
             Some(driver) => {
                 let actions = driver.core.lock().append(request, connection);
                 driver.run(actions);
@@ -664,7 +726,7 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             None => reply(sender, &unknown_segment(0, request.pg)),
         },
         Message::ReadPage(request) => {
-            let response = match shared.segments.get(&request.pg) {
+            let response = match shared.segment(request.pg) {
                 None => unknown_segment(request.request_id, request.pg),
                 Some(driver) => match driver.core.lock().read_page(request.page, request.read_point, request.epoch) {
                     Ok((page_lsn, image)) => Message::PageImage(PageImage {
@@ -685,14 +747,14 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             };
             reply(sender, &response);
         }
-        Message::SealEpoch(request) => match shared.segments.get(&request.pg) {
+        Message::SealEpoch(request) => match shared.segment(request.pg) {
             Some(driver) => {
                 let actions = driver.core.lock().seal(request.request_id, request.epoch, connection);
                 driver.run(actions);
             }
             None => reply(sender, &unknown_segment(request.request_id, request.pg)),
         },
-        Message::OpenEpoch(request) => match shared.segments.get(&request.pg) {
+        Message::OpenEpoch(request) => match shared.segment(request.pg) {
             Some(driver) => {
                 let actions =
                     driver.core.lock().open_epoch(request.request_id, request.epoch, request.truncations, connection);
@@ -700,8 +762,30 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             }
             None => reply(sender, &unknown_segment(request.request_id, request.pg)),
         },
+        Message::SetMembership(request) => match shared.place_segment(&request) {
+            Ok(driver) => {
+                shared.set_peers(request.pg, request.peers.clone());
+                let actions = driver.core.lock().set_membership(
+                    request.request_id,
+                    request.epoch,
+                    request.membership_epoch,
+                    connection,
+                );
+                driver.run(actions);
+            }
+            Err(message) => {
+                warn!(pg = %request.pg, %message, "cannot place a segment");
+                let refusal = ErrorResponse {
+                    request_id: request.request_id,
+                    pg: request.pg,
+                    code: ErrorCode::InvalidRequest,
+                    message,
+                };
+                reply(sender, &Message::Error(refusal));
+            }
+        },
         Message::FetchRecords(request) => {
-            let response = match shared.segments.get(&request.pg) {
+            let response = match shared.segment(request.pg) {
                 Some(driver) => match driver.core.lock().fetch_records(&request) {
                     Ok(batch) => Message::RecordBatch(batch),
                     Err(refusal) => Message::Error(ErrorResponse {
@@ -716,7 +800,7 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             reply(sender, &response);
         }
         Message::Hydrate(request) => {
-            let response = match shared.segments.get(&request.pg) {
+            let response = match shared.segment(request.pg) {
                 Some(driver) => match driver.core.lock().hydrate(&request) {
                     Ok(batch) => Message::HydrateBatch(batch),
                     Err(refusal) => Message::Error(ErrorResponse {
@@ -731,7 +815,7 @@ fn handle(shared: &NodeShared, connection: ReplyTo, sender: &FrameSender, messag
             reply(sender, &response);
         }
         Message::StatusRequest(request) => {
-            let response = match shared.segments.get(&request.pg) {
+            let response = match shared.segment(request.pg) {
                 Some(driver) => Message::Status(driver.core.lock().status(request.request_id)),
                 None => unknown_segment(request.request_id, request.pg),
             };

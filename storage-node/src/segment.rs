@@ -21,10 +21,13 @@
 //!   the next write.
 //! - *Garbage-collect*: once PGMRPL (the lowest read point) passes a durable
 //!   version, older versions of that page and the records it subsumes go.
-//! - *Clean*: when the log spans more files than `log_files_target`, the
-//!   oldest file's remaining live items are moved forward (its records'
-//!   pages are coalesced, its live versions are re-logged); once empty, a
-//!   checkpoint is logged and the file is deleted.
+//! - *Clean*: when the log spans more files than `log_files_target` and at
+//!   most half of what the oldest file logged is still live, that file's
+//!   remaining live items are moved forward (its records' pages are
+//!   coalesced, its live versions are re-logged); once empty, a checkpoint
+//!   is logged and the file is deleted. A mostly-live file stays: moving
+//!   it would rewrite about as much as it frees, so a segment whose live
+//!   data outgrows the target simply spans more files.
 //!
 //! ## Invariants (asserted or checked)
 //! - SCL only moves forward, and every record of the PG at or below SCL is
@@ -41,10 +44,10 @@ use crate::log_format::{
 };
 use crate::page_index::PageIndex;
 use bytes::{Bytes, BytesMut};
-use common::ids::{Epoch, IdHashMap, IdHashSet, Lsn, PageId, PgId};
+use common::ids::{Epoch, IdHashMap, IdHashSet, Lsn, MembershipEpoch, PageId, PgId};
 use common::limits::{
-    ENTRY_OVERHEAD_GUARD, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, PAGES_PER_PG_MAX, RECORD_BATCH_BYTES_MAX,
-    RECORDS_PER_APPEND_MAX, SEGMENT_QUEUED_BYTES_MAX, TRUNCATIONS_MAX,
+    ENTRY_OVERHEAD_GUARD, HYDRATE_BATCH_BYTES_MAX, LOG_BATCH_BYTES_MAX, PAGE_BYTES_MAX, PAGES_PER_PG_MAX,
+    RECORD_BATCH_BYTES_MAX, RECORDS_PER_APPEND_MAX, SEGMENT_QUEUED_BYTES_MAX, TRUNCATIONS_MAX,
 };
 use common::message::{
     AppendAck, AppendRequest, ErrorCode, ErrorResponse, FetchRecordsRequest, HydrateBatch, HydrateCursor,
@@ -289,6 +292,8 @@ pub(crate) type FileRecord = (Lsn, PageId);
 pub struct SegmentCore {
     config: SegmentConfig,
     epoch: Epoch,
+    /// The newest membership of the PG this segment took (see `set_membership`).
+    membership_epoch: MembershipEpoch,
     segment_complete_lsn: Lsn,
     highest_durable_lsn: Lsn,
     /// The writer's VDL as last reported: coalescing never goes above it.
@@ -350,7 +355,8 @@ pub struct SegmentCore {
     transfers: BTreeMap<u64, Transfer>,
     next_transfer: u64,
     /// A hydrate batch received, waiting for its log write.
-    hydration_pending: Option<(Vec<PageVersion>, Vec<RedoRecord>)>,
+    /// Hydrate batches received, waiting for their log writes, oldest first.
+    hydration_pending: VecDeque<(Vec<PageVersion>, Vec<RedoRecord>)>,
 }
 
 impl Hydration {
@@ -374,6 +380,16 @@ impl Hydration {
         }
     }
 }
+
+/// The oldest log file is cleaned only while at most this fraction of the
+/// items logged in it is still live (see `plan_cleaning`).
+const CLEAN_LIVE_NUMERATOR: usize = 1;
+const CLEAN_LIVE_DENOMINATOR: usize = 2;
+
+/// Hydrate batches a repair keeps received but not yet written before it
+/// stops asking: one being written, one waiting, one on the wire, so the
+/// peer's serving and the network overlap the disk.
+const HYDRATE_BATCHES_AHEAD: usize = 2;
 
 /// Times a repair asks its peer again for a batch that did not come (a
 /// request lost while the link connected, a busy peer) before it starts
@@ -453,6 +469,7 @@ impl SegmentCore {
         Ok(SegmentCore {
             config,
             epoch,
+            membership_epoch: MembershipEpoch::INITIAL,
             segment_complete_lsn: Lsn::ZERO,
             highest_durable_lsn: Lsn::ZERO,
             coalesce_bound: Lsn::ZERO,
@@ -487,7 +504,7 @@ impl SegmentCore {
             gossip: Gossip::default(),
             transfers: BTreeMap::new(),
             next_transfer: 1,
-            hydration_pending: None,
+            hydration_pending: VecDeque::new(),
         })
     }
 
@@ -541,6 +558,7 @@ impl SegmentCore {
                     }
                     saw_checkpoint = true;
                     core.epoch = core.epoch.max(checkpoint.epoch);
+                    core.membership_epoch = core.membership_epoch.max(checkpoint.membership_epoch);
                     if first_corruption.is_none_or(|corrupt| position < corrupt) {
                         base = checkpoint.segment_complete_lsn;
                     }
@@ -634,6 +652,7 @@ impl SegmentCore {
             needs_repair: self.needs_repair,
             open_epoch: self.open_epoch,
             volume_durable_hint: self.coalesce_bound,
+            membership_epoch: self.membership_epoch,
         }
     }
 
@@ -733,6 +752,13 @@ impl SegmentCore {
         if self.open_epoch != self.epoch {
             let message = format!("{} is not open: its writer has not sent its truncation list", self.epoch);
             return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::NotOpen, message) }];
+        }
+        if request.membership_epoch < self.membership_epoch {
+            let message = format!(
+                "the append's {} is older than the segment's {}",
+                request.membership_epoch, self.membership_epoch
+            );
+            return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::StaleMembership, message) }];
         }
         if let Some(problem) = request.records.iter().find_map(|record| self.validate_record(record).err()) {
             return vec![Action::Refuse { to: from, error: self.refusal(ErrorCode::InvalidRequest, problem) }];
@@ -879,7 +905,7 @@ impl SegmentCore {
     /// batch is still waiting for the disk or all of them came.
     fn next_hydrate_request(&mut self, request_id: u64, peer_count: usize) -> Option<(usize, Message)> {
         let hydration = self.gossip.hydration.as_ref()?;
-        if hydration.paged_out || self.hydration_pending.is_some() {
+        if hydration.paged_out || self.hydration_pending.len() >= HYDRATE_BATCHES_AHEAD {
             return None; // waiting for the disk
         }
         let room = self.config.write_bytes_max() - self.checkpoint_bytes() - 4 * ENTRY_OVERHEAD_GUARD;
@@ -889,7 +915,7 @@ impl SegmentCore {
             epoch: self.epoch,
             transfer: hydration.transfer,
             cursor: hydration.cursor,
-            bytes_max: room.min(RECORD_BATCH_BYTES_MAX) as u32,
+            bytes_max: room.min(HYDRATE_BATCH_BYTES_MAX) as u32,
             changed_above: hydration.changed_above,
         };
         let peer = hydration.peer % peer_count;
@@ -998,7 +1024,7 @@ impl SegmentCore {
         transfer.idle_rounds = 0;
         let (pin, through) = (transfer.pin, transfer.complete_through);
         let budget =
-            (request.bytes_max as usize).clamp(version_item_bytes(self.config.page_bytes) * 2, RECORD_BATCH_BYTES_MAX);
+            (request.bytes_max as usize).clamp(version_item_bytes(self.config.page_bytes) * 2, HYDRATE_BATCH_BYTES_MAX);
         let (mut versions, mut records, mut bytes) = (Vec::new(), Vec::new(), 0);
         let mut cursor = request.cursor;
         let mut next = None;
@@ -1081,7 +1107,7 @@ impl SegmentCore {
             .collect();
         self.gossip.hydrated_bytes += records.iter().map(|record| record.encoded.len() as u64).sum::<u64>()
             + versions.iter().map(|version| version.image.len() as u64).sum::<u64>();
-        self.hydration_pending = Some((versions, records));
+        self.hydration_pending.push_back((versions, records));
         self.start_write()
     }
 
@@ -1211,6 +1237,40 @@ impl SegmentCore {
         self.seal_due = true;
         actions.extend(self.answer_once_durable(request_id, from));
         actions
+    }
+
+    /// One step of a membership change of the segment's PG (see
+    /// [`common::message::SetMembershipRequest`]): the segment takes
+    /// `membership_epoch` (and `epoch`, sealing at it if it is newer) and
+    /// answers once a checkpoint carrying both is durable. From then on it
+    /// refuses appends of older memberships. An older membership epoch
+    /// than the segment's is refused; a repeat is answered as a seal is.
+    pub fn set_membership(
+        &mut self,
+        request_id: u64,
+        epoch: Epoch,
+        membership_epoch: MembershipEpoch,
+        from: ReplyTo,
+    ) -> Vec<Action> {
+        if let Some(refusal) = self.refuse_epoch_change(request_id, epoch, from) {
+            return vec![refusal];
+        }
+        if membership_epoch < self.membership_epoch {
+            let message = format!("{membership_epoch} is older than the segment's {}", self.membership_epoch);
+            let error = ErrorResponse { request_id, ..self.refusal(ErrorCode::StaleMembership, message) };
+            return vec![Action::Refuse { to: from, error }];
+        }
+        let mut actions = if epoch > self.epoch { self.enter_epoch(epoch) } else { Vec::new() };
+        if membership_epoch > self.membership_epoch {
+            self.membership_epoch = membership_epoch;
+            self.seal_due = true;
+        }
+        actions.extend(self.answer_once_durable(request_id, from));
+        actions
+    }
+
+    pub fn membership_epoch(&self) -> MembershipEpoch {
+        self.membership_epoch
     }
 
     /// The refusal of a seal or an open at `epoch`, if the segment cannot take it.
@@ -1655,6 +1715,13 @@ impl SegmentCore {
             self.requeue_live_versions(oldest, budget);
             return;
         }
+        let logged =
+            self.file_records.get(&oldest).map_or(0, Vec::len) + self.file_versions.get(&oldest).map_or(0, Vec::len);
+        if live * CLEAN_LIVE_DENOMINATOR > logged * CLEAN_LIVE_NUMERATOR {
+            // Mostly live: moving it forward would write about as much as it
+            // frees (live data beyond the target's room takes more files).
+            return;
+        }
         self.cleaning = Some(oldest);
         for (lsn, page) in self.file_records.get(&oldest).cloned().unwrap_or_default() {
             if self.pages.get(page).is_some_and(|chain| chain.holds_record(lsn)) {
@@ -1696,7 +1763,7 @@ impl SegmentCore {
             take += 1;
         }
         // A hydration batch next, whole or not at all.
-        let hydration_bytes = self.hydration_pending.as_ref().map(|(versions, records)| {
+        let hydration_bytes = self.hydration_pending.front().map(|(versions, records)| {
             ENTRY_HEADER_BYTES
                 + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
                 + records.iter().map(|record| record.encoded.len()).sum::<usize>()
@@ -1704,12 +1771,14 @@ impl SegmentCore {
         let hydration = match hydration_bytes {
             Some(bytes) if bytes <= room => {
                 room -= bytes;
-                self.hydration_pending.take()
+                self.hydration_pending.pop_front()
             }
             _ => None,
         };
         let completes_hydration = match (&hydration, &self.gossip.hydration) {
-            (Some(_), Some(state)) if state.paged_out => Some((state.complete_through, state.min_read_point)),
+            (Some(_), Some(state)) if state.paged_out && self.hydration_pending.is_empty() => {
+                Some((state.complete_through, state.min_read_point))
+            }
             _ => None,
         };
         // Then background work, in what room is left.
@@ -1757,6 +1826,7 @@ impl SegmentCore {
                 min_read_point: completes_hydration
                     .map_or(self.min_read_point, |(_, pin)| pin.max(self.min_read_point)),
                 open_epoch: self.open_epoch,
+                membership_epoch: self.membership_epoch,
                 truncations: self.truncations.clone(),
             };
             encode_checkpoint_entry(&mut bytes, self.cursor.take_sequence(), &checkpoint);

@@ -91,7 +91,14 @@ impl Harness {
     }
 
     fn request(records: Vec<RedoRecord>, vdl: Lsn, min_read_point: Lsn) -> AppendRequest {
-        AppendRequest { pg: PG, epoch: Epoch::INITIAL, volume_durable_lsn: vdl, min_read_point, records }
+        AppendRequest {
+            pg: PG,
+            epoch: Epoch::INITIAL,
+            volume_durable_lsn: vdl,
+            min_read_point,
+            membership_epoch: MembershipEpoch::INITIAL,
+            records,
+        }
     }
 
     /// Runs actions, completing each write at once, until none are left.
@@ -384,6 +391,7 @@ fn a_later_checkpoint_does_not_cover_a_corrupt_record() {
         segment_complete_lsn: lsns[5],
         min_read_point: Lsn::ZERO,
         open_epoch: Epoch::INITIAL,
+        membership_epoch: MembershipEpoch::INITIAL,
         truncations: vec![empty_truncation(Epoch::INITIAL)],
     };
     crate::log_format::encode_checkpoint_entry(&mut checkpoint, 1_000, &claim);

@@ -18,6 +18,14 @@
 //! answer comes within the hedging delay, the same read goes to a second
 //! segment and the first answer wins.
 //!
+//! A **membership change** ([`VolumeClient::replace_segment`]) runs on the
+//! caller's task: it moves the core to the joint membership, records it
+//! (the caller's store, before any segment hears of it), sends the new
+//! epoch to every member until a write quorum of both sets holds it, waits
+//! for the joining segment to repair itself from its peers while writes go
+//! on, then settles the same way. A node that joins gets a connection task
+//! of its own then.
+//!
 //! Opening a volume always recovers it first ([`super::recovery`]): the
 //! recovery core's messages go over one connection per node until it
 //! decided where the log ends; the writer then starts at the new epoch and
@@ -36,11 +44,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::geometry::{VolumeGeometry, WRITE_QUORUM};
+use super::geometry::{SegmentPlacement, VolumeGeometry, WRITE_QUORUM};
 use super::recovery::{RecoveredLog, RecoveryCore, RecoveryError};
 use super::writer::{AllocationError, Durable, LogPoints, PageChange, SegmentView, StatusOutcome, WriterCore};
 
@@ -103,6 +111,24 @@ pub enum VolumeError {
     NoCompleteSegment { pg: PgId, read_point: Lsn },
     #[error("reading {page} at {read_point}: {reason}")]
     ReadFailed { page: PageId, read_point: Lsn, reason: String },
+    #[error("membership change of {pg}: {reason}")]
+    Membership { pg: PgId, reason: String },
+}
+
+/// How long each step of a membership change took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplacementReport {
+    pub pg: PgId,
+    pub replaced: NodeId,
+    pub incoming: NodeId,
+    /// The joint epoch was on a write quorum of both member sets.
+    pub joint_durable_after: Duration,
+    /// The joining segment held every record durable when the change began.
+    pub caught_up_after: Duration,
+    /// The settled epoch was on a write quorum of the new members.
+    pub settled_after: Duration,
+    /// The SCL the joining segment had to reach.
+    pub catch_up_target: Lsn,
 }
 
 /// A page as of a read point.
@@ -137,6 +163,12 @@ struct Shared {
     durable_advanced: Notify,
     /// Signalled when a segment answers a status request (`open` waits on it).
     status_arrived: Notify,
+    transport: Arc<dyn Transport>,
+    /// The connection task of every node the volume uses.
+    node_links: Mutex<HashMap<NodeId, AbortHandle>>,
+    /// Held from a membership step through its recording, so concurrent
+    /// changes of several PGs record their geometries in order.
+    membership_steps: Mutex<()>,
 }
 
 impl Shared {
@@ -187,12 +219,14 @@ impl VolumeClient {
             durable_advanced: Notify::new(),
             status_arrived: Notify::new(),
             config,
+            transport,
+            node_links: Mutex::new(HashMap::new()),
+            membership_steps: Mutex::new(()),
         });
-        let mut tasks = Vec::new();
         for (node, address) in shared.config.geometry.nodes() {
-            let (shared, transport) = (shared.clone(), transport.clone());
-            tasks.push(tokio::spawn(async move { run_node_link(shared, transport, node, address).await }));
+            link_node(&shared, node, address);
         }
+        let mut tasks = Vec::new();
         let ticker = shared.clone();
         tasks.push(tokio::spawn(async move { run_ticker(ticker).await }));
         let client = VolumeClient { shared, tasks };
@@ -229,8 +263,130 @@ impl VolumeClient {
         self.shared.core.lock().epoch()
     }
 
-    pub fn geometry(&self) -> &VolumeGeometry {
-        &self.shared.config.geometry
+    /// Where the segments are now (membership changes move them).
+    pub fn geometry(&self) -> VolumeGeometry {
+        self.shared.core.lock().geometry().clone()
+    }
+
+    /// Replaces the segment at `replica` of `pg` by a new one on
+    /// `incoming`'s node, with the two-step joint-quorum change of A18
+    /// §4.1 (see the module docs). `record` stores each new membership
+    /// durably before any segment hears of it (a writer that restarts
+    /// opens the volume with the last one recorded); if it fails for the
+    /// joint step, the change is rolled back. Writes go on throughout.
+    /// Fails after `timeout` with the PG left joint (writes still need
+    /// both quorums, which is safe); call [`Self::roll_back_replacement`]
+    /// or retry.
+    pub async fn replace_segment(
+        &self,
+        pg: PgId,
+        replica: ReplicaIndex,
+        incoming: SegmentPlacement,
+        record: &(dyn Fn(&VolumeGeometry) -> Result<(), String> + Sync),
+        timeout: Duration,
+    ) -> Result<ReplacementReport, VolumeError> {
+        let shared = &self.shared;
+        let failed = |reason: String| VolumeError::Membership { pg, reason };
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let steps = shared.membership_steps.lock();
+        let (replaced, joint) = {
+            let mut core = shared.core.lock();
+            let replaced = core.geometry().segment(pg, replica).node;
+            core.begin_replacement(pg, replica, incoming.clone()).map_err(failed)?;
+            (replaced, core.geometry().clone())
+        };
+        if let Err(reason) = record(&joint) {
+            self.shared.core.lock().end_replacement(pg, false).map_err(failed)?;
+            return Err(failed(format!("recording the joint membership: {reason}")));
+        }
+        drop(steps);
+        info!(%pg, %replica, %replaced, incoming = %incoming.node, epoch = %joint.membership(pg).epoch,
+            "membership change: joint");
+        link_node(shared, incoming.node, incoming.address.clone());
+        let joint_durable_after = self.spread_membership(pg, deadline, |core| core.membership_durable(pg)).await?;
+        let caught_up_after = self.spread_membership(pg, deadline, |core| core.replacement_may_settle(pg)).await?;
+        let catch_up_target = shared.core.lock().joining_progress(pg).map_or(Lsn::ZERO, |(_, target)| target);
+        let steps = shared.membership_steps.lock();
+        let settled = {
+            let mut core = shared.core.lock();
+            core.end_replacement(pg, true).map_err(failed)?;
+            core.geometry().clone()
+        };
+        record(&settled).map_err(|reason| failed(format!("recording the settled membership: {reason}")))?;
+        drop(steps);
+        let settled_after = self.spread_membership(pg, deadline, |core| core.membership_durable(pg)).await?;
+        info!(%pg, epoch = %settled.membership(pg).epoch, ms = started.elapsed().as_millis() as u64,
+            "membership change: settled");
+        Ok(ReplacementReport {
+            pg,
+            replaced,
+            incoming: incoming.node,
+            joint_durable_after: joint_durable_after - started,
+            caught_up_after: caught_up_after - started,
+            settled_after: settled_after - started,
+            catch_up_target,
+        })
+    }
+
+    /// Rolls back a joint membership change of `pg` (the joining segment
+    /// leaves) and records the result.
+    pub fn roll_back_replacement(
+        &self,
+        pg: PgId,
+        record: &(dyn Fn(&VolumeGeometry) -> Result<(), String> + Sync),
+    ) -> Result<(), VolumeError> {
+        let failed = |reason: String| VolumeError::Membership { pg, reason };
+        let _steps = self.shared.membership_steps.lock();
+        let geometry = {
+            let mut core = self.shared.core.lock();
+            core.end_replacement(pg, false).map_err(failed)?;
+            core.geometry().clone()
+        };
+        record(&geometry).map_err(failed)
+    }
+
+    /// Sends the PG's current membership to every member that has not
+    /// taken it, again every status interval, until `done` holds (returns
+    /// when) or `deadline` passes.
+    async fn spread_membership(
+        &self,
+        pg: PgId,
+        deadline: Instant,
+        done: impl Fn(&WriterCore<oneshot::Sender<()>>) -> bool,
+    ) -> Result<Instant, VolumeError> {
+        let shared = &self.shared;
+        loop {
+            let arrived = shared.status_arrived.notified();
+            let requests: Vec<(NodeId, Message)> = {
+                let core = shared.core.lock();
+                if core.is_fenced() {
+                    return Err(VolumeError::Fenced { epoch: core.epoch() });
+                }
+                if done(&core) {
+                    return Ok(Instant::now());
+                }
+                core.membership_laggards(pg)
+                    .into_iter()
+                    .map(|slot| {
+                        let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+                        let request = core.membership_request(request_id, pg, slot);
+                        (core.geometry().segment(pg, slot).node, Message::SetMembership(request))
+                    })
+                    .collect()
+            };
+            for (node, request) in requests {
+                send_to(shared, node, request.encode());
+            }
+            let wait = deadline.min(Instant::now() + STATUS_RETRY_INTERVAL);
+            if tokio::time::timeout_at(wait, arrived).await.is_err() && Instant::now() >= deadline {
+                let progress = shared.core.lock().joining_progress(pg);
+                return Err(VolumeError::Membership {
+                    pg,
+                    reason: format!("timed out (joining segment's SCL and its target: {progress:?})"),
+                });
+            }
+        }
     }
 
     pub fn points(&self) -> LogPoints {
@@ -434,6 +590,9 @@ impl VolumeClient {
         for task in &self.tasks {
             task.abort();
         }
+        for link in self.shared.node_links.lock().values() {
+            link.abort();
+        }
         self.shared.senders.lock().clear();
         // Dropped: their commits fail (they may or may not be durable).
         drop(self.shared.core.lock().take_commit_waiters());
@@ -473,7 +632,7 @@ fn send_queued(shared: &Shared) {
         for node in failed {
             debug!(%node, "send failed: resending from SCL");
             // Not connected or queue full: resend from SCL later.
-            for (pg, replica) in shared.config.geometry.segments_on(node) {
+            for (pg, replica) in core.geometry().segments_on(node) {
                 core.resend_from_complete(pg, replica);
             }
         }
@@ -499,20 +658,33 @@ async fn run_ticker(shared: Arc<Shared>) {
     }
 }
 
+/// Starts the connection task of `node` unless it has one.
+fn link_node(shared: &Arc<Shared>, node: NodeId, address: String) {
+    let mut links = shared.node_links.lock();
+    if links.contains_key(&node) || shared.closed.load(Ordering::Acquire) {
+        return;
+    }
+    let task_shared = shared.clone();
+    links.insert(node, tokio::spawn(async move { run_node_link(task_shared, node, address).await }).abort_handle());
+}
+
+/// The slot of `pg` on `node` in the current membership.
+fn slot_on(shared: &Shared, pg: PgId, node: NodeId) -> Option<ReplicaIndex> {
+    shared.core.lock().geometry().slot_on(pg, node)
+}
+
 /// Keeps one node connected for the client's whole life.
-async fn run_node_link(shared: Arc<Shared>, transport: Arc<dyn Transport>, node: NodeId, address: String) {
-    let hosted = shared.config.geometry.segments_on(node);
-    let replica_of: HashMap<PgId, ReplicaIndex> = hosted.iter().copied().collect();
+async fn run_node_link(shared: Arc<Shared>, node: NodeId, address: String) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
-        match transport.connect(address.clone()).await {
+        match shared.transport.connect(address.clone()).await {
             Ok(connection) => {
                 backoff = RECONNECT_BACKOFF_MIN;
                 debug!(%node, %address, "connected");
-                serve_node_connection(&shared, node, &replica_of, connection).await;
+                serve_node_connection(&shared, node, connection).await;
                 let mut core = shared.core.lock();
-                for (pg, replica) in &hosted {
-                    core.segment_disconnected(*pg, *replica);
+                for (pg, replica) in core.geometry().segments_on(node) {
+                    core.segment_disconnected(pg, replica);
                 }
                 drop(core);
                 shared.senders.lock().remove(&node);
@@ -525,12 +697,7 @@ async fn run_node_link(shared: Arc<Shared>, transport: Arc<dyn Transport>, node:
     }
 }
 
-async fn serve_node_connection(
-    shared: &Shared,
-    node: NodeId,
-    replica_of: &HashMap<PgId, ReplicaIndex>,
-    mut connection: Connection,
-) {
+async fn serve_node_connection(shared: &Shared, node: NodeId, mut connection: Connection) {
     shared.senders.lock().insert(node, connection.sender.clone());
     // A segment counts as connected once its status arrives; the request (or
     // the answer) may be lost, so it is repeated until every segment answered.
@@ -540,7 +707,8 @@ async fn serve_node_connection(
             _ = ask_status.tick() => {
                 let unanswered: Vec<PgId> = {
                     let core = shared.core.lock();
-                    replica_of.iter().filter(|(pg, replica)| !core.is_connected(**pg, **replica)).map(|(pg, _)| *pg).collect()
+                    let hosted = core.geometry().segments_on(node);
+                    hosted.into_iter().filter(|(pg, replica)| !core.is_connected(*pg, *replica)).map(|(pg, _)| pg).collect()
                 };
                 for pg in unanswered {
                     let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
@@ -556,7 +724,7 @@ async fn serve_node_connection(
                     .map_err(|error| error.to_string())
                     .and_then(|frame| Message::decode(&frame).map_err(|error| error.to_string()));
                 match decoded {
-                    Ok(message) => handle_node_message(shared, node, replica_of, message),
+                    Ok(message) => handle_node_message(shared, node, message),
                     Err(reason) => {
                         warn!(%node, reason, "closing connection to storage node: bad frame");
                         return;
@@ -567,11 +735,11 @@ async fn serve_node_connection(
     }
 }
 
-fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId, ReplicaIndex>, message: Message) {
+fn handle_node_message(shared: &Shared, node: NodeId, message: Message) {
     let now = shared.now_micros();
     match message {
         Message::AppendAck(ack) => {
-            let Some(&replica) = replica_of.get(&ack.pg) else { return };
+            let Some(replica) = slot_on(shared, ack.pg, node) else { return };
             if observe_epoch(shared, node, Some(ack.epoch)) {
                 return;
             }
@@ -579,7 +747,7 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
             shared.complete(durable);
         }
         Message::Status(status) => {
-            let Some(&replica) = replica_of.get(&status.pg) else { return };
+            let Some(replica) = slot_on(shared, status.pg, node) else { return };
             let open_request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
             let outcome = shared.core.lock().status_received(replica, &status, open_request_id, now);
             match outcome {
@@ -590,6 +758,10 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
                     debug!(%node, pg = %status.pg, epoch = %status.epoch, "opening segment");
                     send_to(shared, node, Message::OpenEpoch(request).encode());
                     return;
+                }
+                StatusOutcome::SetMembership(request) => {
+                    debug!(%node, pg = %status.pg, epoch = %request.membership_epoch, "sending the membership");
+                    send_to(shared, node, Message::SetMembership(request).encode());
                 }
                 StatusOutcome::Connected(durable) => {
                     if status.needs_repair {
@@ -617,6 +789,18 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
                 }
             }
         }
+        Message::Error(error) if error.code == ErrorCode::UnknownSegment => {
+            let read = shared.reads.lock().get(&error.request_id).cloned();
+            if let Some(reply) = read {
+                let _ = reply.try_send((node, Err((error.code, error.message))));
+            } else if let Some(slot) = slot_on(shared, error.pg, node) {
+                // A joining segment not placed yet (or lost with a restart
+                // that did not list it): the membership places it.
+                let request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+                let request = shared.core.lock().membership_request(request_id, error.pg, slot);
+                send_to(shared, node, Message::SetMembership(request).encode());
+            }
+        }
         Message::Error(error) if error.request_id != 0 => {
             if let Some(reply) = shared.reads.lock().get(&error.request_id) {
                 let _ = reply.try_send((node, Err((error.code, error.message))));
@@ -627,13 +811,13 @@ fn handle_node_message(shared: &Shared, node: NodeId, replica_of: &HashMap<PgId,
         Message::Error(error) if error.code == ErrorCode::NotOpen => {
             // The segment lost its open state (it restarted before the list
             // was durable): ask again, which opens it again.
-            if let Some(&replica) = replica_of.get(&error.pg) {
+            if let Some(replica) = slot_on(shared, error.pg, node) {
                 shared.core.lock().segment_disconnected(error.pg, replica);
             }
         }
         Message::Error(error) => {
             warn!(%node, pg = %error.pg, code = ?error.code, message = error.message, "append refused");
-            if let Some(&replica) = replica_of.get(&error.pg) {
+            if let Some(replica) = slot_on(shared, error.pg, node) {
                 shared.core.lock().resend_from_complete(error.pg, replica);
             }
         }

@@ -4,12 +4,24 @@
 //! has six segments on six distinct nodes, two in each of three AZs, so that
 //! losing a whole AZ and one more node ("AZ+1") still leaves a read quorum,
 //! and losing any two nodes still leaves a write quorum.
+//!
+//! **Membership change** (A18 §4.1). Each PG carries a membership epoch.
+//! Replacing the segment at replica `r` (on node F) by one on node G takes
+//! two steps, each bumping the epoch: first a *joint* membership, in which
+//! G sits in the extra slot [`JOINING_SLOT`] and a write needs 4 of 6 of the
+//! old members (ABCDEF) **and** 4 of 6 of the new ones (ABCDEG), a read 3
+//! of 6 of either; then the PG *settles* on ABCDEG (G takes replica `r`),
+//! or rolls back to ABCDEF. [`VolumeGeometry::member_sets`] gives the sets
+//! a quorum is counted in.
 
-use common::ids::{AzId, NodeId, PageId, PgId, ReplicaIndex};
+use common::ids::{AzId, MembershipEpoch, NodeId, PageId, PgId, ReplicaIndex};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-pub use common::limits::{READ_QUORUM, SEGMENTS_PER_PG, WRITE_QUORUM};
+pub use common::limits::{READ_QUORUM, SEGMENT_SLOTS, SEGMENTS_PER_PG, WRITE_QUORUM};
+
+/// The slot of the incoming segment while a membership change is joint.
+pub const JOINING_SLOT: ReplicaIndex = ReplicaIndex(SEGMENTS_PER_PG as u8);
 /// Default protection group size: 10 GiB.
 pub const PG_BYTES_DEFAULT: u64 = 10 * 1024 * 1024 * 1024;
 /// Default page size.
@@ -37,13 +49,37 @@ pub struct SegmentPlacement {
     pub address: String,
 }
 
-/// Where each PG's six segments live, and how pages map to PGs.
+/// A PG's membership beyond its six segments: its epoch, and the change
+/// in progress if any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgMembership {
+    pub epoch: MembershipEpoch,
+    /// Joint: `incoming` is replacing the segment at `replica`.
+    pub replacing: Option<Replacement>,
+}
+
+impl Default for PgMembership {
+    fn default() -> Self {
+        PgMembership { epoch: MembershipEpoch::INITIAL, replacing: None }
+    }
+}
+
+/// A membership change in its joint step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub replica: ReplicaIndex,
+    pub incoming: SegmentPlacement,
+}
+
+/// Where each PG's segments live, and how pages map to PGs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeGeometry {
     pub pg_bytes: u64,
     pub page_bytes: usize,
-    /// `segments[pg][replica]`.
+    /// `segments[pg][replica]`: the settled members.
     pub segments: Vec<[SegmentPlacement; SEGMENTS_PER_PG]>,
+    /// `memberships[pg]`.
+    pub memberships: Vec<PgMembership>,
 }
 
 impl VolumeGeometry {
@@ -81,7 +117,7 @@ impl VolumeGeometry {
                 if shape.is_empty() { "no nodes".to_string() } else { shape.join(", ") }
             ));
         }
-        let segments = (0..pg_count as usize)
+        let segments: Vec<[SegmentPlacement; SEGMENTS_PER_PG]> = (0..pg_count as usize)
             .map(|pg| {
                 let chosen: Vec<SegmentPlacement> = by_az
                     .values()
@@ -95,7 +131,8 @@ impl VolumeGeometry {
                 chosen.try_into().expect("three AZs times two nodes")
             })
             .collect();
-        Ok(VolumeGeometry { pg_bytes, page_bytes, segments })
+        let memberships = vec![PgMembership::default(); segments.len()];
+        Ok(VolumeGeometry { pg_bytes, page_bytes, segments, memberships })
     }
 
     pub fn pg_count(&self) -> u32 {
@@ -117,42 +154,139 @@ impl VolumeGeometry {
         (pg < u64::from(self.pg_count())).then_some(PgId(pg as u32))
     }
 
-    pub fn segment(&self, pg: PgId, replica: ReplicaIndex) -> &SegmentPlacement {
-        &self.segments[pg.0 as usize][replica.0 as usize]
+    /// The segment in `slot` of `pg` (`JOINING_SLOT`: the incoming one of
+    /// a joint membership).
+    pub fn segment(&self, pg: PgId, slot: ReplicaIndex) -> &SegmentPlacement {
+        if slot == JOINING_SLOT {
+            let replacing = self.memberships[pg.0 as usize].replacing.as_ref();
+            &replacing.expect("the joining slot is used only in a joint membership").incoming
+        } else {
+            &self.segments[pg.0 as usize][slot.0 as usize]
+        }
+    }
+
+    pub fn membership(&self, pg: PgId) -> &PgMembership {
+        &self.memberships[pg.0 as usize]
+    }
+
+    /// The slots of `pg` in use: its six replicas, and the joining slot
+    /// during a change.
+    pub fn slots(&self, pg: PgId) -> Vec<ReplicaIndex> {
+        let joint = self.memberships[pg.0 as usize].replacing.is_some();
+        (0..SEGMENT_SLOTS as u8).map(ReplicaIndex).filter(|slot| joint || *slot != JOINING_SLOT).collect()
+    }
+
+    /// The member sets of `pg` a quorum is counted in: the six replicas,
+    /// and during a change also the new six (the joining slot in place of
+    /// the replica it replaces).
+    pub fn member_sets(&self, pg: PgId) -> Vec<[ReplicaIndex; SEGMENTS_PER_PG]> {
+        let old: [ReplicaIndex; SEGMENTS_PER_PG] = std::array::from_fn(|replica| ReplicaIndex(replica as u8));
+        match &self.memberships[pg.0 as usize].replacing {
+            None => vec![old],
+            Some(replacement) => {
+                let mut new = old;
+                new[replacement.replica.0 as usize] = JOINING_SLOT;
+                vec![old, new]
+            }
+        }
+    }
+
+    /// Whether the slots `answered` holds make a write quorum of `pg`: 4 of
+    /// 6 of every member set.
+    pub fn is_write_quorum(&self, pg: PgId, answered: impl Fn(ReplicaIndex) -> bool) -> bool {
+        let sets = self.member_sets(pg);
+        sets.iter().all(|set| set.iter().filter(|slot| answered(**slot)).count() >= WRITE_QUORUM)
+    }
+
+    /// Whether the slots `answered` holds make a read quorum of `pg`: 3 of
+    /// 6 of any member set.
+    pub fn is_read_quorum(&self, pg: PgId, answered: impl Fn(ReplicaIndex) -> bool) -> bool {
+        let sets = self.member_sets(pg);
+        sets.iter().any(|set| set.iter().filter(|slot| answered(**slot)).count() >= READ_QUORUM)
     }
 
     /// Every distinct node the volume uses, with its address.
     pub fn nodes(&self) -> BTreeMap<NodeId, String> {
-        self.segments.iter().flatten().map(|placement| (placement.node, placement.address.clone())).collect()
-    }
-
-    /// The PGs (and replica index) that `node` hosts a segment of.
-    /// For each PG with a segment on `node`, the addresses of the nodes
-    /// holding its other segments (whom that segment gossips with).
-    pub fn peers_of(&self, node: NodeId) -> BTreeMap<PgId, Vec<String>> {
-        self.segments_on(node)
-            .into_iter()
-            .map(|(pg, _)| {
-                let others = self.segments[pg.0 as usize]
-                    .iter()
-                    .filter(|placement| placement.node != node)
-                    .map(|placement| placement.address.clone())
-                    .collect();
-                (pg, others)
-            })
+        (0..self.pg_count())
+            .flat_map(|pg| self.slots(PgId(pg)).into_iter().map(move |slot| self.segment(PgId(pg), slot)))
+            .map(|placement| (placement.node, placement.address.clone()))
             .collect()
     }
 
+    /// For each PG with a segment on `node`, the addresses of the nodes
+    /// holding its other segments (whom that segment gossips with).
+    pub fn peers_of(&self, node: NodeId) -> BTreeMap<PgId, Vec<String>> {
+        self.segments_on(node).into_iter().map(|(pg, _)| (pg, self.peer_addresses(pg, node))).collect()
+    }
+
+    /// The addresses of the segments of `pg` other than the one on `node`.
+    pub fn peer_addresses(&self, pg: PgId, node: NodeId) -> Vec<String> {
+        self.slots(pg)
+            .into_iter()
+            .map(|slot| self.segment(pg, slot))
+            .filter(|placement| placement.node != node)
+            .map(|placement| placement.address.clone())
+            .collect()
+    }
+
+    /// The PGs (and slot) that `node` hosts a segment of.
     pub fn segments_on(&self, node: NodeId) -> Vec<(PgId, ReplicaIndex)> {
         let mut hosted = Vec::new();
-        for (pg, placements) in self.segments.iter().enumerate() {
-            for (replica, placement) in placements.iter().enumerate() {
-                if placement.node == node {
-                    hosted.push((PgId(pg as u32), ReplicaIndex(replica as u8)));
-                }
-            }
+        for pg in (0..self.pg_count()).map(PgId) {
+            hosted.extend(
+                self.slots(pg).into_iter().filter(|slot| self.segment(pg, *slot).node == node).map(|slot| (pg, slot)),
+            );
         }
         hosted
+    }
+
+    /// The slot of `pg` that `node` holds, if any.
+    pub fn slot_on(&self, pg: PgId, node: NodeId) -> Option<ReplicaIndex> {
+        self.slots(pg).into_iter().find(|slot| self.segment(pg, *slot).node == node)
+    }
+
+    /// First step of replacing the segment at `replica` of `pg` by one on
+    /// `incoming`'s node: the joint membership, at the next epoch. The
+    /// incoming node must be in the same AZ (two segments per AZ) and hold
+    /// no segment of the PG yet.
+    pub fn begin_replacement(
+        &mut self,
+        pg: PgId,
+        replica: ReplicaIndex,
+        incoming: SegmentPlacement,
+    ) -> Result<MembershipEpoch, String> {
+        let membership = self.memberships.get(pg.0 as usize).ok_or_else(|| format!("the volume has no {pg}"))?;
+        if let Some(replacement) = &membership.replacing {
+            return Err(format!("{pg} is already replacing {} by {}", replacement.replica, replacement.incoming.node));
+        }
+        let outgoing =
+            self.segments[pg.0 as usize].get(replica.0 as usize).ok_or_else(|| format!("{pg} has no {replica}"))?;
+        if outgoing.az != incoming.az {
+            return Err(format!(
+                "{} is in {} but the segment it would replace is in {}: a PG keeps two segments per AZ",
+                incoming.node, incoming.az, outgoing.az
+            ));
+        }
+        if self.slot_on(pg, incoming.node).is_some() {
+            return Err(format!("{} already holds a segment of {pg}", incoming.node));
+        }
+        let membership = &mut self.memberships[pg.0 as usize];
+        membership.epoch = membership.epoch.next();
+        membership.replacing = Some(Replacement { replica, incoming });
+        Ok(membership.epoch)
+    }
+
+    /// Second step: the incoming segment takes the replaced one's replica
+    /// (`settle`), or leaves (`!settle`: a roll-back), at the next epoch.
+    pub fn end_replacement(&mut self, pg: PgId, settle: bool) -> Result<MembershipEpoch, String> {
+        let membership = self.memberships.get_mut(pg.0 as usize).ok_or_else(|| format!("the volume has no {pg}"))?;
+        let replacement =
+            membership.replacing.take().ok_or_else(|| format!("{pg} has no membership change in progress"))?;
+        membership.epoch = membership.epoch.next();
+        if settle {
+            self.segments[pg.0 as usize][replacement.replica.0 as usize] = replacement.incoming;
+        }
+        Ok(membership.epoch)
     }
 }
 

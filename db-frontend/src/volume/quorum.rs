@@ -7,6 +7,8 @@
 //! - PGCL of a PG: the highest LSN that 4 of its 6 segments have completed,
 //!   i.e. the 4th highest segment SCL. (A segment's SCL covers every record of
 //!   its PG at or below it, so 4 SCLs >= L means every record <= L is on 4/6.)
+//!   During a membership change (A18 §4.1) it is the lower of the 4th
+//!   highest SCL among the old six and among the new six: 4/6 of both.
 //! - VCL: the highest LSN such that every allocated record at or below it is
 //!   complete in its own PG (A18 §2.3). A record in PG p is complete once
 //!   PGCL(p) >= its LSN.
@@ -20,11 +22,14 @@
 use common::ids::{Lsn, PgId, ReplicaIndex};
 use std::collections::{BTreeSet, VecDeque};
 
-use super::geometry::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use super::geometry::{JOINING_SLOT, SEGMENT_SLOTS, SEGMENTS_PER_PG, WRITE_QUORUM};
 
 #[derive(Clone, Debug, Default)]
 struct PgProgress {
-    segment_complete: [Lsn; SEGMENTS_PER_PG],
+    /// By slot: the six replicas, then the joining segment of a change.
+    segment_complete: [Lsn; SEGMENT_SLOTS],
+    /// During a membership change: the replica the joining slot replaces.
+    replacing: Option<ReplicaIndex>,
     pg_complete: Lsn,
     /// Allocated LSNs of this PG above its PGCL, ascending.
     incomplete: VecDeque<Lsn>,
@@ -53,15 +58,30 @@ pub struct Progress {
     pub volume_durable_advanced: bool,
 }
 
+impl PgProgress {
+    /// The highest LSN on 4 of 6 of every member set.
+    fn quorum_complete(&self) -> Lsn {
+        let fourth_highest = |mut set: [Lsn; SEGMENTS_PER_PG]| {
+            set.sort_unstable_by(|left, right| right.cmp(left));
+            set[WRITE_QUORUM - 1]
+        };
+        let old: [Lsn; SEGMENTS_PER_PG] = std::array::from_fn(|replica| self.segment_complete[replica]);
+        match self.replacing {
+            None => fourth_highest(old),
+            Some(replica) => {
+                let mut new = old;
+                new[replica.0 as usize] = self.segment_complete[JOINING_SLOT.0 as usize];
+                fourth_highest(old).min(fourth_highest(new))
+            }
+        }
+    }
+}
+
 impl QuorumTracker {
     /// A tracker for `pg_count` PGs whose log is complete and durable up to `start`.
     pub fn new(pg_count: u32, start: Lsn) -> Self {
         let pgs = (0..pg_count)
-            .map(|_| PgProgress {
-                segment_complete: [start; SEGMENTS_PER_PG],
-                pg_complete: start,
-                ..Default::default()
-            })
+            .map(|_| PgProgress { segment_complete: [start; SEGMENT_SLOTS], pg_complete: start, ..Default::default() })
             .collect();
         QuorumTracker {
             pgs,
@@ -107,14 +127,33 @@ impl QuorumTracker {
         }
     }
 
+    /// A membership change of `pg` entered its joint step: the joining
+    /// segment (known complete through nothing yet) counts in place of
+    /// `replica` in the new member set.
+    pub fn begin_joint(&mut self, pg: PgId, replica: ReplicaIndex) {
+        let progress = &mut self.pgs[pg.0 as usize];
+        assert!(progress.replacing.is_none(), "one membership change per PG at a time");
+        progress.replacing = Some(replica);
+        progress.segment_complete[JOINING_SLOT.0 as usize] = Lsn::ZERO;
+    }
+
+    /// The change ended: settled (the joining segment takes the replica's
+    /// place, with its SCL) or rolled back (it leaves).
+    pub fn end_joint(&mut self, pg: PgId, settle: bool) {
+        let progress = &mut self.pgs[pg.0 as usize];
+        let replica = progress.replacing.take().expect("a membership change in progress");
+        let joining = std::mem::take(&mut progress.segment_complete[JOINING_SLOT.0 as usize]);
+        if settle {
+            progress.segment_complete[replica.0 as usize] = joining;
+        }
+    }
+
     /// A segment reported its SCL. Stale (lower) reports are kept as the
     /// segment's own view but never lower PGCL.
-    pub fn segment_acknowledged(&mut self, pg: PgId, replica: ReplicaIndex, segment_complete: Lsn) -> Progress {
+    pub fn segment_acknowledged(&mut self, pg: PgId, slot: ReplicaIndex, segment_complete: Lsn) -> Progress {
         let progress = &mut self.pgs[pg.0 as usize];
-        progress.segment_complete[replica.0 as usize] = segment_complete;
-        let mut sorted = progress.segment_complete;
-        sorted.sort_unstable_by(|left, right| right.cmp(left));
-        let quorum_complete = sorted[WRITE_QUORUM - 1];
+        progress.segment_complete[slot.0 as usize] = segment_complete;
+        let quorum_complete = progress.quorum_complete();
         let mut result = Progress {
             volume_complete: self.volume_complete,
             volume_durable: self.volume_durable,

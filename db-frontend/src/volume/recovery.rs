@@ -39,10 +39,16 @@
 //! which opens each segment with the truncation list before appending to
 //! it (`OpenEpoch`), re-sends the recovered records to segments that lack
 //! them, and counts them durable once 4 of 6 hold them, as any other record.
+//! During a membership change (A18 §4.1) every quorum above is counted in
+//! each member set: a read quorum is 3 of 6 of either set, a write quorum
+//! 4 of 6 of both. A segment that reports a newer membership epoch than
+//! the geometry's means the geometry is out of date: recovery stops with
+//! an error rather than count quorums among the wrong segments.
+//!
 //! Nothing here grows with the log: the work is the records above `X`,
 //! bounded by what was in flight when the old writer died.
 
-use common::ids::{Epoch, Lsn, NodeId, PgId, ReplicaIndex};
+use common::ids::{Epoch, Lsn, MembershipEpoch, NodeId, PgId, ReplicaIndex};
 use common::limits::{LSN_ALLOCATION_LIMIT_MAX, TRUNCATIONS_MAX};
 use common::message::{
     ErrorCode, FetchRecordsRequest, Message, RecordBatch, SealEpochRequest, SegmentStatus, StatusRequest, Truncation,
@@ -50,7 +56,7 @@ use common::message::{
 use common::redo::RedoRecord;
 use std::collections::BTreeMap;
 
-use super::geometry::{READ_QUORUM, VolumeGeometry, WRITE_QUORUM};
+use super::geometry::{READ_QUORUM, VolumeGeometry};
 
 /// Ticks without an answer after which a fetch moves to another segment.
 const FETCH_PATIENCE_TICKS: u32 = 10;
@@ -95,6 +101,16 @@ pub enum RecoveryError {
     TooManyTruncations { count: usize },
     #[error("{pg} on {node}: {reason}")]
     Refused { pg: PgId, node: NodeId, reason: String },
+    #[error(
+        "{pg} on {node} holds {seen}, newer than the geometry's {known}: the volume's membership changed since (use the recorded one)"
+    )]
+    StaleMembership { pg: PgId, node: NodeId, seen: MembershipEpoch, known: MembershipEpoch },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quorum {
+    Read,
+    Write,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,16 +201,26 @@ impl RecoveryCore {
 
     /// What recovery is waiting for, for a timeout's message.
     pub fn waiting_for(&self) -> String {
-        let short = |needed: usize| {
+        let short = |quorum: Quorum| {
             (0..self.geometry.pg_count())
-                .map(|pg| (pg, self.answers.keys().filter(|(answered, _)| answered.0 == pg).count()))
-                .find(|(_, count)| *count < needed)
-                .map(|(pg, count)| format!("pg:{pg} has {count} of the {needed} answers it needs"))
+                .map(PgId)
+                .find(|pg| !self.has_quorum(*pg, quorum))
+                .map(|pg| {
+                    let answered: Vec<String> = self
+                        .answers
+                        .keys()
+                        .filter(|(answered, _)| *answered == pg)
+                        .map(|(_, slot)| slot.to_string())
+                        .collect();
+                    format!("{pg} has answers from [{}] only", answered.join(", "))
+                })
                 .unwrap_or_default()
         };
         match self.phase {
-            Phase::Probe => format!("status from a read quorum of every PG: {}", short(READ_QUORUM)),
-            Phase::Seal => format!("the seal at {} on a write quorum of every PG: {}", self.epoch, short(WRITE_QUORUM)),
+            Phase::Probe => format!("status from a read quorum of every PG: {}", short(Quorum::Read)),
+            Phase::Seal => {
+                format!("the seal at {} on a write quorum of every PG: {}", self.epoch, short(Quorum::Write))
+            }
             Phase::Fetch => {
                 let pending: Vec<String> = self
                     .fetches
@@ -209,7 +235,7 @@ impl RecoveryCore {
     }
 
     fn replica_on(&self, pg: PgId, node: NodeId) -> Option<ReplicaIndex> {
-        self.geometry.segments_on(node).into_iter().find(|(hosted, _)| *hosted == pg).map(|(_, replica)| replica)
+        self.geometry.slot_on(pg, node)
     }
 
     fn node_of(&self, pg: PgId, replica: ReplicaIndex) -> NodeId {
@@ -227,8 +253,8 @@ impl RecoveryCore {
         match self.phase {
             Phase::Probe | Phase::Seal => {
                 for pg in 0..self.geometry.pg_count() {
-                    for replica in 0..self.geometry.segments[pg as usize].len() as u8 {
-                        let (pg, replica) = (PgId(pg), ReplicaIndex(replica));
+                    for replica in self.geometry.slots(PgId(pg)) {
+                        let pg = PgId(pg);
                         if self.answers.contains_key(&(pg, replica)) {
                             continue;
                         }
@@ -298,8 +324,14 @@ impl RecoveryCore {
         match (self.phase.clone(), message) {
             (Phase::Probe, Message::Status(status)) => {
                 let Some(replica) = self.replica_on(status.pg, node) else { return Vec::new() };
+                let known = self.geometry.membership(status.pg).epoch;
+                if status.membership_epoch > known {
+                    let (pg, seen) = (status.pg, status.membership_epoch);
+                    self.fail(RecoveryError::StaleMembership { pg, node, seen, known });
+                    return Vec::new();
+                }
                 self.answers.insert((status.pg, replica), status);
-                if self.every_pg_has(READ_QUORUM) {
+                if self.every_pg_has(Quorum::Read) {
                     let seen = self.answers.values().map(|status| status.epoch).max().unwrap_or(Epoch::NONE);
                     let stride = seen.max(self.epoch_floor).0 / EPOCH_STRIDE + 1;
                     self.epoch = Epoch(stride * EPOCH_STRIDE + self.epoch_offset);
@@ -317,7 +349,7 @@ impl RecoveryCore {
                 if status.epoch == self.epoch {
                     self.answers.insert((status.pg, replica), status);
                 }
-                if self.every_pg_has(WRITE_QUORUM) {
+                if self.every_pg_has(Quorum::Write) {
                     return self.begin_fetch();
                 }
                 Vec::new()
@@ -344,9 +376,18 @@ impl RecoveryCore {
         }
     }
 
-    fn every_pg_has(&self, count: usize) -> bool {
-        (0..self.geometry.pg_count())
-            .all(|pg| self.answers.keys().filter(|(answered, _)| *answered == PgId(pg)).count() >= count)
+    fn every_pg_has(&self, quorum: Quorum) -> bool {
+        (0..self.geometry.pg_count()).all(|pg| self.has_quorum(PgId(pg), quorum))
+    }
+
+    /// Whether the answers of `pg` make `quorum` (in every member set of a
+    /// membership change, see the module docs).
+    fn has_quorum(&self, pg: PgId, quorum: Quorum) -> bool {
+        let answered = |slot: ReplicaIndex| self.answers.contains_key(&(pg, slot));
+        match quorum {
+            Quorum::Read => self.geometry.is_read_quorum(pg, answered),
+            Quorum::Write => self.geometry.is_write_quorum(pg, answered),
+        }
     }
 
     /// Someone sealed at `epoch` or later: probe again and go above it.
@@ -402,7 +443,7 @@ impl RecoveryCore {
     fn give_up_on(&mut self, pg: PgId, replica: ReplicaIndex) {
         self.answers.remove(&(pg, replica));
         let left = self.answers.keys().filter(|(answered, _)| *answered == pg).count();
-        if left < READ_QUORUM {
+        if !self.has_quorum(pg, Quorum::Read) {
             self.fail(RecoveryError::LostReadQuorum { pg, left });
             return;
         }

@@ -23,16 +23,19 @@
 //!   keeps each PG's allocated LSNs from its MRPL up to compute this.
 
 use bytes::{Bytes, BytesMut};
-use common::ids::{Epoch, IdHashMap, Lsn, NodeId, PageId, PgId, ReplicaIndex};
+use common::ids::{Epoch, IdHashMap, Lsn, MembershipEpoch, NodeId, PageId, PgId, ReplicaIndex};
 use common::limits::{
     FRAME_PAYLOAD_BYTES_MAX, LSN_ALLOCATION_LIMIT_MAX, RECORD_BODY_BYTES_MAX, RECORDS_PER_APPEND_MAX,
     WRITER_RETAINED_BYTES_MAX,
 };
-use common::message::{APPEND_HEADER_BYTES, OpenEpochRequest, SegmentStatus, Truncation, encode_append_frame};
+use common::message::{
+    APPEND_HEADER_BYTES, AppendHeader, OpenEpochRequest, SegmentStatus, SetMembershipRequest, Truncation,
+    encode_append_frame,
+};
 use common::redo::{PageOp, RecordFields};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::geometry::{SEGMENTS_PER_PG, VolumeGeometry};
+use super::geometry::{JOINING_SLOT, SEGMENT_SLOTS, SegmentPlacement, VolumeGeometry};
 use super::quorum::QuorumTracker;
 use super::recovery::RecoveredLog;
 
@@ -110,7 +113,14 @@ struct PgLog {
     /// `retained` holds every record of this PG above this LSN: a segment
     /// complete below it cannot be brought up to date by the writer.
     retained_floor: Lsn,
-    links: [SegmentLink; SEGMENTS_PER_PG],
+    /// By slot (see [`VolumeGeometry::slots`]).
+    links: [SegmentLink; SEGMENT_SLOTS],
+    /// Slots whose status showed the PG's current membership epoch.
+    membership_taken: [bool; SEGMENT_SLOTS],
+    /// During a change: PGCL when it began. Every record at or below it
+    /// may be on only 4 of the old six, so the joining segment must hold
+    /// them all before the PG settles on the new six.
+    joint_catch_up_target: Lsn,
 }
 
 impl PgLog {
@@ -187,6 +197,9 @@ pub enum StatusOutcome<W> {
     /// The segment is sealed at an older epoch or not opened yet: send it
     /// this request; its answer is a status again.
     Open(OpenEpochRequest),
+    /// The segment has not taken the PG's current membership (or is being
+    /// placed by it): send it this request; its answer is a status again.
+    SetMembership(SetMembershipRequest),
     /// The segment is open at this writer's epoch and counts as connected;
     /// this became durable.
     Connected(Durable<W>),
@@ -355,8 +368,9 @@ impl<W> WriterCore<W> {
     pub fn segments(&self) -> Vec<SegmentView> {
         let mut views = Vec::new();
         for (pg, log) in self.pgs.iter().enumerate() {
-            for (replica, link) in log.links.iter().enumerate() {
-                let (pg, replica) = (PgId(pg as u32), ReplicaIndex(replica as u8));
+            let pg = PgId(pg as u32);
+            for replica in self.geometry.slots(pg) {
+                let link = &log.links[replica.0 as usize];
                 views.push(SegmentView {
                     pg,
                     replica,
@@ -480,6 +494,7 @@ impl<W> WriterCore<W> {
         let mut outgoing = Vec::new();
         for pg_index in 0..self.pgs.len() {
             let pg = PgId(pg_index as u32);
+            let membership_epoch = self.geometry.membership(pg).epoch;
             let log = &mut self.pgs[pg_index];
             for (lsn, encoded) in log.unsent.drain(..) {
                 self.retained_bytes += encoded.len();
@@ -495,9 +510,16 @@ impl<W> WriterCore<W> {
                 }
                 let frames = frames_from.entry(link.sent_up_to).or_insert_with(|| {
                     let start = log.retained.partition_point(|(lsn, _)| *lsn <= link.sent_up_to);
-                    append_frames(pg, self.epoch, durable, pg_min_read_point, log.retained.range(start..))
+                    let header = AppendHeader {
+                        pg,
+                        epoch: self.epoch,
+                        volume_durable_lsn: durable,
+                        min_read_point: pg_min_read_point,
+                        membership_epoch,
+                    };
+                    append_frames(header, log.retained.range(start..))
                 });
-                let node = self.geometry.segments[pg_index][replica].node;
+                let node = self.geometry.segment(pg, ReplicaIndex(replica as u8)).node;
                 outgoing.extend(frames.iter().map(|frame| Outgoing { node, frame: frame.clone() }));
                 link.sent_up_to = last;
                 link.waiting_since.get_or_insert(now_micros);
@@ -531,9 +553,10 @@ impl<W> WriterCore<W> {
     /// Feeds the segment's SCL as the writer knows it to the quorum tracker,
     /// trims retention, and returns what became durable.
     fn record_segment_complete(&mut self, pg: PgId, replica: ReplicaIndex) -> Durable<W> {
+        let slots = self.geometry.slots(pg);
         let log = &mut self.pgs[pg.0 as usize];
         let complete = log.links[replica.0 as usize].complete;
-        let lowest = log.links.iter().map(|link| link.complete).min().expect("six links");
+        let lowest = slots.iter().map(|slot| log.links[slot.0 as usize].complete).min().expect("six slots");
         while log.retained.front().is_some_and(|(lsn, _)| *lsn <= lowest) {
             let (lsn, encoded) = log.retained.pop_front().expect("checked");
             self.retained_bytes -= encoded.len();
@@ -622,6 +645,13 @@ impl<W> WriterCore<W> {
         if status.epoch > self.epoch || self.fenced {
             return StatusOutcome::Fenced(self.observe_epoch(Some(status.epoch)).unwrap_or_default());
         }
+        if let Some(log) = self.pgs.get_mut(status.pg.0 as usize) {
+            let current = self.geometry.memberships[status.pg.0 as usize].epoch;
+            log.membership_taken[replica.0 as usize] = status.membership_epoch >= current;
+            if status.membership_epoch < current {
+                return StatusOutcome::SetMembership(self.membership_request(open_request_id, status.pg, replica));
+            }
+        }
         if status.epoch < self.epoch || !status.is_open() {
             return StatusOutcome::Open(self.open_request(open_request_id, status.pg));
         }
@@ -670,6 +700,101 @@ impl<W> WriterCore<W> {
         self.has_work()
     }
 
+    /// The request that gives the segment in `slot` of `pg` the PG's
+    /// current membership (and places it, if its node has none yet).
+    pub fn membership_request(&self, request_id: u64, pg: PgId, slot: ReplicaIndex) -> SetMembershipRequest {
+        let node = self.geometry.segment(pg, slot).node;
+        let mut peers = self.geometry.peer_addresses(pg, node);
+        if slot == JOINING_SLOT
+            && let Some(replacement) = &self.geometry.membership(pg).replacing
+        {
+            // The joining segment repairs itself from the members that stay.
+            let replaced = &self.geometry.segment(pg, replacement.replica).address;
+            peers.retain(|address| address != replaced);
+        }
+        SetMembershipRequest {
+            request_id,
+            pg,
+            epoch: self.epoch,
+            membership_epoch: self.geometry.membership(pg).epoch,
+            page_bytes: self.geometry.page_bytes as u32,
+            pages_per_pg: self.geometry.pages_per_pg(),
+            peers,
+        }
+    }
+
+    /// First step of a membership change (A18 §4.1): the segment at
+    /// `replica` of `pg` is to be replaced by one on `incoming`. From now on
+    /// a record of the PG is complete once 4 of the old six and 4 of the
+    /// new six hold it, and the joining segment is sent every record. The
+    /// driver sends [`Self::membership_request`] to every slot that has not
+    /// taken the new epoch ([`Self::membership_laggards`]).
+    pub fn begin_replacement(
+        &mut self,
+        pg: PgId,
+        replica: ReplicaIndex,
+        incoming: SegmentPlacement,
+    ) -> Result<MembershipEpoch, String> {
+        let epoch = self.geometry.begin_replacement(pg, replica, incoming)?;
+        self.tracker.begin_joint(pg, replica);
+        let log = &mut self.pgs[pg.0 as usize];
+        log.links[JOINING_SLOT.0 as usize] = SegmentLink::default();
+        log.membership_taken = [false; SEGMENT_SLOTS];
+        log.joint_catch_up_target = self.tracker.pg_complete_lsn(pg);
+        Ok(epoch)
+    }
+
+    /// Whether the joint step of `pg`'s change may settle: its epoch is on
+    /// a write quorum of both member sets, and the joining segment is
+    /// complete through every record that was durable when it began (so
+    /// every durable record is on 4 of the new six).
+    pub fn replacement_may_settle(&self, pg: PgId) -> bool {
+        let log = &self.pgs[pg.0 as usize];
+        let joining = &log.links[JOINING_SLOT.0 as usize];
+        self.geometry.membership(pg).replacing.is_some()
+            && self.membership_durable(pg)
+            && !joining.fell_behind
+            && joining.complete >= log.joint_catch_up_target
+    }
+
+    /// The joining segment's SCL and the SCL it must reach to settle.
+    pub fn joining_progress(&self, pg: PgId) -> Option<(Lsn, Lsn)> {
+        self.geometry.membership(pg).replacing.as_ref()?;
+        let log = &self.pgs[pg.0 as usize];
+        Some((log.links[JOINING_SLOT.0 as usize].complete, log.joint_catch_up_target))
+    }
+
+    /// Second step: the PG settles on the new six (the joining segment
+    /// takes the replaced one's replica, with its link), or rolls back to
+    /// the old six. The new epoch goes to the members as the first did.
+    pub fn end_replacement(&mut self, pg: PgId, settle: bool) -> Result<MembershipEpoch, String> {
+        let replica = self.geometry.membership(pg).replacing.as_ref().map(|replacement| replacement.replica);
+        let epoch = self.geometry.end_replacement(pg, settle)?;
+        let replica = replica.expect("a change was in progress");
+        self.tracker.end_joint(pg, settle);
+        let log = &mut self.pgs[pg.0 as usize];
+        let joining = std::mem::take(&mut log.links[JOINING_SLOT.0 as usize]);
+        if settle {
+            log.links[replica.0 as usize] = joining;
+        }
+        log.membership_taken = [false; SEGMENT_SLOTS];
+        log.joint_catch_up_target = Lsn::ZERO;
+        Ok(epoch)
+    }
+
+    /// Whether the PG's current membership epoch is on a write quorum of
+    /// every member set.
+    pub fn membership_durable(&self, pg: PgId) -> bool {
+        let taken = &self.pgs[pg.0 as usize].membership_taken;
+        self.geometry.is_write_quorum(pg, |slot| taken[slot.0 as usize])
+    }
+
+    /// The slots of `pg` not known to hold its current membership epoch.
+    pub fn membership_laggards(&self, pg: PgId) -> Vec<ReplicaIndex> {
+        let taken = &self.pgs[pg.0 as usize].membership_taken;
+        self.geometry.slots(pg).into_iter().filter(|slot| !taken[slot.0 as usize]).collect()
+    }
+
     /// Starts a read at the current VDL; hold it until [`Self::end_read`].
     pub fn begin_read(&mut self) -> Lsn {
         let point = self.tracker.volume_durable_lsn();
@@ -708,9 +833,9 @@ impl<W> WriterCore<W> {
             .enumerate()
             .filter(|(_, link)| link.connected && !link.fell_behind && link.complete >= pg_read_point)
             .map(|(replica, _)| {
-                let node = self.geometry.segments[pg.0 as usize][replica].node;
+                let node = self.geometry.segment(pg, ReplicaIndex(replica as u8)).node;
                 let latency = self.read_latency.get(&node).copied().unwrap_or(0);
-                let rotation = (replica + self.next_read_choice) % SEGMENTS_PER_PG;
+                let rotation = (replica + self.next_read_choice) % SEGMENT_SLOTS;
                 (latency, rotation, ReplicaIndex(replica as u8), node)
             })
             .collect();
@@ -733,20 +858,14 @@ impl<W> WriterCore<W> {
 
 /// Packs records into append frames of at most `APPEND_FRAME_BYTES_TARGET`
 /// bytes and `RECORDS_PER_APPEND_MAX` records.
-fn append_frames<'a>(
-    pg: PgId,
-    epoch: Epoch,
-    durable: Lsn,
-    min_read_point: Lsn,
-    records: impl Iterator<Item = &'a (Lsn, Bytes)>,
-) -> Vec<Bytes> {
+fn append_frames<'a>(header: AppendHeader, records: impl Iterator<Item = &'a (Lsn, Bytes)>) -> Vec<Bytes> {
     const _: () =
         assert!(APPEND_FRAME_BYTES_TARGET + APPEND_HEADER_BYTES + RECORD_BODY_BYTES_MAX < FRAME_PAYLOAD_BYTES_MAX);
     let mut frames = Vec::new();
     let mut batch: Vec<&[u8]> = Vec::new();
     let mut batch_bytes = 0;
     let mut seal = |batch: &mut Vec<&[u8]>| {
-        frames.push(encode_append_frame(pg, epoch, durable, min_read_point, batch.iter().copied()));
+        frames.push(encode_append_frame(header, batch.iter().copied()));
         batch.clear();
     };
     for (_, encoded) in records {
