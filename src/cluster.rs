@@ -14,7 +14,9 @@ use common::ids::{AzId, NodeId, PgId};
 use common::limits::BLOCK_BYTES_MAX;
 use common::transport::{MemoryNetwork, TcpTransport, Transport};
 use db_frontend::volume::client::{VolumeClient, VolumeConfig};
-use db_frontend::volume::geometry::{ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, VolumeGeometry};
+use db_frontend::volume::geometry::{
+    ClusterConfig, NodeSpec, PAGE_BYTES_DEFAULT, PG_BYTES_DEFAULT, SegmentPlacement, VolumeGeometry,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,6 +51,9 @@ pub struct ClusterOptions {
     /// redo volume; 0 for none. Node `i` hosts replica `i` of each.
     pub block_pgs: u32,
     pub blocks_per_pg: u64,
+    /// Nodes started beyond the six with no segment, to replace one by
+    /// (node `6 + i` is in AZ `(6 + i) % 3`).
+    pub spares: usize,
 }
 
 impl ClusterOptions {
@@ -64,6 +69,7 @@ impl ClusterOptions {
             memory_network: None,
             block_pgs: 0,
             blocks_per_pg: 1 << 20,
+            spares: 0,
         }
     }
 }
@@ -75,7 +81,8 @@ struct NodeSlot {
     running: Option<StorageNode>,
 }
 
-/// Six running (or killed) storage nodes and the geometry over them.
+/// Six running (or killed) storage nodes and the geometry over them, and
+/// any spare nodes.
 #[derive(Debug)]
 pub struct LocalCluster {
     slots: Vec<NodeSlot>,
@@ -85,13 +92,14 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts six nodes, each hosting a segment of every PG.
+    /// Starts six nodes, each hosting a segment of every PG, and the spares.
     pub async fn start(options: &ClusterOptions) -> Result<LocalCluster> {
         let memory_store = MemoryVolumeStore::default();
-        let mut slots = Vec::with_capacity(NODE_COUNT);
+        let node_count = NODE_COUNT + options.spares;
+        let mut slots = Vec::with_capacity(node_count);
         let mut specs = Vec::with_capacity(NODE_COUNT);
         // Bind every node first so the geometry can name real addresses.
-        for index in 0..NODE_COUNT {
+        for index in 0..node_count {
             let node = NodeId(index as u32);
             let delay = options.send_delays.iter().find(|(slow, _)| *slow == index).map(|(_, delay)| *delay);
             let (transport, listen_address): (Arc<dyn Transport>, String) = match (&options.memory_network, delay) {
@@ -110,7 +118,9 @@ impl LocalCluster {
                 peers: BTreeMap::new(),
                 new_segment_log_file_bytes: options.log_file_bytes,
             };
-            specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
+            if index < NODE_COUNT {
+                specs.push(NodeSpec { id: node, az: Self::az_of(index), address: String::new() });
+            }
             slots.push(NodeSlot { config, transport, running: None });
         }
         // Placement only needs ids and AZs; addresses are filled in once bound.
@@ -132,7 +142,8 @@ impl LocalCluster {
                     segment
                 })
                 .collect();
-            slot.config.block_segments = (0..options.block_pgs)
+            let block_pgs = if index < NODE_COUNT { options.block_pgs } else { 0 };
+            slot.config.block_segments = (0..block_pgs)
                 .map(|pg| BlockSegmentConfig {
                     log_file_bytes: options.log_file_bytes,
                     ..BlockSegmentConfig::new(PgId(pg), options.blocks_per_pg, BLOCK_BYTES_MAX)
@@ -179,6 +190,16 @@ impl LocalCluster {
     /// The AZ of node `index`.
     pub fn az_of(index: usize) -> AzId {
         AzId((index as u32 % AZ_COUNT) as u8)
+    }
+
+    /// Where node `index` (one of the six or a spare) sits, as a geometry
+    /// names a segment's place.
+    pub fn placement(&self, index: usize) -> SegmentPlacement {
+        SegmentPlacement {
+            node: NodeId(index as u32),
+            az: Self::az_of(index),
+            address: self.address(index).to_string(),
+        }
     }
 
     pub fn address(&self, index: usize) -> &str {
@@ -233,7 +254,7 @@ impl LocalCluster {
 
     /// Kills every node.
     pub fn stop(&mut self) {
-        for index in 0..NODE_COUNT {
+        for index in 0..self.slots.len() {
             self.kill(index);
         }
     }

@@ -63,7 +63,7 @@ pub enum Scenario {
     CorruptSegment,
     /// One AZ 20 ms slower: the effect on p99.
     SlowAz,
-    /// Replace a node's disk with an empty one: its segments rebuild from their peers, in MB/s.
+    /// Kill a node and replace each of its segments by one on a spare node (joint-quorum membership change) while writes go on; report MB/s.
     Repair,
 }
 

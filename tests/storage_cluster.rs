@@ -151,7 +151,19 @@ async fn verify_every_segment_over(
     model: &BTreeMap<u64, [u64; WRITERS]>,
     pg_points: &[Lsn],
 ) {
-    for node in 0..NODE_COUNT {
+    let nodes: Vec<usize> = (0..NODE_COUNT).collect();
+    verify_segments_on(transport, cluster, &nodes, model, pg_points).await
+}
+
+/// Every page on each of `nodes`, read at its PG's last LSN, equals the model.
+async fn verify_segments_on(
+    transport: &dyn Transport,
+    cluster: &LocalCluster,
+    nodes: &[usize],
+    model: &BTreeMap<u64, [u64; WRITERS]>,
+    pg_points: &[Lsn],
+) {
+    for &node in nodes {
         for page in 0..PAGES_PER_PG * u64::from(PG_COUNT) {
             let pg = PgId((page / PAGES_PER_PG) as u32);
             let expected = expected_image(model.get(&page).unwrap_or(&[0; WRITERS]));
@@ -571,6 +583,102 @@ async fn segments_behind_catch_up_from_their_peers_without_a_writer() {
         let points: Vec<Lsn> = (0..PG_COUNT).map(|pg| cluster.segment_complete_lsn(0, PgId(pg)).expect("up")).collect();
         let model = model.lock().clone();
         verify_every_segment(&cluster, &model, &points).await;
+        cluster.stop();
+    })
+    .await
+    .expect("in time");
+}
+
+/// A node dies during writes and the writer replaces each of its segments
+/// by one on a spare node in the same AZ, with the two-step joint-quorum
+/// change, while the load goes on. Afterwards the spare serves every page
+/// as acknowledged, the recorded membership names it, a writer that opens
+/// the volume with the old membership is refused, and one that opens it
+/// with the recorded membership recovers every acknowledged commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_replaced_by_a_spare_while_writes_go_on() {
+    use db_frontend::volume::client::{VolumeConfig, VolumeError};
+    use db_frontend::volume::geometry::VolumeGeometry;
+    use db_frontend::volume::recovery::RecoveryError;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut cluster_options = options(directory.path());
+        cluster_options.spares = 1;
+        let mut cluster = LocalCluster::start(&cluster_options).await.expect("cluster");
+        let (dead, spare) = (3, NODE_COUNT);
+        assert_eq!(LocalCluster::az_of(dead), LocalCluster::az_of(spare), "the spare replaces within its AZ");
+        let client = Arc::new(cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume"));
+        let model: Model = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = start_writers(&client, &model, &stop);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.kill(dead);
+
+        let recorded: Arc<Mutex<Vec<VolumeGeometry>>> = Arc::default();
+        let record = {
+            let recorded = recorded.clone();
+            move |geometry: &VolumeGeometry| {
+                recorded.lock().push(geometry.clone());
+                Ok(())
+            }
+        };
+        let durable_before = client.points().volume_durable;
+        for pg in (0..PG_COUNT).map(PgId) {
+            let replica = client.geometry().slot_on(pg, common::ids::NodeId(dead as u32)).expect("a member");
+            let pg_complete_before = client.pg_complete_lsn(pg);
+            let report = client
+                .replace_segment(pg, replica, cluster.placement(spare), &record, Duration::from_secs(30))
+                .await
+                .expect("replaced");
+            assert_eq!((report.replaced.0 as usize, report.incoming.0 as usize), (dead, spare));
+            assert!(
+                report.joint_durable_after <= report.caught_up_after && report.caught_up_after <= report.settled_after
+            );
+            assert!(
+                report.catch_up_target >= pg_complete_before,
+                "the newcomer had to hold everything of its PG durable before the change"
+            );
+        }
+        assert!(client.points().volume_durable > durable_before, "writes went on during the changes");
+        stop.store(true, Ordering::Relaxed);
+        assert!(futures_total(writers).await > 20);
+
+        let geometry = client.geometry();
+        assert!(geometry.segments_on(common::ids::NodeId(dead as u32)).is_empty(), "the dead node left every PG");
+        assert_eq!(geometry.segments_on(common::ids::NodeId(spare as u32)).len(), PG_COUNT as usize);
+        let recorded = recorded.lock().clone();
+        assert_eq!(recorded.len(), 2 * PG_COUNT as usize, "joint and settled, per PG, recorded in order");
+        assert_eq!(recorded.last(), Some(&geometry));
+        for pg in (0..PG_COUNT).map(PgId) {
+            assert_eq!(geometry.membership(pg).epoch.0, 3, "initial, joint, settled");
+        }
+
+        let pg_points: Vec<Lsn> = (0..PG_COUNT).map(|pg| client.pg_complete_lsn(PgId(pg))).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while (0..PG_COUNT)
+            .any(|pg| cluster.segment_complete_lsn(spare, PgId(pg)).is_none_or(|scl| scl < pg_points[pg as usize]))
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the spare never caught up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let model = model.lock().clone();
+        verify_segments_on(&TcpTransport::new(), &cluster, &[spare], &model, &pg_points).await;
+        client.close();
+
+        let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new());
+        let mut stale = VolumeConfig::new(cluster.geometry().clone());
+        stale.open_timeout = Duration::from_secs(10);
+        let error = VolumeClient::open(stale, transport.clone()).await.expect_err("an older membership");
+        assert!(
+            matches!(error, VolumeError::Recovery(RecoveryError::StaleMembership { .. })),
+            "a writer with the old membership is refused: {error}"
+        );
+        let recovered = VolumeClient::open(VolumeConfig::new(geometry), transport).await.expect("recovered");
+        for (page, slots) in &model {
+            let read = recovered.read_page(PageId(*page)).await.expect("read");
+            assert!(read.image[..] == expected_image(slots)[..], "page {page} after recovery");
+        }
+        recovered.close();
         cluster.stop();
     })
     .await

@@ -942,6 +942,41 @@ mod tests {
         assert_eq!(Message::decode(&frame).unwrap(), message);
     }
 
+    /// The Append worked example of `docs/wire-format.md` §5, byte for byte.
+    #[test]
+    fn the_documented_append_example_is_what_the_encoder_writes() {
+        let record = RecordFields {
+            lsn: Lsn(5),
+            prev_volume_lsn: Lsn(4),
+            prev_segment_lsn: Lsn(4),
+            prev_page_lsn: Lsn::ZERO,
+            page: PageId(7),
+            pg: PgId(0),
+            consistency_point: true,
+            op: PageOp::ZeroPage,
+        }
+        .seal();
+        let frame = Message::Append(AppendRequest {
+            pg: PgId(0),
+            epoch: Epoch(1),
+            volume_durable_lsn: Lsn(4),
+            min_read_point: Lsn::ZERO,
+            membership_epoch: MembershipEpoch::INITIAL,
+            records: vec![record],
+        })
+        .encode();
+        let documented = "\
+            41 4b 01 01 60 00 00 00 32 4b 48 88 00 00 00 00 \
+            01 00 00 00 01 00 00 00 00 00 00 00 04 00 00 00 \
+            00 00 00 00 00 00 00 00 00 00 00 00 01 00 00 00 \
+            00 00 00 00 38 00 00 00 d9 a2 74 04 05 00 00 00 \
+            00 00 00 00 04 00 00 00 00 00 00 00 04 00 00 00 \
+            00 00 00 00 00 00 00 00 00 00 00 00 07 00 00 00 \
+            00 00 00 00 00 00 00 00 02 01 00 00";
+        let hex: Vec<String> = frame.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(hex.join(" "), documented.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+
     #[test]
     fn every_message_round_trips() {
         let record = RecordFields {

@@ -627,6 +627,34 @@ pub fn scan_log(files: &[(u64, Bytes)]) -> ScanResult {
 mod tests {
     use super::*;
 
+    /// The first entry of a new segment, as `docs/segment-log-format.md` §2.3
+    /// draws it byte for byte.
+    #[test]
+    fn the_documented_checkpoint_example_is_what_the_encoder_writes() {
+        let mut out = BytesMut::new();
+        let checkpoint = Checkpoint {
+            pg: PgId(0),
+            page_bytes: 8192,
+            epoch: Epoch(1),
+            segment_complete_lsn: Lsn::ZERO,
+            min_read_point: Lsn::ZERO,
+            open_epoch: Epoch::NONE,
+            membership_epoch: MembershipEpoch::INITIAL,
+            truncations: Vec::new(),
+        };
+        encode_checkpoint_entry(&mut out, 1, &checkpoint);
+        let documented = "\
+            41 53 45 47 03 00 03 00 38 00 00 00 01 00 00 00 \
+            01 00 00 00 00 00 00 00 8b d8 10 db 00 00 00 00 \
+            01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 \
+            00 00 00 00 00 00 00 00 00 00 00 00 00 20 00 00 \
+            00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 \
+            01 00 00 00 00 00 00 00";
+        let hex: Vec<String> = out.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(hex.join(" "), documented.split_whitespace().collect::<Vec<_>>().join(" "));
+        assert_eq!(out.len(), checkpoint_entry_bytes(0));
+    }
+
     #[test]
     fn a_log_of_another_format_version_is_recognized() {
         let mut entry = BytesMut::new();

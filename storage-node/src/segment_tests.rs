@@ -297,6 +297,51 @@ fn a_seal_fences_the_older_epoch_and_is_answered_once_durable() {
     assert!(!accepted.iter().any(|action| matches!(action, Action::Refuse { .. })), "{accepted:?}");
 }
 
+/// A new membership is answered only once durable, fences appends of the
+/// older membership, survives a restart (but not when its checkpoint was
+/// lost), and an older one is refused.
+#[test]
+fn a_membership_change_fences_older_memberships_once_durable() {
+    let mut harness = Harness::new();
+    let mut maker = RecordMaker::default();
+    let joint = MembershipEpoch::INITIAL.next();
+
+    let lost = harness.core.set_membership(1, Epoch::INITIAL, joint, 3);
+    assert!(matches!(&lost[..], [Action::Write(_)]), "{lost:?}");
+    harness.restart();
+    assert_eq!(harness.core.membership_epoch(), MembershipEpoch::INITIAL, "never durable, never answered");
+
+    let actions = harness.core.set_membership(2, Epoch::INITIAL, joint, 3);
+    assert!(harness.statuses.is_empty(), "not answered before its checkpoint is durable");
+    harness.complete_all(actions);
+    let (to, status) = *harness.statuses.last().expect("answered");
+    assert_eq!((to, status.request_id, status.membership_epoch), (3, 2, joint));
+
+    let stale = Harness::request(vec![maker.make(1, 0, b"old", 0)], Lsn::ZERO, Lsn::ZERO);
+    let refused = harness.core.append(stale, 1);
+    assert!(
+        matches!(&refused[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::StaleMembership),
+        "{refused:?}"
+    );
+    let mut current = Harness::request(vec![maker.make(1, 0, b"new", 0)], Lsn::ZERO, Lsn::ZERO);
+    current.membership_epoch = joint;
+    let actions = harness.core.append(current, 1);
+    harness.complete_all(actions);
+    assert_eq!(harness.acks.len(), 1, "an append of the current membership is taken");
+
+    let repeat = harness.core.set_membership(4, Epoch::INITIAL, joint, 3);
+    assert!(matches!(&repeat[..], [Action::Status { status, .. }] if status.request_id == 4), "{repeat:?}");
+    let older = harness.core.set_membership(5, Epoch::INITIAL, MembershipEpoch::INITIAL, 3);
+    assert!(
+        matches!(&older[..], [Action::Refuse { error, .. }] if error.code == ErrorCode::StaleMembership && error.request_id == 5),
+        "{older:?}"
+    );
+
+    harness.restart();
+    assert_eq!(harness.core.membership_epoch(), joint, "the membership survives a restart");
+    assert_eq!(harness.core.status(0).membership_epoch, joint);
+}
+
 #[test]
 fn records_outside_the_segment_are_refused() {
     let mut harness = Harness::new();

@@ -329,4 +329,105 @@ mod tests {
         let error = VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, too_many_pages, 512).unwrap_err();
         assert!(error.contains("PAGES_PER_PG_MAX"), "{error}");
     }
+
+    fn spare(geometry: &VolumeGeometry, pg: PgId, replica: ReplicaIndex, node: u32) -> SegmentPlacement {
+        let outgoing = geometry.segment(pg, replica);
+        SegmentPlacement { node: NodeId(node), az: outgoing.az, address: format!("node{node}") }
+    }
+
+    #[test]
+    fn a_replacement_is_joint_then_settles_at_successive_epochs() {
+        let mut geometry = VolumeGeometry::place(&cluster(&[3, 2, 2]), 1, 1 << 20, 8192).unwrap();
+        let pg = PgId(0);
+        let replica = ReplicaIndex(2);
+        let outgoing = geometry.segment(pg, replica).node;
+        let incoming = spare(&geometry, pg, replica, 99);
+        assert_eq!(geometry.membership(pg).epoch, MembershipEpoch::INITIAL);
+        assert_eq!(geometry.slots(pg).len(), SEGMENTS_PER_PG);
+
+        let joint = geometry.begin_replacement(pg, replica, incoming.clone()).unwrap();
+        assert_eq!(joint, MembershipEpoch::INITIAL.next());
+        assert_eq!(geometry.slots(pg).len(), SEGMENT_SLOTS, "the joining slot is in use");
+        assert_eq!(geometry.segment(pg, JOINING_SLOT).node, NodeId(99));
+        assert_eq!(geometry.slot_on(pg, NodeId(99)), Some(JOINING_SLOT));
+        let sets = geometry.member_sets(pg);
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets[1][replica.0 as usize], JOINING_SLOT);
+        assert!(geometry.peer_addresses(pg, outgoing).contains(&"node99".to_string()));
+
+        let settled = geometry.end_replacement(pg, true).unwrap();
+        assert_eq!(settled, joint.next());
+        assert_eq!(geometry.segment(pg, replica).node, NodeId(99));
+        assert_eq!(geometry.slot_on(pg, outgoing), None, "the replaced node left the PG");
+        assert_eq!(geometry.member_sets(pg).len(), 1);
+        assert!(geometry.segments_on(outgoing).is_empty());
+    }
+
+    #[test]
+    fn a_rolled_back_replacement_keeps_the_old_six() {
+        let mut geometry = VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, 1 << 20, 8192).unwrap();
+        let pg = PgId(0);
+        let before = geometry.segment(pg, ReplicaIndex(0)).node;
+        let incoming = spare(&geometry, pg, ReplicaIndex(0), 42);
+        geometry.begin_replacement(pg, ReplicaIndex(0), incoming).unwrap();
+        let epoch = geometry.end_replacement(pg, false).unwrap();
+        assert_eq!(epoch.0, MembershipEpoch::INITIAL.0 + 2, "a roll-back is a new membership too");
+        assert_eq!(geometry.segment(pg, ReplicaIndex(0)).node, before);
+        assert_eq!(geometry.slot_on(pg, NodeId(42)), None);
+    }
+
+    #[test]
+    fn bad_replacements_are_refused_with_a_reason() {
+        let mut geometry = VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, 1 << 20, 8192).unwrap();
+        let pg = PgId(0);
+        let mut other_az = spare(&geometry, pg, ReplicaIndex(0), 50);
+        other_az.az = AzId((other_az.az.0 + 1) % 3);
+        let error = geometry.begin_replacement(pg, ReplicaIndex(0), other_az).unwrap_err();
+        assert!(error.contains("two segments per AZ"), "{error}");
+
+        let member = geometry.segment(pg, ReplicaIndex(1)).clone();
+        let same_az_member = geometry
+            .slots(pg)
+            .into_iter()
+            .map(|slot| geometry.segment(pg, slot).clone())
+            .find(|placement| placement.az == member.az && placement.node != member.node)
+            .unwrap();
+        let error = geometry.begin_replacement(pg, ReplicaIndex(1), same_az_member).unwrap_err();
+        assert!(error.contains("already holds"), "{error}");
+
+        assert!(geometry.begin_replacement(PgId(7), ReplicaIndex(0), member.clone()).unwrap_err().contains("no pg"));
+        assert!(geometry.end_replacement(pg, true).unwrap_err().contains("no membership change"));
+
+        geometry.begin_replacement(pg, ReplicaIndex(0), spare(&geometry, pg, ReplicaIndex(0), 60)).unwrap();
+        let error =
+            geometry.begin_replacement(pg, ReplicaIndex(3), spare(&geometry, pg, ReplicaIndex(3), 61)).unwrap_err();
+        assert!(error.contains("already replacing"), "{error}");
+        assert_eq!(geometry.membership(pg).epoch, MembershipEpoch::INITIAL.next(), "a refused change takes no epoch");
+    }
+
+    /// Table: during a change a write needs 4/6 of both sets, a read 3/6
+    /// of either. Slot 6 is the joining segment, replacing replica 5.
+    #[test]
+    fn joint_quorums_count_in_both_member_sets() {
+        let mut geometry = VolumeGeometry::place(&cluster(&[2, 2, 2]), 1, 1 << 20, 8192).unwrap();
+        let pg = PgId(0);
+        geometry.begin_replacement(pg, ReplicaIndex(5), spare(&geometry, pg, ReplicaIndex(5), 70)).unwrap();
+        let table: &[(&[u8], bool, bool)] = &[
+            // (answered slots, write quorum, read quorum)
+            (&[0, 1, 2, 3], true, true),
+            (&[0, 1, 2, 5], false, true),
+            (&[0, 1, 2, 6], false, true),
+            (&[0, 1, 2, 5, 6], true, true),
+            (&[0, 1, 5], false, true),
+            (&[0, 1, 6], false, true),
+            (&[5, 6], false, false),
+            (&[0, 1], false, false),
+            (&[3, 4, 5, 6], false, true),
+        ];
+        for (answered, write, read) in table {
+            let holds = |slot: ReplicaIndex| answered.contains(&slot.0);
+            assert_eq!(geometry.is_write_quorum(pg, holds), *write, "write quorum of {answered:?}");
+            assert_eq!(geometry.is_read_quorum(pg, holds), *read, "read quorum of {answered:?}");
+        }
+    }
 }

@@ -285,6 +285,62 @@ mod tests {
         assert_eq!(progress.volume_durable, Lsn(3));
     }
 
+    /// Table: (SCLs of slots 0..=6 with slot 6 joining in place of
+    /// replica 5) -> PGCL, the lower 4th highest of the two member sets.
+    #[test]
+    fn joint_pgcl_needs_four_of_both_member_sets() {
+        let table: &[([u64; 7], u64)] = &[
+            ([10, 10, 10, 10, 0, 0, 0], 10),
+            ([10, 10, 10, 0, 0, 10, 0], 0),
+            ([10, 10, 10, 0, 0, 0, 10], 0),
+            ([10, 10, 10, 0, 0, 10, 10], 10),
+            ([12, 11, 10, 9, 8, 20, 0], 9),
+            ([20, 20, 20, 5, 5, 20, 7], 7),
+        ];
+        for (scls, expected) in table {
+            let mut tracker = QuorumTracker::new(1, Lsn::ZERO);
+            for lsn in 1..=20 {
+                tracker.record_allocated(Lsn(lsn), PgId(0), true);
+            }
+            tracker.begin_joint(PgId(0), ReplicaIndex(5));
+            for (slot, scl) in scls.iter().enumerate() {
+                tracker.segment_acknowledged(PgId(0), ReplicaIndex(slot as u8), Lsn(*scl));
+            }
+            assert_eq!(tracker.pg_complete_lsn(PgId(0)), Lsn(*expected), "SCLs {scls:?}");
+        }
+    }
+
+    #[test]
+    fn a_settled_change_counts_the_joining_segment_as_the_replica() {
+        let mut tracker = QuorumTracker::new(1, Lsn::ZERO);
+        for lsn in 1..=4 {
+            tracker.record_allocated(Lsn(lsn), PgId(0), true);
+        }
+        tracker.begin_joint(PgId(0), ReplicaIndex(0));
+        all_ack(&mut tracker, 0, 2, &[0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(tracker.pg_complete_lsn(PgId(0)), Lsn(2));
+        tracker.end_joint(PgId(0), true);
+        assert_eq!(tracker.segment_complete_lsn(PgId(0), ReplicaIndex(0)), Lsn(2), "slot 0 took the joining SCL");
+        // After settling, slot 6 no longer counts: 3 of the six at 4 is not a quorum.
+        all_ack(&mut tracker, 0, 4, &[6, 1, 2, 3]);
+        assert_eq!(tracker.pg_complete_lsn(PgId(0)), Lsn(2));
+        all_ack(&mut tracker, 0, 4, &[0]);
+        assert_eq!(tracker.pg_complete_lsn(PgId(0)), Lsn(4));
+    }
+
+    #[test]
+    fn a_rolled_back_change_forgets_the_joining_segment() {
+        let mut tracker = QuorumTracker::new(1, Lsn::ZERO);
+        tracker.record_allocated(Lsn(1), PgId(0), true);
+        tracker.begin_joint(PgId(0), ReplicaIndex(4));
+        all_ack(&mut tracker, 0, 1, &[6]);
+        tracker.end_joint(PgId(0), false);
+        assert_eq!(tracker.segment_complete_lsn(PgId(0), ReplicaIndex(4)), Lsn::ZERO);
+        assert_eq!(tracker.segment_complete_lsn(PgId(0), JOINING_SLOT), Lsn::ZERO);
+        all_ack(&mut tracker, 0, 1, &[0, 1, 2]);
+        assert_eq!(tracker.pg_complete_lsn(PgId(0)), Lsn::ZERO);
+    }
+
     proptest! {
         /// Against a brute-force model: random allocation over PGs, random
         /// (possibly stale, reordered) SCL reports consistent with delivery.

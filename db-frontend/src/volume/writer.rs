@@ -1209,4 +1209,82 @@ mod tests {
         assert_eq!(lsns, (1..=600).collect::<Vec<u64>>());
         assert!(per_segment.iter().all(|out| out.frame.len() <= APPEND_FRAME_BYTES_TARGET + 64 * 1024));
     }
+
+    fn status(pg: PgId, complete: Lsn, membership_epoch: MembershipEpoch) -> SegmentStatus {
+        SegmentStatus {
+            request_id: 0,
+            pg,
+            epoch: Epoch::INITIAL,
+            segment_complete_lsn: complete,
+            highest_durable_lsn: complete,
+            min_read_point: Lsn::ZERO,
+            needs_repair: false,
+            open_epoch: Epoch::INITIAL,
+            volume_durable_hint: Lsn::ZERO,
+            membership_epoch,
+        }
+    }
+
+    /// The two-step change from the writer's side: the joint step needs its
+    /// epoch on 4 of both sets and the joining segment caught up before it
+    /// may settle; every record meanwhile goes to the joining segment too,
+    /// and after settling the joining segment's link serves the replica.
+    #[test]
+    fn a_replacement_settles_only_once_joint_epoch_is_durable_and_the_newcomer_caught_up() {
+        let pg = PgId(0);
+        let replaced = ReplicaIndex(5);
+        let mut writer: WriterCore<&str> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1)]).expect("room");
+        writer.allocate(&[write(1, 2)]).expect("room");
+        writer.flush(0);
+        for replica in 0..6 {
+            writer.acknowledged(pg, ReplicaIndex(replica), Lsn(2), 10);
+        }
+        let az = writer.geometry().segment(pg, replaced).az;
+        let incoming = SegmentPlacement { node: NodeId(99), az, address: "node-99".into() };
+        let joint = writer.begin_replacement(pg, replaced, incoming).expect("a valid change");
+        assert_eq!(writer.membership_laggards(pg).len(), SEGMENT_SLOTS, "nobody holds the joint epoch yet");
+        assert!(!writer.replacement_may_settle(pg));
+        assert_eq!(writer.joining_progress(pg), Some((Lsn::ZERO, Lsn(2))), "it must catch up to PGCL 2");
+
+        let request = writer.membership_request(1, pg, JOINING_SLOT);
+        assert_eq!(request.membership_epoch, joint);
+        assert_eq!(request.peers.len(), 5, "the joining segment repairs from the five that stay");
+        assert!(!request.peers.contains(&writer.geometry().segment(pg, replaced).address));
+
+        // A member that reports the old membership is sent the new one.
+        let outcome = writer.status_received(ReplicaIndex(0), &status(pg, Lsn(2), MembershipEpoch::INITIAL), 7, 20);
+        assert!(matches!(outcome, StatusOutcome::SetMembership(request) if request.membership_epoch == joint));
+        for replica in [0, 1, 2, 5] {
+            writer.status_received(ReplicaIndex(replica), &status(pg, Lsn(2), joint), 7, 20);
+        }
+        assert!(!writer.membership_durable(pg), "4 of the old six but 3 of the new six");
+        writer.status_received(JOINING_SLOT, &status(pg, Lsn::ZERO, joint), 7, 20);
+        assert!(writer.membership_durable(pg));
+        assert!(!writer.replacement_may_settle(pg), "the newcomer holds nothing yet");
+
+        // New records go to all seven; PGCL needs 4 of both sets.
+        writer.allocate(&[write(2, 3)]).expect("room");
+        let frames = writer.flush(30);
+        assert!(frames.iter().any(|out| out.node == NodeId(99)), "the joining segment is sent the record");
+        for replica in 0..4 {
+            writer.acknowledged(pg, ReplicaIndex(replica), Lsn(3), 40);
+        }
+        assert_eq!(writer.pg_complete_lsn(pg), Lsn(3), "slots 0..=3 are 4 of both sets");
+        assert_eq!(writer.membership_request(2, pg, JOINING_SLOT).membership_epoch, joint);
+
+        writer.acknowledged(pg, JOINING_SLOT, Lsn(1), 50);
+        assert!(!writer.replacement_may_settle(pg), "below its catch-up target");
+        writer.acknowledged(pg, JOINING_SLOT, Lsn(3), 60);
+        assert!(writer.replacement_may_settle(pg));
+
+        let settled = writer.end_replacement(pg, true).expect("in progress");
+        assert_eq!(settled, joint.next());
+        assert_eq!(writer.geometry().segment(pg, replaced).node, NodeId(99));
+        assert!(writer.is_connected(pg, replaced), "the joining link now serves the replica");
+        assert_eq!(writer.membership_laggards(pg).len(), SEGMENT_SLOTS - 1);
+        assert!(writer.joining_progress(pg).is_none());
+        assert!(writer.end_replacement(pg, true).is_err(), "nothing left to settle");
+    }
 }
