@@ -684,3 +684,58 @@ async fn a_dead_node_is_replaced_by_a_spare_while_writes_go_on() {
     .await
     .expect("in time");
 }
+
+/// A replacement whose newcomer never catches up (its node is down) times
+/// out with the PG left joint; rolling it back returns the PG to its old
+/// six at a newer membership epoch, records that, and commits go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_cannot_finish_is_rolled_back() {
+    use db_frontend::volume::client::VolumeError;
+    use db_frontend::volume::geometry::VolumeGeometry;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let mut cluster_options = options(directory.path());
+        cluster_options.spares = 1;
+        let mut cluster = LocalCluster::start(&cluster_options).await.expect("cluster");
+        let spare = NODE_COUNT;
+        cluster.kill(spare);
+        let client = cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume");
+        let change = |value: u64| PageChange {
+            page: PageId(0),
+            op: PageOp::Write { offset: 0, data: Bytes::copy_from_slice(&value.to_le_bytes()) },
+        };
+        client.commit(&[change(1)]).await.expect("commit");
+        let before = client.geometry();
+        let pg = PgId(0);
+        let replica = before.slot_on(pg, common::ids::NodeId(0)).expect("node 0 is a member");
+        let recorded: Arc<Mutex<Vec<VolumeGeometry>>> = Arc::default();
+        let record = {
+            let recorded = recorded.clone();
+            move |geometry: &VolumeGeometry| {
+                recorded.lock().push(geometry.clone());
+                Ok(())
+            }
+        };
+        let error = client
+            .replace_segment(pg, replica, cluster.placement(spare), &record, Duration::from_millis(500))
+            .await
+            .expect_err("the spare is down");
+        assert!(matches!(&error, VolumeError::Membership { reason, .. } if reason.contains("timed out")), "{error}");
+        assert!(client.geometry().membership(pg).replacing.is_some(), "left joint");
+        client.commit(&[change(2)]).await.expect("a joint PG still takes writes (4 of both sets)");
+
+        client.roll_back_replacement(pg, &record).expect("rolled back");
+        let after = client.geometry();
+        assert!(after.membership(pg).replacing.is_none());
+        assert_eq!(after.membership(pg).epoch.0, 3, "initial, joint, rolled back");
+        assert_eq!(after.segment(pg, replica).node, common::ids::NodeId(0), "the old member stays");
+        assert_eq!(recorded.lock().last(), Some(&after), "the roll-back is recorded");
+        client.commit(&[change(3)]).await.expect("commit after the roll-back");
+        let read = client.read_page(PageId(0)).await.expect("read");
+        assert_eq!(read.image[..8], 3u64.to_le_bytes());
+        client.close();
+        cluster.stop();
+    })
+    .await
+    .expect("in time");
+}
