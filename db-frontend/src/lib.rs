@@ -16,6 +16,7 @@
 //!
 //! The SQL engine, B-tree, replicas and recovery arrive with later issues.
 
+pub mod sql;
 pub mod volume;
 
 pub use volume::client::{VolumeClient, VolumeConfig, VolumeError};
