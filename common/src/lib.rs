@@ -16,6 +16,9 @@
 //! - [`transport`]: a connection abstraction with a TCP implementation and an
 //!   in-memory one that can drop, duplicate, reorder, delay and partition under
 //!   a seeded RNG.
+//! - [`slotted`]: the slotted page of the SQL engine's B-tree and its
+//!   physical-logical redo ops ("insert this cell at slot k"), applied
+//!   byte-identically by the front end's cache and by the segments.
 //! - [`rng`]: a tiny deterministic RNG so that every simulation replays from a
 //!   seed, independent of any external crate's algorithm changes.
 //!
@@ -34,6 +37,7 @@ pub mod limits;
 pub mod message;
 pub mod redo;
 pub mod rng;
+pub mod slotted;
 pub mod transport;
 
 pub use ids::*;

@@ -16,7 +16,8 @@
 //!     32     8  prev_page_lsn     previous record of this page (0 = none)
 //!     40     8  page
 //!     48     4  pg
-//!     52     1  op                1 = write bytes, 2 = zero page
+//!     52     1  op                1 = write bytes, 2 = zero page,
+//!                                 3 = slotted-page op (see `slotted`)
 //!     53     1  flags             bit 0 = CPL (consistency point)
 //!     54     2  reserved          must be 0
 //!     56     n  body              op-specific (see `PageOp`)
@@ -29,6 +30,7 @@
 use crate::codec::{CodecError, Reader};
 use crate::ids::{Lsn, PageId, PgId};
 use crate::limits::RECORD_BODY_BYTES_MAX;
+use crate::slotted::{SlotError, SlotOp};
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
@@ -37,6 +39,7 @@ pub const RECORD_HEADER_BYTES: usize = 56;
 const FLAG_CONSISTENCY_POINT: u8 = 1;
 const OP_WRITE: u8 = 1;
 const OP_ZERO_PAGE: u8 = 2;
+const OP_SLOTTED: u8 = 3;
 
 /// A change to one page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +48,9 @@ pub enum PageOp {
     Write { offset: u32, data: Bytes },
     /// Set every byte of the page to zero. Body: empty.
     ZeroPage,
+    /// A physical-logical change to a slotted page (a B-tree page): "insert
+    /// this cell at slot k". Body: see [`SlotOp::encode_into`].
+    Slotted(SlotOp),
 }
 
 impl PageOp {
@@ -52,13 +58,16 @@ impl PageOp {
         match self {
             PageOp::Write { .. } => OP_WRITE,
             PageOp::ZeroPage => OP_ZERO_PAGE,
+            PageOp::Slotted(_) => OP_SLOTTED,
         }
     }
 
-    fn body_len(&self) -> usize {
+    /// Bytes of the encoded body.
+    pub fn body_len(&self) -> usize {
         match self {
             PageOp::Write { data, .. } => 4 + data.len(),
             PageOp::ZeroPage => 0,
+            PageOp::Slotted(op) => op.body_len(),
         }
     }
 
@@ -74,15 +83,17 @@ impl PageOp {
                 page[start..end].copy_from_slice(data);
             }
             PageOp::ZeroPage => page.fill(0),
+            PageOp::Slotted(op) => op.apply(page)?,
         }
         Ok(())
     }
 
-    /// The last byte offset this op touches (exclusive), for validation.
+    /// The last byte offset this op touches (exclusive), for validation
+    /// on arrival (a slotted op's fit is checked when it is applied).
     pub fn extent_end(&self) -> usize {
         match self {
             PageOp::Write { offset, data } => *offset as usize + data.len(),
-            PageOp::ZeroPage => 0,
+            PageOp::ZeroPage | PageOp::Slotted(_) => 0,
         }
     }
 }
@@ -104,6 +115,8 @@ pub enum RecordError {
     OutsidePage { end: usize, page_bytes: usize },
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Slotted(#[from] SlotError),
 }
 
 /// A decoded redo record. `encoded` is the exact byte image (header + body)
@@ -166,6 +179,7 @@ impl RecordFields {
                 out.put_slice(data);
             }
             PageOp::ZeroPage => {}
+            PageOp::Slotted(op) => op.encode_into(out),
         }
         let checksum = crc32c::crc32c(&out[start + 8..start + length]);
         out[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
@@ -232,6 +246,7 @@ impl RedoRecord {
                 fields.finish()?;
                 PageOp::ZeroPage
             }
+            OP_SLOTTED => PageOp::Slotted(SlotOp::decode(&source.slice(body_start..offset + length))?),
             other => return Err(RecordError::UnknownOp(other)),
         };
         let record = RedoRecord {

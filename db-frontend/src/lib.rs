@@ -16,6 +16,7 @@
 //!
 //! The SQL engine, B-tree, replicas and recovery arrive with later issues.
 
+pub mod engine;
 pub mod sql;
 pub mod volume;
 

@@ -450,10 +450,8 @@ impl<W> WriterCore<W> {
         if end > self.geometry.page_bytes {
             return Err(AllocationError::OutsidePage { page, end, page_bytes: self.geometry.page_bytes });
         }
-        if let PageOp::Write { data, .. } = &change.op
-            && data.len() + 4 > RECORD_BODY_BYTES_MAX
-        {
-            return Err(AllocationError::RecordTooLarge { page, bytes: data.len() + 4 });
+        if change.op.body_len() > RECORD_BODY_BYTES_MAX {
+            return Err(AllocationError::RecordTooLarge { page, bytes: change.op.body_len() });
         }
         Ok(pg)
     }
