@@ -224,3 +224,80 @@ async fn cached_pages_equal_what_the_segments_materialize() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_shows_only_whole_committed_transactions() {
+    use db_frontend::engine::replica::ReplicaKv;
+    const KEYS: u32 = 200;
+    const TRANSACTIONS: u32 = 40;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let (volume, store, _) = open(&cluster).await;
+        let mut txn = store.begin().await.unwrap();
+        let tree = txn.create_tree().await.unwrap();
+        txn.commit().await.unwrap();
+        let replica = ReplicaKv::start(&store, CACHE_PAGES).await.expect("replica");
+        let held = replica.read_point().await;
+        assert!(volume.points().min_read_point <= held, "the replica's read point is held");
+
+        // The writer: each transaction sets every key to its number (300
+        // bytes, so pages split inside transactions); every fifth rolls back.
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for number in 1..=TRANSACTIONS {
+                    let mut txn = store.begin().await.unwrap();
+                    for key in 0..KEYS {
+                        txn.put(tree, &key.to_be_bytes(), &[number as u8; 300]).await.unwrap();
+                    }
+                    if number % 5 == 0 { txn.rollback().await.unwrap() } else { txn.commit().await.unwrap() }
+                }
+            })
+        };
+        // The reader: every read sees one committed transaction, whole.
+        let mut reads = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        while !writer.is_finished() || reads == 0 {
+            let mut txn = replica.begin().await.unwrap();
+            let entries = txn.scan(tree, Bound::Unbounded, Bound::Unbounded, None).await.unwrap();
+            txn.commit().await.unwrap();
+            let numbers: std::collections::BTreeSet<u8> =
+                entries.iter().flat_map(|(_, value)| value.iter().copied()).collect();
+            assert!(
+                entries.is_empty() || entries.len() == KEYS as usize,
+                "{} entries: a transaction shown in part",
+                entries.len()
+            );
+            assert!(numbers.len() <= 1, "values of several transactions at once: {numbers:?}");
+            if let Some(number) = numbers.first() {
+                assert!(number % 5 != 0, "transaction {number} rolled back, yet the replica shows it");
+                seen.insert(*number);
+            }
+            reads += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        writer.await.unwrap();
+        // It catches up to the writer's last transaction.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut txn = replica.begin().await.unwrap();
+            let entries = txn.scan(tree, Bound::Unbounded, Bound::Unbounded, None).await.unwrap();
+            if entries.iter().all(|(_, value)| value[0] == (TRANSACTIONS - 1) as u8) && entries.len() == KEYS as usize {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the replica did not catch up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen.len() >= 2, "the replica showed {} transactions over {reads} reads", seen.len());
+        let lag = replica.lag();
+        // Every transaction end up to the last commit was shown (the final
+        // rollback may still be on its way).
+        assert!(lag.transactions >= TRANSACTIONS as usize - 1, "{lag:?}");
+        assert!(replica.writes_refused().await);
+        replica.stop().await;
+        volume.close();
+    })
+    .await
+    .expect("test timed out");
+}

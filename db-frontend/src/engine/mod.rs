@@ -44,6 +44,7 @@
 //! Eviction runs when a transaction begins, never in the middle of one.
 
 pub mod btree;
+pub mod replica;
 pub mod undo;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -86,7 +87,7 @@ struct CachedPage {
 
 /// Pages by id, with a clock for eviction.
 #[derive(Debug, Default)]
-struct PageCache {
+pub(crate) struct PageCache {
     pages: HashMap<PageId, CachedPage>,
     clock: VecDeque<PageId>,
     capacity: usize,
@@ -101,7 +102,24 @@ impl PageView for PageCache {
 }
 
 impl PageCache {
-    fn install(&mut self, page: PageId, image: Vec<u8>, lsn: Lsn) {
+    pub(crate) fn with_capacity(capacity: usize) -> PageCache {
+        PageCache { capacity: capacity.max(CACHE_PAGES_MIN), ..PageCache::default() }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub(crate) fn image_mut(&mut self, page: PageId) -> Option<&mut Vec<u8>> {
+        self.pages.get_mut(&page).map(|cached| &mut cached.image)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.pages.clear();
+        self.clock.clear();
+    }
+
+    pub(crate) fn install(&mut self, page: PageId, image: Vec<u8>, lsn: Lsn) {
         let cached = CachedPage { image, lsn, referenced: AtomicBool::new(true) };
         if self.pages.insert(page, cached).is_none() {
             self.clock.push_back(page);
@@ -110,7 +128,7 @@ impl PageCache {
 
     /// Evicts pages until at most `capacity` remain, taking only pages
     /// whose every change is durable (LSN at or below `durable`).
-    fn evict(&mut self, durable: Lsn) -> usize {
+    pub(crate) fn evict(&mut self, durable: Lsn) -> usize {
         let mut evicted = 0;
         let mut steps = 2 * self.clock.len();
         while self.pages.len() > self.capacity && steps > 0 {
@@ -147,6 +165,8 @@ struct Shared {
     volume: Arc<VolumeClient>,
     page_bytes: usize,
     state: Arc<Mutex<EngineState>>,
+    /// Every logged mini-transaction and transaction end, for replicas.
+    replication: tokio::sync::broadcast::Sender<replica::Streamed>,
 }
 
 /// B-trees in an Aurora volume, as a [`KvStore`]. Cheap to clone.
@@ -165,7 +185,7 @@ pub struct OpenReport {
     pub rolled_back_entries: usize,
 }
 
-fn storage_error(error: impl std::fmt::Display) -> KvError {
+pub(crate) fn storage_error(error: impl std::fmt::Display) -> KvError {
     KvError::Storage(error.to_string())
 }
 
@@ -179,9 +199,10 @@ impl AuroraKv {
                 "the volume's {page_bytes}-byte pages are smaller than ENGINE_PAGE_BYTES_MIN ({ENGINE_PAGE_BYTES_MIN})"
             )));
         }
-        let cache = PageCache { capacity: cache_pages.max(CACHE_PAGES_MIN), ..PageCache::default() };
+        let cache = PageCache::with_capacity(cache_pages);
         let state = EngineState { cache, trees: BTreeMap::new(), undo_pages: 1, last_logged: Lsn::ZERO, failed: None };
-        let shared = Arc::new(Shared { volume, page_bytes, state: Arc::new(Mutex::new(state)) });
+        let (replication, _) = tokio::sync::broadcast::channel(replica::STREAM_CAPACITY);
+        let shared = Arc::new(Shared { volume, page_bytes, state: Arc::new(Mutex::new(state)), replication });
         let store = AuroraKv { shared };
         // A recovered writer counts the records it recovered durable only
         // once four segments acknowledge them again; until then a read at
@@ -244,9 +265,36 @@ impl AuroraKv {
         plan.apply(META_PAGE, SlotOp::Insert { slot: 0, cell: directory_cell(CATALOG_TREE, root) })
             .map_err(plan_error)?;
         let planned = plan.finish().map_err(plan_error)?;
-        self.log(state, planned).await?;
+        let lsn = self.log(state, planned).await?;
         state.trees.insert(CATALOG_TREE, root);
+        self.end_transaction(lsn);
         Ok(())
+    }
+
+    /// Tells replicas that no transaction is open once `lsn` is durable.
+    fn end_transaction(&self, lsn: Lsn) {
+        let _ = self
+            .shared
+            .replication
+            .send(replica::Streamed::TransactionEnd { lsn, logged_at: std::time::Instant::now() });
+    }
+
+    /// A replica's start: the stream from the next transaction on, and the
+    /// transaction boundary it starts at (held as a read point, so garbage
+    /// collection keeps what a read there needs; the replica releases it).
+    pub async fn subscribe(&self) -> Result<(tokio::sync::broadcast::Receiver<replica::Streamed>, Lsn), KvError> {
+        let state = self.shared.state.lock().await; // no transaction is open
+        let boundary = state.last_logged;
+        self.shared
+            .volume
+            .hold_read_point(boundary)
+            .map_err(|floor| KvError::Storage(format!("the last transaction end {boundary} is below MRPL {floor}")))?;
+        Ok((self.shared.replication.subscribe(), boundary))
+    }
+
+    /// The page size the engine runs on.
+    pub fn page_bytes(&self) -> usize {
+        self.shared.page_bytes
     }
 
     fn read_directory(&self, state: &mut EngineState) -> Result<(), KvError> {
@@ -321,6 +369,11 @@ impl AuroraKv {
                     state.cache.install(page, image, lsn);
                 }
                 state.last_logged = lsn;
+                // No replica listening is not an error.
+                let _ = self
+                    .shared
+                    .replication
+                    .send(replica::Streamed::MiniTransaction { lsn, changes: Arc::new(planned.changes) });
                 Ok(lsn)
             }
             Err(error) => {
@@ -384,7 +437,45 @@ impl AuroraKv {
             .await?;
         let lsn = self.log(state, planned).await?;
         state.undo_pages = 1;
+        self.end_transaction(lsn);
         Ok(lsn)
+    }
+}
+
+/// [`btree::scan`] over `cache`, reading each page it misses from
+/// `volume` (at VDL, or at a replica's `read_point`) and going on after
+/// the last key found.
+pub(crate) async fn scan_loading(
+    cache: &mut PageCache,
+    volume: &VolumeClient,
+    read_point: Option<Lsn>,
+    page_bytes: usize,
+    root: PageId,
+    (start, end): (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    limit: Option<usize>,
+) -> Result<Entries, KvError> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut out = Entries::new();
+    let mut from = start;
+    loop {
+        let found_before = out.len();
+        match btree::scan(cache, page_bytes, root, &from, &end, limit, &mut out) {
+            Ok(()) => return Ok(out),
+            Err(PlanError::Missing(page)) => {
+                let read = match read_point {
+                    Some(point) => volume.read_page_at(page, point).await,
+                    None => volume.read_page(page).await,
+                };
+                let read = read.map_err(storage_error)?;
+                cache.install(page, read.image.to_vec(), read_point.unwrap_or(read.page_lsn));
+            }
+            Err(PlanError::Corrupt(reason)) => return Err(KvError::Storage(reason)),
+        }
+        if out.len() > found_before
+            && let Some((last, _)) = out.last()
+        {
+            from = Bound::Excluded(last.clone());
+        }
     }
 }
 
@@ -422,7 +513,7 @@ fn directory_cell(tree: TreeId, root: PageId) -> Bytes {
     Bytes::from(cell)
 }
 
-fn parse_directory_cell(cell: &[u8]) -> Result<(TreeId, PageId), KvError> {
+pub(crate) fn parse_directory_cell(cell: &[u8]) -> Result<(TreeId, PageId), KvError> {
     if cell.len() != 12 {
         return Err(KvError::Storage(format!("a directory cell of {} bytes (12 expected)", cell.len())));
     }
@@ -587,28 +678,13 @@ impl KvTxn for AuroraTxn {
         limit: Option<usize>,
     ) -> Result<Entries, KvError> {
         let root = self.root(tree)?;
-        let limit = limit.unwrap_or(usize::MAX);
         let store = self.store.clone();
-        let page_bytes = store.shared.page_bytes;
-        let state = self.state();
-        let mut out = Entries::new();
-        let mut from = start;
-        loop {
-            if let Some(reason) = &state.failed {
-                return Err(KvError::Storage(reason.clone()));
-            }
-            let found_before = out.len();
-            match btree::scan(&state.cache, page_bytes, root, &from, &end, limit, &mut out) {
-                Ok(()) => return Ok(out),
-                Err(PlanError::Missing(page)) => store.load(state, page).await?,
-                Err(PlanError::Corrupt(reason)) => return Err(KvError::Storage(reason)),
-            }
-            if out.len() > found_before
-                && let Some((last, _)) = out.last()
-            {
-                from = Bound::Excluded(last.clone());
-            }
+        let state = self.state.as_mut().expect("held until the transaction ends");
+        if let Some(reason) = &state.failed {
+            return Err(KvError::Storage(reason.clone()));
         }
+        let volume = &store.shared.volume;
+        scan_loading(&mut state.cache, volume, None, store.shared.page_bytes, root, (start, end), limit).await
     }
 
     async fn create_tree(&mut self) -> Result<TreeId, KvError> {

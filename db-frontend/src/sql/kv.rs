@@ -66,6 +66,9 @@ pub enum KvError {
     TransactionTooLarge(String),
     #[error("{0} cannot be dropped")]
     Undroppable(TreeId),
+    /// A change asked of a read replica.
+    #[error("this is a read replica: it cannot change anything")]
+    ReadOnly,
     /// The storage underneath failed (a volume error, a fenced writer, a
     /// closed store). The transaction's outcome is as the message says.
     #[error("storage: {0}")]

@@ -397,6 +397,17 @@ impl VolumeClient {
         self.shared.core.lock().segments()
     }
 
+    /// Holds `point` as a read point until [`Self::release_read_point`]:
+    /// garbage collection keeps every page version a read there needs.
+    /// Refused (with MRPL) below MRPL, whose versions may be gone.
+    pub fn hold_read_point(&self, point: Lsn) -> Result<(), Lsn> {
+        self.shared.core.lock().hold_read_point(point)
+    }
+
+    pub fn release_read_point(&self, point: Lsn) {
+        self.shared.core.lock().end_read(point);
+    }
+
     /// PGCL of `pg`: the highest LSN four of its six segments completed.
     pub fn pg_complete_lsn(&self, pg: PgId) -> Lsn {
         self.shared.core.lock().pg_complete_lsn(pg)

@@ -800,6 +800,18 @@ impl<W> WriterCore<W> {
         point
     }
 
+    /// Holds `point` (at or above MRPL) as a read point, as [`Self::begin_read`]
+    /// holds VDL: a read replica's point, which garbage collection must
+    /// respect. Released with [`Self::end_read`].
+    pub fn hold_read_point(&mut self, point: Lsn) -> Result<(), Lsn> {
+        let floor = self.min_read_point();
+        if point < floor {
+            return Err(floor);
+        }
+        *self.read_points.entry(point).or_default() += 1;
+        Ok(())
+    }
+
     pub fn end_read(&mut self, point: Lsn) {
         if let Some(count) = self.read_points.get_mut(&point) {
             *count -= 1;
