@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use lab::bench::fs::{self as fs_bench, FsBenchOptions};
 use lab::bench::locks::{self as lock_bench, LocksOptions};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
+use lab::bench::replica_lag::{self, ReplicaLagOptions};
 use lab::crash::{self, CrashOptions as RedoCrashOptions};
 use lab::demo::{self, DemoOptions};
 use lab::fs::{self as lab_fs, FsckOptions, MountOptions, ServeOptions};
@@ -102,6 +103,9 @@ enum Bench {
     /// from 1 to 4 workstations (lock messages, revokes, storage round trips per operation),
     /// and the contention cases. Needs root and /dev/fuse.
     Fs(FsBenchOptions),
+    /// How far read replicas trail the writer: lag p50/p99 (commit record logged to
+    /// visible on the replica) at each target write rate.
+    ReplicaLag(ReplicaLagOptions),
 }
 
 /// Counts heap bytes only while a memory figure is being measured.
@@ -162,6 +166,14 @@ fn main() -> Result<()> {
                 let report = fs_bench::run(options, &std::env::current_exe()?).await?;
                 println!("{}", fs_bench::render(&report));
                 if let Some(path) = json {
+                    println!("JSON: {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Bench(Bench::ReplicaLag(options)) => {
+                let report = replica_lag::run(options).await?;
+                println!("{}", replica_lag::render(&report));
+                if let Some(path) = &report.options.json {
                     println!("JSON: {}", path.display());
                 }
                 Ok(())

@@ -6,4 +6,5 @@ pub mod fs;
 pub mod fuse_floor;
 pub mod locks;
 pub mod quorum_write;
+pub mod replica_lag;
 pub mod report;
