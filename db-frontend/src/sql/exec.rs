@@ -274,7 +274,10 @@ fn range_bounds(
     params: &[Value],
 ) -> SqlResult<Option<KeyRange>> {
     let composite = table.primary_key.len() > 1;
-    let first_type = table.columns[table.primary_key[0]].data_type;
+    let Some(&first) = table.primary_key.first() else {
+        return Err(SqlError::new(sqlstate::INTERNAL_ERROR, "a key range over a table without a primary key"));
+    };
+    let first_type = table.columns[first].data_type;
     let encode = |expr: &Expr| -> SqlResult<Option<Vec<u8>>> {
         let value = expr.eval(&context(&[], params))?;
         Ok(key_value(value, first_type)?.map(|value| encode_key(&[value])))

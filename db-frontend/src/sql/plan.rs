@@ -737,7 +737,9 @@ impl Planner<'_> {
                         return Err(SqlError::syntax("SELECT * with no tables specified is not valid"));
                     };
                     if aggregated {
-                        return Err(grouping_error(&scope.table.columns[0].name));
+                        return Err(grouping_error(
+                            scope.table.columns.first().map_or("*", |column| column.name.as_str()),
+                        ));
                     }
                     for (index, column) in scope.table.columns.iter().enumerate() {
                         projection.push(Expr::Column(index));
