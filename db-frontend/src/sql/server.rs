@@ -31,10 +31,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{Sink, stream};
-use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::sasl::scram::{ScramAuth, gen_salted_password};
-use pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler};
+use pgwire::api::auth::{self, AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -217,32 +216,27 @@ fn random_salt() -> Vec<u8> {
     salt
 }
 
-/// No authentication.
-#[derive(Debug)]
-struct TrustStartup;
-
-impl NoopStartupHandler for TrustStartup {}
-
 /// The startup phase: trust, SCRAM, or a refusal (too many connections).
 enum Startup {
-    Trust(TrustStartup),
+    Trust(Arc<DefaultServerParameterProvider>),
     Scram(Box<SASLAuthStartupHandler<DefaultServerParameterProvider>>),
     Refuse,
 }
 
 impl Startup {
     fn new(config: &ServerConfig) -> Startup {
+        let mut parameters = DefaultServerParameterProvider::default();
+        parameters.server_version = super::SERVER_VERSION.to_owned();
+        let parameters = Arc::new(parameters);
         match config.auth {
-            AuthMode::Trust => Startup::Trust(TrustStartup),
+            AuthMode::Trust => Startup::Trust(parameters),
             AuthMode::ScramSha256 => {
                 let salt = random_salt();
                 let salted_password = gen_salted_password(&config.password, &salt, SCRAM_ITERATIONS);
                 let source = ScramUser { user: config.user.clone(), salt, salted_password };
                 let mut scram = ScramAuth::new(Arc::new(source));
                 scram.set_iterations(SCRAM_ITERATIONS);
-                let mut parameters = DefaultServerParameterProvider::default();
-                parameters.server_version = super::SERVER_VERSION.to_owned();
-                Startup::Scram(Box::new(SASLAuthStartupHandler::new(Arc::new(parameters)).with_scram(scram)))
+                Startup::Scram(Box::new(SASLAuthStartupHandler::new(parameters).with_scram(scram)))
             }
         }
     }
@@ -257,7 +251,15 @@ impl StartupHandler for Startup {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         match self {
-            Startup::Trust(trust) => trust.on_startup(client, message).await,
+            Startup::Trust(parameters) => {
+                // Everything pgwire's no-op handler does, with our parameters.
+                if let PgWireFrontendMessage::Startup(startup) = &message {
+                    auth::protocol_negotiation(client, startup).await?;
+                    auth::save_startup_parameters_to_metadata(client, startup);
+                    auth::finish_authentication(client, parameters.as_ref()).await?;
+                }
+                Ok(())
+            }
             Startup::Scram(scram) => scram.on_startup(client, message).await,
             Startup::Refuse => Err(PgWireError::UserError(Box::new(ErrorInfo::new(
                 "FATAL".to_owned(),
