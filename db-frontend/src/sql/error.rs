@@ -14,6 +14,8 @@ use super::kv::KvError;
 pub mod sqlstate {
     /// `42601`: the statement does not parse.
     pub const SYNTAX_ERROR: &str = "42601";
+    /// A change asked of a read replica.
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     /// `0A000`: valid SQL this engine does not implement.
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// `42P01`: no such table.
@@ -129,6 +131,7 @@ impl From<KvError> for SqlError {
                 sqlstate::PROGRAM_LIMIT_EXCEEDED
             }
             KvError::Storage(_) => sqlstate::IO_ERROR,
+            KvError::ReadOnly => sqlstate::READ_ONLY_SQL_TRANSACTION,
             KvError::NoSuchTree(_) | KvError::Undroppable(_) => sqlstate::INTERNAL_ERROR,
         };
         SqlError::new(code, error.to_string())
