@@ -28,6 +28,7 @@ pub mod fs_crash;
 pub mod locks;
 pub mod procs;
 pub mod sim;
+pub mod sql;
 
 /// Writes `contents` to `path` through a temporary file and a rename, so a
 /// reader (another `lab` process) never sees half a file.

@@ -13,6 +13,7 @@ use lab::fs_crash::{self, CrashOptions};
 use lab::locks::{self, SimOptions};
 use lab::procs::{self, StorageNodeOptions, WriterOptions};
 use lab::sim::{self as redo_sim, SimOptions as RedoSimOptions};
+use lab::sql::{self as lab_sql, SqlOptions, UpOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +52,11 @@ enum Command {
     /// flipped bytes): a timeline, the invariants checked, recovery times, data verified.
     /// Exits 1 if an invariant does not hold.
     Crash(RedoCrashOptions),
+    /// Keep a cluster serving SQL over the PostgreSQL wire protocol (with read replicas
+    /// if asked), print the psql command, and serve until Ctrl-C.
+    Up(UpOptions),
+    /// Run SQL against a running `lab up` (-c "..."), or fill the pgbench tables.
+    Sql(SqlOptions),
     /// Run one role of a cluster as its own process (what `lab crash` starts).
     #[command(subcommand)]
     Node(Node),
@@ -122,6 +128,8 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Demo(options) => demo::run(options).await,
+            Command::Up(options) => lab_sql::up(options).await,
+            Command::Sql(options) => lab_sql::sql(options).await,
             Command::Locks(Locks::Sim(options)) => locks::run(&options),
             Command::Sim(options) => redo_sim::run(&options),
             Command::Node(Node::Storage(options)) => procs::run_storage_node(options).await,

@@ -88,7 +88,7 @@ pub async fn run(options: ReplicaLagOptions) -> Result<ReplicaLagReport> {
     if options.rates.is_empty() || options.rates.contains(&0) {
         bail!("--rates needs at least one rate, each above 0");
     }
-    if options.writers == 0 || !(options.duration > 0.0) {
+    if options.writers == 0 || options.duration.is_nan() || options.duration <= 0.0 {
         bail!("--writers and --duration must be above 0");
     }
     let directory = tempfile::tempdir().context("a temporary data directory")?;
