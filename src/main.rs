@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lab::bench::fs::{self as fs_bench, FsBenchOptions};
 use lab::bench::locks::{self as lock_bench, LocksOptions};
+use lab::bench::pgbench::{self as pgbench_bench, PgbenchOptions};
 use lab::bench::quorum_write::{self, QuorumWriteOptions};
 use lab::bench::replica_lag::{self, ReplicaLagOptions};
 use lab::crash::{self, CrashOptions as RedoCrashOptions};
@@ -112,6 +113,10 @@ enum Bench {
     /// How far read replicas trail the writer: lag p50/p99 (commit record logged to
     /// visible on the replica) at each target write rate.
     ReplicaLag(ReplicaLagOptions),
+    /// pgbench side by side against (a) this kit, (b) PostgreSQL 15 with 5 streaming standbys
+    /// and synchronous_standby_names = 'ANY 3 (...)', (c) PostgreSQL alone: tps, average and
+    /// p99 latency, loopback bytes per transaction. Needs PostgreSQL 15 installed.
+    Pgbench(PgbenchOptions),
 }
 
 /// Counts heap bytes only while a memory figure is being measured.
@@ -174,6 +179,14 @@ fn main() -> Result<()> {
                 let report = fs_bench::run(options, &std::env::current_exe()?).await?;
                 println!("{}", fs_bench::render(&report));
                 if let Some(path) = json {
+                    println!("JSON: {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Bench(Bench::Pgbench(options)) => {
+                let report = pgbench_bench::run_bench(options).await?;
+                println!("{}", pgbench_bench::render(&report));
+                if let Some(path) = &report.options.json {
                     println!("JSON: {}", path.display());
                 }
                 Ok(())

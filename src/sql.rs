@@ -253,7 +253,8 @@ async fn run_statements(connection: &Connection, statements: &str) -> Result<()>
     Ok(())
 }
 
-async fn init_pgbench(connection: &Connection, scale: u32) -> Result<()> {
+/// Creates the pgbench tables on the server at `connection` and fills them.
+pub async fn init_pgbench(connection: &Connection, scale: u32) -> Result<()> {
     if scale == 0 {
         bail!("--scale must be at least 1");
     }

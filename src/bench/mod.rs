@@ -5,6 +5,7 @@ pub mod etcd;
 pub mod fs;
 pub mod fuse_floor;
 pub mod locks;
+pub mod pgbench;
 pub mod quorum_write;
 pub mod replica_lag;
 pub mod report;

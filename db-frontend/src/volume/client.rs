@@ -38,7 +38,7 @@ use common::limits::{LSN_ALLOCATION_LIMIT_DEFAULT, LSN_ALLOCATION_LIMIT_MAX};
 use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
 use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -624,7 +624,11 @@ fn send_to(shared: &Shared, node: NodeId, frame: Bytes) -> bool {
 }
 
 /// Sends everything the core has for the segments, unless another task is
-/// already sending (it will pick up what is queued before it stops).
+/// already sending (it will pick up what is queued before it stops). A node
+/// a frame could not go to is not tried again in this call: its segments
+/// resend from their SCLs on a later flush (the ticker's, or the next
+/// writer's), so a node that cannot take frames (gone, queue full, the
+/// client closed) never keeps this loop spinning.
 fn send_queued(shared: &Shared) {
     let mut outgoing = {
         let mut core = shared.core.lock();
@@ -633,22 +637,29 @@ fn send_queued(shared: &Shared) {
         }
         core.flush(shared.now_micros())
     };
+    let mut unreachable: HashSet<NodeId> = HashSet::new();
     loop {
+        let closed = shared.closed.load(Ordering::Acquire);
         let failed: Vec<NodeId> = outgoing
             .drain(..)
-            .filter(|out| !send_to(shared, out.node, out.frame.clone()))
+            .filter(|out| closed || unreachable.contains(&out.node) || !send_to(shared, out.node, out.frame.clone()))
             .map(|out| out.node)
             .collect();
         let mut core = shared.core.lock();
         for node in failed {
-            debug!(%node, "send failed: resending from SCL");
-            // Not connected or queue full: resend from SCL later.
+            debug!(%node, "send failed: resending from SCL later");
             for (pg, replica) in core.geometry().segments_on(node) {
                 core.resend_from_complete(pg, replica);
             }
+            unreachable.insert(node);
         }
-        outgoing = core.flush(shared.now_micros());
-        if outgoing.is_empty() {
+        outgoing = if closed { Vec::new() } else { core.flush(shared.now_micros()) };
+        if outgoing.iter().all(|out| unreachable.contains(&out.node)) {
+            for node in outgoing.iter().map(|out| out.node).collect::<HashSet<_>>() {
+                for (pg, replica) in core.geometry().segments_on(node) {
+                    core.resend_from_complete(pg, replica);
+                }
+            }
             // Cleared under the core lock: a writer that allocates after this
             // sees `false` and sends its own records.
             shared.sending.store(false, Ordering::Release);
