@@ -204,6 +204,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     frontend_crash(&cluster, client, options.writers as u32).await?;
     cluster.stop();
     frangipani_section(options.backend).await?;
+    sql_section(options.backend).await?;
     println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -331,4 +332,155 @@ async fn frangipani_section(backend: DiskBackend) -> Result<()> {
     );
     second.unmount().await?;
     Ok(())
+}
+
+/// Accounts of the SQL section's bank, and their opening balance.
+const BANK_ACCOUNTS: i64 = 20;
+const BANK_OPENING_BALANCE: i64 = 1000;
+/// Clients of the SQL section's transfer load.
+const BANK_CLIENTS: u64 = 4;
+
+/// Step 8: SQL over the PostgreSQL wire protocol on a fresh cluster: a
+/// short session, then bank transfers from four clients while the front
+/// end crashes and a new one recovers; the total balance is checked.
+async fn sql_section(backend: DiskBackend) -> Result<()> {
+    use crate::sql::{Serving, UpOptions};
+    use db_frontend::sql::server::ServerConfig;
+    println!("\n== 8. SQL: the toy engine over the PostgreSQL wire protocol, on a fresh six-node cluster");
+    let up = UpOptions {
+        port: 0,
+        replicas: 1,
+        user: "lab".into(),
+        password: None,
+        trust: true,
+        data_dir: None,
+        cache_pages: db_frontend::engine::CACHE_PAGES_DEFAULT,
+        backend,
+    };
+    let serving = Serving::start(&up, ServerConfig::trust()).await?;
+    let port = serving.writer.address.port();
+    println!(
+        "   serving on 127.0.0.1:{port} (psql -h 127.0.0.1 -p {port} lab), a replica on {}",
+        serving.replicas[0].1.address.port()
+    );
+    let session = connect_sql(port).await?;
+    for statement in [
+        "CREATE TABLE accounts (id BIGINT PRIMARY KEY, owner TEXT, balance BIGINT)",
+        "INSERT INTO accounts VALUES (1, 'ada', 100), (2, 'bob', 50)",
+        "UPDATE accounts SET balance = balance + 10 WHERE id = 2",
+        "BEGIN",
+        "DELETE FROM accounts WHERE id = 1",
+        "ROLLBACK",
+        "SELECT id, owner, balance FROM accounts ORDER BY id",
+        "SELECT nonsense FROM accounts",
+    ] {
+        match session.simple_query(statement).await {
+            Ok(messages) => {
+                let rows: Vec<String> = messages
+                    .iter()
+                    .filter_map(|message| match message {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                            (0..row.len()).map(|index| row.get(index).unwrap_or("NULL")).collect::<Vec<_>>().join("|"),
+                        ),
+                        _ => None,
+                    })
+                    .collect();
+                println!(
+                    "   lab=> {statement}{}",
+                    if rows.is_empty() { String::new() } else { format!("   -> {}", rows.join(", ")) }
+                );
+            }
+            Err(error) => {
+                let code = error.as_db_error().map_or("?".into(), |db| db.code().code().to_string());
+                println!("   lab=> {statement}   -> ERROR {code} (the session goes on)");
+            }
+        }
+    }
+    let opening: Vec<String> =
+        (0..BANK_ACCOUNTS).map(|id| format!("({}, 'bank', {BANK_OPENING_BALANCE})", id + 100)).collect();
+    session.batch_execute(&format!("INSERT INTO accounts VALUES {}", opening.join(", "))).await?;
+    let total_before = total_balance(&session).await?;
+    drop(session);
+
+    // Transfers; the front end crashes in the middle.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (port_sender, port_receiver) = tokio::sync::watch::channel(port);
+    let mut clients = Vec::new();
+    for client_index in 0..BANK_CLIENTS {
+        let (stop, mut port) = (stop.clone(), port_receiver.clone());
+        clients.push(tokio::spawn(async move {
+            let mut rng = common::rng::SimRng::new(client_index + 1);
+            let mut acknowledged = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let current = *port.borrow_and_update();
+                let Ok(client) = connect_sql(current).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (from, to) = (rng.below(BANK_ACCOUNTS as u64) + 100, rng.below(BANK_ACCOUNTS as u64) + 100);
+                    let amount = rng.below(20) + 1;
+                    let script = format!(
+                        "BEGIN; UPDATE accounts SET balance = balance - {amount} WHERE id = {from}; \
+                         UPDATE accounts SET balance = balance + {amount} WHERE id = {to}; COMMIT"
+                    );
+                    match tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&script)).await {
+                        Ok(Ok(())) => acknowledged += 1,
+                        _ => break,
+                    }
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let Serving { writer, replicas, store, cluster, .. } = serving;
+    store.volume().close(); // the crash: no clean shutdown
+    let crashed = Instant::now();
+    writer.stop().await?;
+    for (replica, handle) in replicas {
+        handle.stop().await?;
+        replica.stop().await;
+    }
+    let volume = Arc::new(cluster.open_volume(Arc::new(TcpTransport::new())).await?);
+    let (store, report) =
+        db_frontend::engine::AuroraKv::open(volume.clone(), db_frontend::engine::CACHE_PAGES_DEFAULT).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let writer = db_frontend::sql::server::spawn(listener, store, ServerConfig::trust())?;
+    println!(
+        "   {BANK_CLIENTS} clients transferring; the front end crashed; a new one recovered the volume and served again after {:.0} ms \
+         ({} undo entries of an open transaction rolled back)",
+        crashed.elapsed().as_secs_f64() * 1000.0,
+        report.rolled_back_entries
+    );
+    port_sender.send(writer.address.port())?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = 0;
+    for client in clients {
+        acknowledged += client.await?;
+    }
+    let session = connect_sql(writer.address.port()).await?;
+    let total_after = total_balance(&session).await?;
+    ensure!(total_after == total_before, "the total balance went from {total_before} to {total_after}");
+    println!("   {acknowledged} transfers acknowledged; total balance {total_after} before and after: conserved");
+    drop(session);
+    writer.stop().await?;
+    volume.close();
+    let mut cluster = cluster;
+    cluster.stop();
+    Ok(())
+}
+
+async fn connect_sql(port: u16) -> Result<tokio_postgres::Client> {
+    let url = format!("host=127.0.0.1 port={port} user=lab dbname=lab");
+    let (client, driver) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(driver);
+    Ok(client)
+}
+
+async fn total_balance(session: &tokio_postgres::Client) -> Result<i64> {
+    let rows = session.query("SELECT SUM(balance) FROM accounts", &[]).await?;
+    let total: Option<i64> = rows.first().context("SUM returned no row")?.get(0);
+    total.context("SUM was NULL")
 }

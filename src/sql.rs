@@ -136,14 +136,25 @@ pub async fn up(options: UpOptions) -> Result<()> {
     println!("Serving SQL on the Aurora-style volume (six storage nodes on loopback).");
     println!("  writer:    {login}psql -h 127.0.0.1 -p {} -U {} lab", serving.writer.address.port(), options.user);
     for (index, (_, handle)) in serving.replicas.iter().enumerate() {
-        println!("  replica {index}: {login}psql -h 127.0.0.1 -p {} -U {} lab   (read-only)", handle.address.port(), options.user);
+        println!(
+            "  replica {index}: {login}psql -h 127.0.0.1 -p {} -U {} lab   (read-only)",
+            handle.address.port(),
+            options.user
+        );
     }
-    println!("  pgbench:   lab sql init-pgbench --scale 1 --port {0}; {login}pgbench -h 127.0.0.1 -p {0} -U {1} -n -T 10 lab", serving.writer.address.port(), options.user);
+    println!(
+        "  pgbench:   lab sql init-pgbench --scale 1 --port {0}; {login}pgbench -h 127.0.0.1 -p {0} -U {1} -n -T 10 lab",
+        serving.writer.address.port(),
+        options.user
+    );
     println!("Ctrl-C stops everything.");
     tokio::signal::ctrl_c().await?;
     for (index, (replica, _)) in serving.replicas.iter().enumerate() {
         let lag = replica.lag();
-        println!("replica {index}: {} transactions shown, lag p50 {:.2} ms, p99 {:.2} ms", lag.transactions, lag.p50_ms, lag.p99_ms);
+        println!(
+            "replica {index}: {} transactions shown, lag p50 {:.2} ms, p99 {:.2} ms",
+            lag.transactions, lag.p50_ms, lag.p99_ms
+        );
     }
     serving.stop().await
 }
@@ -270,9 +281,8 @@ pub async fn init_pgbench(connection: &Connection, scale: u32) -> Result<()> {
     client.simple_query(PGBENCH_SCHEMA).await.map_err(fail)?;
     let scale = u64::from(scale);
     let accounts = scale * ACCOUNTS_PER_BRANCH;
-    let values = |range: std::ops::Range<u64>, row: &dyn Fn(u64) -> String| {
-        range.map(row).collect::<Vec<_>>().join(", ")
-    };
+    let values =
+        |range: std::ops::Range<u64>, row: &dyn Fn(u64) -> String| range.map(row).collect::<Vec<_>>().join(", ");
     client
         .simple_query(&format!(
             "INSERT INTO pgbench_branches (bid, bbalance) VALUES {}",
@@ -283,7 +293,10 @@ pub async fn init_pgbench(connection: &Connection, scale: u32) -> Result<()> {
     client
         .simple_query(&format!(
             "INSERT INTO pgbench_tellers (tid, bid, tbalance) VALUES {}",
-            values(1..scale * TELLERS_PER_BRANCH + 1, &|tid| format!("({tid}, {}, 0)", (tid - 1) / TELLERS_PER_BRANCH + 1))
+            values(1..scale * TELLERS_PER_BRANCH + 1, &|tid| format!(
+                "({tid}, {}, 0)",
+                (tid - 1) / TELLERS_PER_BRANCH + 1
+            ))
         ))
         .await
         .map_err(fail)?;
@@ -310,6 +323,9 @@ pub async fn init_pgbench(connection: &Connection, scale: u32) -> Result<()> {
         bar.set_position(first - 1);
     }
     bar.finish_and_clear();
-    println!("pgbench tables at scale {scale}: {scale} branches, {} tellers, {accounts} accounts", scale * TELLERS_PER_BRANCH);
+    println!(
+        "pgbench tables at scale {scale}: {scale} branches, {} tellers, {accounts} accounts",
+        scale * TELLERS_PER_BRANCH
+    );
     Ok(())
 }

@@ -44,7 +44,8 @@ async fn serve(cluster: &LocalCluster) -> (Arc<db_frontend::VolumeClient>, Serve
 
 async fn connect(port: u16) -> Option<tokio_postgres::Client> {
     let url = format!("host=127.0.0.1 port={port} user=bank dbname=bank");
-    let (client, driver) = tokio::time::timeout(STATEMENT_TIMEOUT, tokio_postgres::connect(&url, NoTls)).await.ok()?.ok()?;
+    let (client, driver) =
+        tokio::time::timeout(STATEMENT_TIMEOUT, tokio_postgres::connect(&url, NoTls)).await.ok()?.ok()?;
     tokio::spawn(driver);
     Some(client)
 }

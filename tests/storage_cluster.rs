@@ -739,3 +739,44 @@ async fn a_replacement_that_cannot_finish_is_rolled_back() {
     .await
     .expect("in time");
 }
+
+/// Closing the client while writers keep logging (a crashed front end):
+/// every writer gets an answer at once, and the client spins on nothing
+/// (`send_queued` once looped forever on frames it could not send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_client_under_load_ends_every_write_promptly() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let client = Arc::new(cluster.open_volume(Arc::new(TcpTransport::new())).await.expect("volume"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..WRITERS as u64)
+            .map(|writer| {
+                let (client, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut logged = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = Bytes::from(vec![writer as u8; 8]);
+                        let change = PageChange { page: PageId(writer), op: PageOp::Write { offset: 0, data } };
+                        if client.write(&[change]).await.is_err() {
+                            break;
+                        }
+                        logged += 1;
+                    }
+                    logged
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.close();
+        let ended = tokio::time::timeout(Duration::from_secs(5), futures_total(writers)).await;
+        let logged = ended.expect("every writer ended within 5 s of close()");
+        assert!(logged > 0, "nothing was logged before close()");
+        assert_eq!(
+            client.write(&[PageChange { page: PageId(0), op: PageOp::ZeroPage }]).await,
+            Err(db_frontend::VolumeError::Closed)
+        );
+    })
+    .await
+    .expect("test timed out");
+}

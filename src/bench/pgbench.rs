@@ -120,7 +120,13 @@ fn loopback_sent_bytes() -> Result<u64> {
 }
 
 /// Runs pgbench against `port` and reads its output and per-transaction log.
-fn pgbench(options: &PgbenchOptions, system: &str, port: u16, directory: &Path, password: Option<&str>) -> Result<SystemResult> {
+fn pgbench(
+    options: &PgbenchOptions,
+    system: &str,
+    port: u16,
+    directory: &Path,
+    password: Option<&str>,
+) -> Result<SystemResult> {
     let logs = directory.join(format!("log-{port}"));
     std::fs::create_dir_all(&logs)?;
     let mut command = Command::new(program("pgbench"));
@@ -174,7 +180,12 @@ struct PostgresServer {
 impl PostgresServer {
     fn start(&self) -> Result<()> {
         let mut command = postgres_command("pg_ctl");
-        command.arg("-D").arg(&self.data).arg("-l").arg(self.data.with_extension("log")).args(["-w", "-t", "60", "start"]);
+        command
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.data.with_extension("log"))
+            .args(["-w", "-t", "60", "start"]);
         run(command, &format!("PostgreSQL on port {}", self.port)).map(|_| ())
     }
 
@@ -226,14 +237,29 @@ fn run_postgres(options: &PgbenchOptions, directory: &Path) -> Result<(SystemRes
     let mut standbys: Vec<PostgresServer> = Vec::new();
     let result = (|| -> Result<(SystemResult, SystemResult)> {
         let mut init = Command::new(program("pgbench"));
-        init.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-i", "-q"])
-            .args(["-s", &options.scale.to_string(), "postgres"]);
+        init.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-i", "-q"]).args([
+            "-s",
+            &options.scale.to_string(),
+            "postgres",
+        ]);
         run(init, "pgbench -i")?;
         for index in 1..=STANDBYS {
-            let standby = PostgresServer { data: directory.join(format!("s{index}")), port: options.port + 1 + index as u16 };
+            let standby =
+                PostgresServer { data: directory.join(format!("s{index}")), port: options.port + 1 + index as u16 };
             let mut backup = postgres_command("pg_basebackup");
             backup
-                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "-D"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-D",
+                ])
                 .arg(&standby.data);
             run(backup, "pg_basebackup")?;
             configure(&standby.data, "postgresql.conf", &format!("port = {}", standby.port))?;
@@ -242,7 +268,10 @@ fn run_postgres(options: &PgbenchOptions, directory: &Path) -> Result<(SystemRes
             configure(
                 &standby.data,
                 "postgresql.auto.conf",
-                &format!("primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=s{index}'", primary.port),
+                &format!(
+                    "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=s{index}'",
+                    primary.port
+                ),
             )?;
             standby.start()?;
             standbys.push(standby);
@@ -275,7 +304,10 @@ fn run_postgres(options: &PgbenchOptions, directory: &Path) -> Result<(SystemRes
 }
 
 pub async fn run_bench(options: PgbenchOptions) -> Result<PgbenchReport> {
-    ensure!(options.clients > 0 && options.duration > 0 && options.scale > 0, "--clients, --duration and --scale must be above 0");
+    ensure!(
+        options.clients > 0 && options.duration > 0 && options.scale > 0,
+        "--clients, --duration and --scale must be above 0"
+    );
     ensure!(options.mode == "simple" || options.mode == "extended", "--mode is simple or extended");
     let directory = tempfile::Builder::new().prefix("lab-pgbench-").tempdir()?;
     if running_as_root() {
@@ -311,8 +343,10 @@ pub async fn run_bench(options: PgbenchOptions) -> Result<PgbenchReport> {
     crate::sql::init_pgbench(&connection, options.scale).await?;
     let kit = {
         let (options, directory, port) = (options.clone(), directory.path().to_path_buf(), connection.port);
-        tokio::task::spawn_blocking(move || pgbench(&options, "(a) this kit, 6 storage nodes", port, &directory, Some(password)))
-            .await??
+        tokio::task::spawn_blocking(move || {
+            pgbench(&options, "(a) this kit, 6 storage nodes", port, &directory, Some(password))
+        })
+        .await??
     };
     serving.stop().await?;
     let (synchronous, alone) = {
@@ -326,7 +360,8 @@ pub async fn run_bench(options: PgbenchOptions) -> Result<PgbenchReport> {
         options,
     };
     if let Some(path) = &report.options.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
 }

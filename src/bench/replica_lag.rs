@@ -110,10 +110,12 @@ pub async fn run(options: ReplicaLagOptions) -> Result<ReplicaLagReport> {
         for replica in &replicas {
             replica.reset_lag();
         }
-        let (achieved, commit) = write_at(&store, tree, rate, options.writers, Duration::from_secs_f64(options.duration)).await?;
+        let (achieved, commit) =
+            write_at(&store, tree, rate, options.writers, Duration::from_secs_f64(options.duration)).await?;
         tokio::time::sleep(Duration::from_millis(200)).await; // the last ends reach the replicas
         let lags: Vec<_> = replicas.iter().map(ReplicaKv::lag).collect();
-        let worst = |pick: fn(&db_frontend::engine::replica::LagReport) -> f64| lags.iter().map(pick).fold(0.0, f64::max);
+        let worst =
+            |pick: fn(&db_frontend::engine::replica::LagReport) -> f64| lags.iter().map(pick).fold(0.0, f64::max);
         let lag_p99_ms = worst(|lag| lag.p99_ms);
         results.push(RateResult {
             target_writes_per_s: rate,
@@ -137,7 +139,8 @@ pub async fn run(options: ReplicaLagOptions) -> Result<ReplicaLagReport> {
     volume.close();
     let report = ReplicaLagReport { options, results };
     if let Some(path) = &report.options.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
 }
