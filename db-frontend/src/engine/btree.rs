@@ -433,6 +433,18 @@ mod tests {
             pages
         }
 
+        /// A volume with one empty tree, and its root.
+        fn with_tree() -> (Pages, PageId) {
+            let mut pages = Pages::new();
+            let (root, planned) = pages.run(|view| {
+                let mut plan = MiniTransaction::new(view, PAGE_BYTES)?;
+                let root = create(&mut plan, 1)?;
+                Ok((root, plan.finish()?))
+            });
+            pages.install(planned);
+            (pages, root)
+        }
+
         /// Runs `plan` as the engine does: a missing page is read from
         /// storage and the plan runs again.
         fn run<T>(&mut self, mut plan: impl FnMut(&Pages) -> Result<T, PlanError>) -> T {
@@ -568,15 +580,8 @@ mod tests {
         /// (evicted at random) read them and give the same result.
         #[test]
         fn a_btree_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..700), seed in any::<u64>()) {
-            let mut pages = Pages::new();
+            let (mut pages, root) = Pages::with_tree();
             let mut rng = seed;
-            let planned = pages.run(|view| {
-                let mut plan = MiniTransaction::new(view, PAGE_BYTES)?;
-                let root = create(&mut plan, 1)?;
-                Ok((root, plan.finish()?))
-            });
-            let root = planned.0;
-            pages.install(planned.1);
             let mut model = BTreeMap::new();
             for op in ops {
                 pages.evict_some(&mut rng);
@@ -634,14 +639,7 @@ mod tests {
 
     #[test]
     fn filling_a_tree_splits_the_root_into_levels_and_keeps_its_page() {
-        let mut pages = Pages::new();
-        let planned = pages.run(|view| {
-            let mut plan = MiniTransaction::new(view, PAGE_BYTES)?;
-            let root = create(&mut plan, 1)?;
-            Ok((root, plan.finish()?))
-        });
-        let root = planned.0;
-        pages.install(planned.1);
+        let (mut pages, root) = Pages::with_tree();
         let mut records_per_put = Vec::new();
         for index in 0..3000u32 {
             // Long keys: inner pages fill too, and the tree grows to three levels.
