@@ -152,8 +152,8 @@ pub async fn up(options: UpOptions) -> Result<()> {
     for (index, (replica, _)) in serving.replicas.iter().enumerate() {
         let lag = replica.lag();
         println!(
-            "replica {index}: {} transactions shown, lag p50 {:.2} ms, p99 {:.2} ms",
-            lag.transactions, lag.p50_ms, lag.p99_ms
+            "replica {index}: {} commits shown, lag p50 {:.2} ms, p99 {:.2} ms (from the commit acknowledgement)",
+            lag.commits, lag.p50_ms, lag.p99_ms
         );
     }
     serving.stop().await

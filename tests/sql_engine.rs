@@ -294,6 +294,9 @@ async fn a_replica_shows_only_whole_committed_transactions() {
         // Every transaction end up to the last commit was shown (the final
         // rollback may still be on its way).
         assert!(lag.transactions >= TRANSACTIONS as usize - 1, "{lag:?}");
+        let commits = TRANSACTIONS - TRANSACTIONS / 5;
+        assert!(lag.commits + 1 >= commits as usize && lag.commits <= commits as usize, "{lag:?}");
+        assert!(lag.p99_ms <= lag.max_ms && lag.logged_p50_ms > 0.0, "{lag:?}");
         assert!(replica.writes_refused().await);
         replica.stop().await;
         volume.close();

@@ -4,9 +4,10 @@
 //! the writer, and up to 15 read replicas (`ReplicaKv`), each with a
 //! reader doing point lookups. For each target rate, writer tasks commit
 //! one-row transactions (a 100-byte value under a random key) at that
-//! rate, paced; every replica records, per transaction, the time from
-//! the writer logging its commit record to the replica showing it
-//! (which includes the wait for durability). The report gives the
+//! rate, paced; every replica records, per commit, the time from the
+//! writer acknowledging it (durable) to the replica showing it, and from
+//! the writer logging its commit record (which adds the wait for
+//! durability). The report gives the
 //! achieved rate and the worst replica's p50, p99 and max lag, against
 //! the bars of A17 Table 4's order (5 ms at 1,000 writes/s, 10 ms at
 //! 10,000).
@@ -30,6 +31,8 @@ use crate::cluster::{ClusterOptions, LocalCluster};
 
 /// Keys the load writes over (and the readers look up).
 const KEYS: u64 = 10_000;
+/// A run counts only if it reached this fraction of its target rate.
+const RATE_REACHED_FRACTION: f64 = 0.9;
 /// Bytes of each value written.
 const VALUE_BYTES: usize = 100;
 
@@ -59,14 +62,17 @@ pub struct RateResult {
     pub target_writes_per_s: u64,
     pub achieved_writes_per_s: f64,
     pub transactions_shown: usize,
-    /// The worst replica's.
+    /// The worst replica's, from the commit's acknowledgement on the writer.
     pub lag_p50_ms: f64,
     pub lag_p99_ms: f64,
     pub lag_max_ms: f64,
+    /// The worst replica's, from the commit record's logging (adds the wait for durability).
+    pub logged_lag_p99_ms: f64,
     /// The writers' commit latency (begin to durable), for comparison.
     pub commit: LatencySummary,
     /// The bar for this rate (5 ms up to 1,000 writes/s, 10 ms above).
     pub bar_p99_ms: f64,
+    /// p99 under the bar, at 90% or more of the target rate.
     pub holds: bool,
 }
 
@@ -120,13 +126,14 @@ pub async fn run(options: ReplicaLagOptions) -> Result<ReplicaLagReport> {
         results.push(RateResult {
             target_writes_per_s: rate,
             achieved_writes_per_s: achieved,
-            transactions_shown: lags.iter().map(|lag| lag.transactions).min().unwrap_or(0),
+            transactions_shown: lags.iter().map(|lag| lag.commits).min().unwrap_or(0),
             lag_p50_ms: worst(|lag| lag.p50_ms),
             lag_p99_ms,
             lag_max_ms: worst(|lag| lag.max_ms),
+            logged_lag_p99_ms: worst(|lag| lag.logged_p99_ms),
             commit,
             bar_p99_ms: bar_for(rate),
-            holds: lag_p99_ms < bar_for(rate),
+            holds: lag_p99_ms < bar_for(rate) && achieved >= RATE_REACHED_FRACTION * rate as f64,
         });
     }
     stop_readers.store(true, Ordering::Relaxed);
@@ -223,16 +230,35 @@ pub fn render(report: &ReplicaLagReport) -> String {
                 format!("{:.2}", result.lag_p50_ms),
                 format!("{:.2}", result.lag_p99_ms),
                 format!("{:.2}", result.lag_max_ms),
+                format!("{:.2}", result.logged_lag_p99_ms),
                 format!("{:.2}", result.commit.p50_us as f64 / 1000.0),
                 format!("< {:.0}", result.bar_p99_ms),
-                if result.holds { "holds".into() } else { "FAILS".into() },
+                match (
+                    result.holds,
+                    result.achieved_writes_per_s >= RATE_REACHED_FRACTION * result.target_writes_per_s as f64,
+                ) {
+                    (true, _) => "holds".into(),
+                    (false, false) => "rate not reached".into(),
+                    (false, true) => "FAILS".into(),
+                },
             ]
         })
         .collect();
-    let headers =
-        ["writes/s", "achieved", "shown", "lag p50 ms", "lag p99 ms", "max ms", "commit p50 ms", "bar p99", "result"];
+    let headers = [
+        "writes/s",
+        "achieved",
+        "commits",
+        "lag p50 ms",
+        "lag p99 ms",
+        "max ms",
+        "from log p99",
+        "commit p50 ms",
+        "bar p99",
+        "result",
+    ];
     format!(
-        "lab bench replica-lag ({} replica(s); lag = commit record logged -> visible on the replica, worst replica)\n\n{}",
+        "lab bench replica-lag ({} replica(s), worst one; lag = commit acknowledged on the writer -> visible on the replica; \
+         'from log' = commit record logged -> visible, which adds the wait for durability)\n\n{}",
         report.options.replicas,
         render_table(&headers, &rows)
     )

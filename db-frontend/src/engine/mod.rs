@@ -719,10 +719,17 @@ impl KvTxn for AuroraTxn {
     async fn commit(mut self) -> Result<(), KvError> {
         let store = self.store.clone();
         let mut state = self.state.take().expect("held until the transaction ends");
-        let wait_for = if self.undo.is_empty() { state.last_logged } else { store.empty_undo_log(&mut state).await? };
+        let wrote = !self.undo.is_empty();
+        let wait_for = if wrote { store.empty_undo_log(&mut state).await? } else { state.last_logged };
         self.undo.clear();
         drop(state); // the next transaction may start: its commit comes after this one
-        store.shared.volume.wait_durable(wait_for).await.map_err(storage_error)
+        store.shared.volume.wait_durable(wait_for).await.map_err(storage_error)?;
+        if wrote {
+            let acknowledged =
+                replica::Streamed::Committed { lsn: wait_for, acknowledged_at: std::time::Instant::now() };
+            let _ = store.shared.replication.send(acknowledged);
+        }
+        Ok(())
     }
 
     async fn rollback(mut self) -> Result<(), KvError> {
