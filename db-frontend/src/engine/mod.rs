@@ -363,7 +363,7 @@ impl AuroraKv {
 
     /// Logs a planned mini-transaction and installs its pages.
     async fn log(&self, state: &mut EngineState, planned: Planned) -> Result<Lsn, KvError> {
-        match self.shared.volume.write(&planned.changes).await {
+        match self.shared.volume.write_serialized(&planned.changes).await {
             Ok(lsn) => {
                 for (page, image) in planned.pages {
                     state.cache.install(page, image, lsn);

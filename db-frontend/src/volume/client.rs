@@ -187,6 +187,14 @@ impl Shared {
     }
 }
 
+/// Whether a write waits a moment for other writers' records to share its
+/// send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Batching {
+    WaitForOthers,
+    SendAtOnce,
+}
+
 /// A connected writer for one volume. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct VolumeClient {
@@ -421,12 +429,25 @@ impl VolumeClient {
     /// CPL's LSN without waiting for durability. Waits while the LSN
     /// allocation limit is reached.
     pub async fn write(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
-        self.log(changes, None).await
+        self.log(changes, None, Batching::WaitForOthers).await
+    }
+
+    /// [`Self::write`] for a caller that serializes its writers itself (the
+    /// SQL engine, under its one-transaction lock): no other writer can
+    /// queue records meanwhile, so the records go out at once instead of
+    /// after a yield that would only hold up the caller's lock.
+    pub async fn write_serialized(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
+        self.log(changes, None, Batching::SendAtOnce).await
     }
 
     /// [`Self::write`]; with `waiter`, it is registered for the CPL's
     /// durability under the same lock as the allocation.
-    async fn log(&self, changes: &[PageChange], waiter: Option<oneshot::Sender<()>>) -> Result<Lsn, VolumeError> {
+    async fn log(
+        &self,
+        changes: &[PageChange],
+        waiter: Option<oneshot::Sender<()>>,
+        batching: Batching,
+    ) -> Result<Lsn, VolumeError> {
         let mut waiter = waiter;
         loop {
             if self.shared.closed.load(Ordering::Acquire) {
@@ -458,7 +479,7 @@ impl VolumeClient {
                             // are likely ready to run: let them queue their
                             // records first, so they share this send. A lone
                             // writer sends at once.
-                            if others_in_flight {
+                            if others_in_flight && batching == Batching::WaitForOthers {
                                 tokio::task::yield_now().await;
                             }
                             send_queued(&self.shared);
@@ -492,7 +513,7 @@ impl VolumeClient {
     /// Logs a mini-transaction and waits until it is durable (VDL >= its CPL).
     pub async fn commit(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
         let (sender, receiver) = oneshot::channel();
-        let lsn = self.log(changes, Some(sender)).await?;
+        let lsn = self.log(changes, Some(sender), Batching::WaitForOthers).await?;
         receiver.await.map_err(|_| self.waiter_dropped())?;
         Ok(lsn)
     }
