@@ -296,7 +296,9 @@ async fn a_replica_shows_only_whole_committed_transactions() {
         assert!(lag.transactions >= TRANSACTIONS as usize - 1, "{lag:?}");
         let commits = TRANSACTIONS - TRANSACTIONS / 5;
         assert!(lag.commits + 1 >= commits as usize && lag.commits <= commits as usize, "{lag:?}");
-        assert!(lag.p99_ms <= lag.max_ms && lag.logged_p50_ms > 0.0, "{lag:?}");
+        // Lag counted from the commit record's logging includes the wait for
+        // durability, which lag counted from the acknowledgement does not.
+        assert!(lag.logged_p50_ms > 0.0 && lag.logged_p50_ms >= lag.p50_ms, "{lag:?}");
         assert!(replica.writes_refused().await);
         replica.stop().await;
         volume.close();

@@ -106,10 +106,6 @@ impl PageCache {
         PageCache { capacity: capacity.max(CACHE_PAGES_MIN), ..PageCache::default() }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.pages.len()
-    }
-
     pub(crate) fn image_mut(&mut self, page: PageId) -> Option<&mut Vec<u8>> {
         self.pages.get_mut(&page).map(|cached| &mut cached.image)
     }
@@ -204,12 +200,6 @@ impl AuroraKv {
         let (replication, _) = tokio::sync::broadcast::channel(replica::STREAM_CAPACITY);
         let shared = Arc::new(Shared { volume, page_bytes, state: Arc::new(Mutex::new(state)), replication });
         let store = AuroraKv { shared };
-        // A recovered writer counts the records it recovered durable only
-        // once four segments acknowledge them again; until then a read at
-        // its VDL would miss them, and a page cached from such a read would
-        // be older than the log. Nothing is read before they are.
-        let recovered = store.shared.volume.points().highest_allocated;
-        store.shared.volume.wait_durable(recovered).await.map_err(storage_error)?;
         let mut state = store.shared.state.clone().lock_owned().await;
         let mut report = OpenReport { created: false, rolled_back_entries: 0 };
         store.load(&mut state, META_PAGE).await?;

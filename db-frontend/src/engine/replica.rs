@@ -24,7 +24,7 @@
 //!
 //! Lag is measured two ways, per transaction: from the writer's commit
 //! being acknowledged (durable, the client told) to the replica showing
-//! it, which is what A17 Table 4 reports; and from the writer logging the
+//! it (the replica lag the bars are about); and from the writer logging the
 //! commit record, which adds the wait for durability.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -102,7 +102,7 @@ impl LagSamples {
     }
 }
 
-/// Milliseconds at `quantile` of `samples` (0 when there are none).
+/// Milliseconds at `quantile` of `sorted` (0 when it is empty).
 fn quantile_ms(sorted: &[u64], quantile: f64) -> f64 {
     if sorted.is_empty() {
         0.0
@@ -203,11 +203,6 @@ impl ReplicaKv {
         let Ok(mut txn) = self.begin().await else { return false };
         txn.put(TreeId(0), b"k", b"v").await == Err(KvError::ReadOnly)
             && txn.create_tree().await == Err(KvError::ReadOnly)
-    }
-
-    /// Pages in the replica's cache.
-    pub async fn cached_pages(&self) -> usize {
-        self.shared.state.lock().await.cache.len()
     }
 
     /// Stops applying the stream and releases the read point.

@@ -239,6 +239,15 @@ impl VolumeClient {
         tasks.push(tokio::spawn(async move { run_ticker(ticker).await }));
         let client = VolumeClient { shared, tasks };
         client.await_write_quorums().await?;
+        let recovered = client.points().highest_allocated;
+        let waited = client.shared.config.open_timeout;
+        match tokio::time::timeout(waited, client.wait_durable(recovered)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                let waiting_for = format!("four acknowledgements of the records recovered up to {recovered}");
+                return Err(VolumeError::RecoveryTimedOut { waiting_for, waited });
+            }
+        }
         info!(pgs = client.shared.config.geometry.pg_count(), "volume open");
         Ok(client)
     }
