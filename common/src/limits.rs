@@ -25,8 +25,10 @@ pub const RECORD_BODY_BYTES_MAX: usize = PAGE_BYTES_MAX + 64;
 pub const RECORDS_PER_APPEND_MAX: usize = 8192;
 
 /// Largest group-commit batch a segment writes with one write + one
-/// fdatasync.
-pub const LOG_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// fdatasync. A repairing segment fills its writes with hydrate batches:
+/// on this one-disk machine an 8 MiB write + fdatasync moved 390-690 MB/s
+/// where a 3 MiB one moved 125-560 MB/s (the flush is paid per write).
+pub const LOG_BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Most bytes a segment queues behind its in-flight disk write before it
 /// refuses appends (queue depth for the disk).
@@ -68,11 +70,10 @@ pub const TRUNCATIONS_MAX: usize = 1024;
 pub const RECORD_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 /// Most bytes of versions and records one
-/// [`crate::message::HydrateBatch`] carries: a repairing segment logs each
-/// batch in one write, with the appends queued meanwhile (so three
-/// quarters of a log write), and larger batches mean fewer flushes and
-/// round trips per byte repaired.
-pub const HYDRATE_BATCH_BYTES_MAX: usize = LOG_BATCH_BYTES_MAX / 4 * 3;
+/// [`crate::message::HydrateBatch`] carries: three quarters of a frame. A
+/// repairing segment logs as many whole batches as fit in one log write
+/// with the appends queued meanwhile (two, with 8 MiB writes).
+pub const HYDRATE_BATCH_BYTES_MAX: usize = FRAME_PAYLOAD_BYTES_MAX / 4 * 3;
 const _: () = assert!(HYDRATE_BATCH_BYTES_MAX + 64 * 1024 < FRAME_PAYLOAD_BYTES_MAX);
 
 /// Slack reserved in every log write for entry headers and padding.

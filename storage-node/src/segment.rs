@@ -387,9 +387,10 @@ const CLEAN_LIVE_NUMERATOR: usize = 1;
 const CLEAN_LIVE_DENOMINATOR: usize = 2;
 
 /// Hydrate batches a repair keeps received but not yet written before it
-/// stops asking: one being written, one waiting, one on the wire, so the
-/// peer's serving and the network overlap the disk.
-const HYDRATE_BATCHES_AHEAD: usize = 2;
+/// stops asking. A log write takes as many as fit (two of 3 MiB in an
+/// 8 MiB write), so while it is on the disk one batch waits and one is on
+/// the wire: the peer's serving and the network overlap the disk.
+const HYDRATE_BATCHES_AHEAD: usize = 3;
 
 /// Times a repair asks its peer again for a batch that did not come (a
 /// request lost while the link connected, a busy peer) before it starts
@@ -1762,19 +1763,21 @@ impl SegmentCore {
             room -= record.encoded.len();
             take += 1;
         }
-        // A hydration batch next, whole or not at all.
-        let hydration_bytes = self.hydration_pending.front().map(|(versions, records)| {
-            ENTRY_HEADER_BYTES
+        // Hydration batches next, as many whole ones as fit.
+        let mut hydration: Option<(Vec<PageVersion>, Vec<RedoRecord>)> = None;
+        while let Some((versions, records)) = self.hydration_pending.front() {
+            let bytes = 2 * ENTRY_HEADER_BYTES
                 + versions.iter().map(|version| version_item_bytes(version.image.len())).sum::<usize>()
-                + records.iter().map(|record| record.encoded.len()).sum::<usize>()
-        });
-        let hydration = match hydration_bytes {
-            Some(bytes) if bytes <= room => {
-                room -= bytes;
-                self.hydration_pending.pop_front()
+                + records.iter().map(|record| record.encoded.len()).sum::<usize>();
+            if bytes > room {
+                break;
             }
-            _ => None,
-        };
+            room -= bytes;
+            let (versions, records) = self.hydration_pending.pop_front().expect("a front batch");
+            let taken = hydration.get_or_insert_default();
+            taken.0.extend(versions);
+            taken.1.extend(records);
+        }
         let completes_hydration = match (&hydration, &self.gossip.hydration) {
             (Some(_), Some(state)) if state.paged_out && self.hydration_pending.is_empty() => {
                 Some((state.complete_through, state.min_read_point))

@@ -61,6 +61,7 @@ fn empty_truncation(epoch: Epoch) -> Truncation {
 
 /// A segment on a memory disk, driven synchronously, open at epoch 1.
 struct Harness {
+    config: SegmentConfig,
     core: SegmentCore,
     disk: MemoryDisk,
     acks: Vec<(ReplyTo, AppendAck)>,
@@ -72,8 +73,13 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
-        let (core, actions) = SegmentCore::create(config(), Epoch::INITIAL).unwrap();
+        Harness::with_config(config())
+    }
+
+    fn with_config(config: SegmentConfig) -> Harness {
+        let (core, actions) = SegmentCore::create(config.clone(), Epoch::INITIAL).unwrap();
         let mut harness = Harness {
+            config,
             core,
             disk: MemoryDisk::new(),
             acks: Vec::new(),
@@ -122,7 +128,7 @@ impl Harness {
     fn restart(&mut self) -> RecoveryReport {
         let scan = scan_log(&self.disk.read_all().unwrap());
         let end = scan.end;
-        let (core, report) = SegmentCore::recover(config(), scan).unwrap();
+        let (core, report) = SegmentCore::recover(self.config.clone(), scan).unwrap();
         if report.truncated_tail_bytes > 0 {
             self.disk.zero(end, report.truncated_tail_bytes).unwrap();
         }
@@ -866,6 +872,57 @@ fn a_segment_too_far_behind_hydrates_from_a_peer() {
         assert!(rounds < 1000, "the new replica never caught up");
     }
     compare(&fresh, &peer);
+}
+
+/// A repair's log write takes every received hydrate batch that fits: two
+/// 3 MiB batches waiting behind a write go out together in the next one
+/// (one fdatasync for both), and the repaired segment still serves every
+/// page as its peer does, also after a restart.
+#[test]
+fn a_repair_logs_the_hydrate_batches_waiting_in_one_write() {
+    let large = SegmentConfig { log_file_bytes: 32 * 1024 * 1024, ..SegmentConfig::new(PG, 8192, 1 << 20) };
+    let (mut fresh, mut peer) = (Harness::with_config(large.clone()), Harness::with_config(large));
+    let mut maker = RecordMaker::default();
+    let pages = 1300u64; // a little over three batches of whole-page records
+    for first in (0..pages).step_by(100) {
+        let records = (first..first + 100).map(|page| maker.make(page, 0, &[page as u8; 8192], 0)).collect();
+        peer.append(records, 1);
+    }
+    let through = peer.core.segment_complete_lsn();
+    fresh.core.gossip_hydrate_now();
+    let mut serve = |request: Option<(usize, Message)>| match request {
+        Some((_, Message::Hydrate(request))) => peer.core.hydrate(&request).expect("the peer serves"),
+        other => panic!("expected a hydrate request, got {other:?}"),
+    };
+    // The first batch's write stays on the disk while two more arrive.
+    let first = serve(fresh.core.gossip_due(1));
+    let on_the_disk = fresh.core.hydrate_received(first);
+    assert!(matches!(on_the_disk.as_slice(), [Action::Write(_)]), "the first batch is written at once");
+    for _ in 0..2 {
+        let batch = serve(fresh.core.catch_up_request_due(1));
+        assert!(fresh.core.hydrate_received(batch).is_empty(), "a batch waits behind the write in flight");
+    }
+    fresh.complete_all(on_the_disk);
+    let sizes: Vec<usize> = fresh.writes.iter().map(|write| write.bytes.len()).collect();
+    assert_eq!(sizes.len(), 2, "the two waiting batches went out in one write: {sizes:?}");
+    assert!(sizes[1] > HYDRATE_BATCH_BYTES_MAX && sizes[1] <= LOG_BATCH_BYTES_MAX, "write sizes {sizes:?}");
+    let mut rounds = 0;
+    while fresh.core.segment_complete_lsn() < through {
+        let batch = serve(fresh.core.catch_up_request_due(1).or_else(|| fresh.core.gossip_due(1)));
+        let actions = fresh.core.hydrate_received(batch);
+        fresh.complete_all(actions);
+        rounds += 1;
+        assert!(rounds < 10, "the repair never finished");
+    }
+    for restarted in [false, true] {
+        if restarted {
+            fresh.restart();
+        }
+        for page in (0..pages).step_by(97) {
+            let ours = fresh.core.read_page(PageId(page), through, Epoch::INITIAL).expect("readable");
+            assert_eq!(ours, peer.core.read_page(PageId(page), through, Epoch::INITIAL).expect("readable"));
+        }
+    }
 }
 
 /// A corrupt record in the middle of the log marks the segment as needing

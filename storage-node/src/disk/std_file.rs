@@ -1,12 +1,13 @@
-//! Plain files: a worker thread per segment runs `pwrite` then `fdatasync`.
+//! Plain files: a worker thread per segment runs `pwrite` then `fdatasync`
+//! (a large write's aligned middle `O_DIRECT`, see `LogFiles::write`).
 
+use super::files::DirectStaging;
 use super::{LogDisk, LogFiles, WriteDone};
 use crate::log_format::LogPosition;
 use crate::segment::LogWrite;
 use bytes::Bytes;
 use crossbeam::channel::{Sender, unbounded};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -24,13 +25,11 @@ impl StdFileDisk {
         let worker_files = files.clone();
         std::thread::Builder::new().name("segment-disk".into()).spawn(move || {
             // Ends when the disk (the only sender) is dropped.
+            let mut staging = DirectStaging::default();
             for (write, done) in queue {
                 let result = worker_files
-                    .file_for_write(write.position.file, write.position.offset + write.bytes.len() as u64)
-                    .and_then(|file| {
-                        file.write_all_at(&write.bytes, write.position.offset)?;
-                        file.sync_data()
-                    });
+                    .write(write.position.file, write.position.offset, &write.bytes, &mut staging)
+                    .and_then(|file| file.sync_data());
                 done(result);
             }
         })?;
