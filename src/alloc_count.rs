@@ -3,10 +3,15 @@
 //! [`Counting`] guard is alive: otherwise each allocation pays one relaxed
 //! load of a flag that is never written on the hot path.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use mimalloc::MiMalloc;
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-/// The system allocator plus an optional live-bytes counter.
+/// mimalloc plus an optional live-bytes counter. mimalloc rather than
+/// glibc malloc: the nodes, the writer and the SQL engine allocate and free
+/// many small buffers per record, and glibc spent about 8% of the CPU of a
+/// one-row-commit load on it (`lab bench replica-lag`: 8,700-9,000 commits/s
+/// with glibc, 9,300-9,700 with mimalloc, in the same hour).
 #[derive(Debug)]
 pub struct CountingAllocator;
 
@@ -19,12 +24,12 @@ fn count(delta: i64) {
     }
 }
 
-// SAFETY: every call is forwarded unchanged to `System`; the counter only
+// SAFETY: every call is forwarded unchanged to `MiMalloc`; the counter only
 // observes sizes.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's layout.
-        let pointer = unsafe { System.alloc(layout) };
+        let pointer = unsafe { MiMalloc.alloc(layout) };
         if !pointer.is_null() {
             count(layout.size() as i64);
         }
@@ -33,7 +38,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's layout.
-        let pointer = unsafe { System.alloc_zeroed(layout) };
+        let pointer = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !pointer.is_null() {
             count(layout.size() as i64);
         }
@@ -42,13 +47,13 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
         // SAFETY: the caller guarantees `pointer` came from this allocator with `layout`.
-        unsafe { System.dealloc(pointer, layout) };
+        unsafe { MiMalloc.dealloc(pointer, layout) };
         count(-(layout.size() as i64));
     }
 
     unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: forwarded with the caller's arguments.
-        let moved = unsafe { System.realloc(pointer, layout, new_size) };
+        let moved = unsafe { MiMalloc.realloc(pointer, layout, new_size) };
         if !moved.is_null() {
             count(new_size as i64 - layout.size() as i64);
         }

@@ -466,6 +466,42 @@ async fn commits_that_wait_for_the_allocation_limit_all_complete() {
     .expect("in time");
 }
 
+/// Deferred writes (the SQL engine's changes inside a transaction) wait
+/// unsent, never more than `DEFERRED_RECORD_BYTES_MAX` of them: a
+/// transaction larger than that streams out while it runs. A durability
+/// wait sends the rest, and every change is then on the segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_writes_stream_past_their_cap_and_go_out_with_the_durability_wait() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(&options(directory.path())).await.expect("cluster");
+        let config = db_frontend::VolumeConfig::new(cluster.geometry().clone());
+        let client = VolumeClient::open(config, Arc::new(TcpTransport::new())).await.expect("volume");
+        let record_data = 4096;
+        let mut last = Lsn::ZERO;
+        for index in 0..96u64 {
+            let data = Bytes::from(vec![index as u8 + 1; record_data]);
+            let change = PageChange { page: PageId(index % 8), op: PageOp::Write { offset: 0, data } };
+            last = client.write_deferred(&[change]).await.expect("deferred write");
+            assert!(
+                client.unsent_bytes() <= common::limits::DEFERRED_RECORD_BYTES_MAX + 2 * record_data,
+                "{} bytes wait unsent",
+                client.unsent_bytes()
+            );
+        }
+        client.wait_durable(last).await.expect("durable");
+        assert_eq!(client.unsent_bytes(), 0, "the wait sent what was left");
+        assert!(client.points().volume_durable >= last);
+        for page in 0..8u64 {
+            let read = client.read_page(PageId(page)).await.expect("read");
+            let newest = (88 + page) as u8 + 1;
+            assert!(read.image[..record_data].iter().all(|&byte| byte == newest), "page {page} holds its last write");
+        }
+    })
+    .await
+    .expect("in time");
+}
+
 /// A second writer recovers the volume with two nodes down: it seals a
 /// write quorum of every PG at a newer epoch, finds every commit the first
 /// writer acknowledged, and from then on the first writer is fenced (its

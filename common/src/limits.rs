@@ -61,6 +61,11 @@ pub const LSN_ALLOCATION_LIMIT_DEFAULT: u64 = 10_000_000;
 /// record it could have written lies above the range.
 pub const LSN_ALLOCATION_LIMIT_MAX: u64 = 10_000_000;
 
+/// Most bytes of encoded records a writer lets wait unsent for a later
+/// send (`VolumeClient::write_deferred`): a long transaction's changes
+/// still flow, in frames of about this size, and keep VDL moving.
+pub const DEFERRED_RECORD_BYTES_MAX: usize = 256 * 1024;
+
 /// Most truncation ranges a volume's segments keep (one per recovery that
 /// wrote something before the next one). A recovery that would need more
 /// is refused with this limit's name.

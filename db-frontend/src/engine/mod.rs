@@ -23,10 +23,15 @@
 //! page. The volume marks its last record a consistency point, so VDL
 //! never stops inside one and a recovered volume holds all of it or none.
 //! A commit is one more record, which empties the undo log; it returns to
-//! the client once VDL reaches it. Commits of concurrent sessions share
-//! the volume's group commit: one transaction runs at a time (the single
+//! the client once VDL reaches it. A transaction's records are logged
+//! deferred ([`VolumeClient::write_deferred`]): they leave with its
+//! commit's durability wait, one frame and one log write per segment for
+//! the whole transaction. Commits of concurrent sessions share the
+//! volume's group commit: one transaction runs at a time (the single
 //! writer of [`crate::sql::kv`]), but the next one starts while the
-//! previous commit is still on its way to the disks.
+//! previous commit is still on its way to the disks. A writer that
+//! crashes with a transaction open may have sent none of it (nothing to
+//! undo) or some of it (undone at the next open).
 //!
 //! A rollback applies the undo entries backwards. A writer that starts on
 //! a volume whose undo log is not empty (its predecessor crashed with a
@@ -353,7 +358,7 @@ impl AuroraKv {
 
     /// Logs a planned mini-transaction and installs its pages.
     async fn log(&self, state: &mut EngineState, planned: Planned) -> Result<Lsn, KvError> {
-        match self.shared.volume.write_serialized(&planned.changes).await {
+        match self.shared.volume.write_deferred(&planned.changes).await {
             Ok(lsn) => {
                 for (page, image) in planned.pages {
                     state.cache.install(page, image, lsn);
@@ -726,7 +731,9 @@ impl KvTxn for AuroraTxn {
         let store = self.store.clone();
         let mut state = self.state.take().expect("held until the transaction ends");
         let entries = std::mem::take(&mut self.undo);
-        if entries.is_empty() { Ok(()) } else { store.undo(&mut state, entries).await }
+        let undone = if entries.is_empty() { Ok(()) } else { store.undo(&mut state, entries).await };
+        store.shared.volume.send_deferred();
+        undone
     }
 }
 
@@ -744,6 +751,7 @@ impl Drop for AuroraTxn {
                     if let Err(error) = store.undo(&mut state, entries).await {
                         tracing::error!(%error, "rolling back a dropped transaction failed");
                     }
+                    store.shared.volume.send_deferred();
                 });
             }
             Err(_) => {

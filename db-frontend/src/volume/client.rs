@@ -34,7 +34,7 @@
 
 use bytes::Bytes;
 use common::ids::{Epoch, Lsn, NodeId, PageId, PgId, ReplicaIndex};
-use common::limits::{LSN_ALLOCATION_LIMIT_DEFAULT, LSN_ALLOCATION_LIMIT_MAX};
+use common::limits::{DEFERRED_RECORD_BYTES_MAX, LSN_ALLOCATION_LIMIT_DEFAULT, LSN_ALLOCATION_LIMIT_MAX};
 use common::message::{ErrorCode, Message, ReadPageRequest, StatusRequest};
 use common::transport::{Connection, FrameSender, Transport};
 use parking_lot::Mutex;
@@ -187,12 +187,15 @@ impl Shared {
     }
 }
 
-/// Whether a write waits a moment for other writers' records to share its
-/// send.
+/// When a write's records go to the segments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Batching {
+    /// After a moment for other writers' records to share the send.
     WaitForOthers,
-    SendAtOnce,
+    /// With a later send: the next write that sends, a durability wait
+    /// ([`VolumeClient::wait_durable`]), [`VolumeClient::send_deferred`],
+    /// or once `DEFERRED_RECORD_BYTES_MAX` are waiting.
+    Defer,
 }
 
 /// A connected writer for one volume. Cheap to share behind an `Arc`.
@@ -441,12 +444,26 @@ impl VolumeClient {
         self.log(changes, None, Batching::WaitForOthers).await
     }
 
-    /// [`Self::write`] for a caller that serializes its writers itself (the
-    /// SQL engine, under its one-transaction lock): no other writer can
-    /// queue records meanwhile, so the records go out at once instead of
-    /// after a yield that would only hold up the caller's lock.
-    pub async fn write_serialized(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
-        self.log(changes, None, Batching::SendAtOnce).await
+    /// [`Self::write`] for records nobody waits on yet (the SQL engine's
+    /// changes inside a transaction): they go out with the next write that
+    /// sends or the next durability wait, so a transaction's changes and
+    /// its commit reach each segment in one frame and one log write,
+    /// instead of one per change. At most `DEFERRED_RECORD_BYTES_MAX` bytes
+    /// wait; the ticker sends any left.
+    pub async fn write_deferred(&self, changes: &[PageChange]) -> Result<Lsn, VolumeError> {
+        self.log(changes, None, Batching::Defer).await
+    }
+
+    /// Bytes of records deferred writes left waiting to be sent.
+    pub fn unsent_bytes(&self) -> usize {
+        self.shared.core.lock().unsent_bytes()
+    }
+
+    /// Sends the records deferred writes left waiting.
+    pub fn send_deferred(&self) {
+        if self.unsent_bytes() > 0 {
+            send_queued(&self.shared);
+        }
     }
 
     /// [`Self::write`]; with `waiter`, it is registered for the CPL's
@@ -466,10 +483,11 @@ impl VolumeClient {
             tokio::pin!(advanced);
             advanced.as_mut().enable();
             {
-                let (allocated, others_in_flight) = {
+                let (allocated, others_in_flight, deferrable) = {
                     let mut core = self.shared.core.lock();
                     let others_in_flight = !core.all_durable();
                     let allocated = core.allocate(changes);
+                    let deferrable = batching == Batching::Defer && core.unsent_bytes() < DEFERRED_RECORD_BYTES_MAX;
                     if let Ok(lsn) = &allocated
                         && let Some(waiter) = waiter.take()
                     {
@@ -479,9 +497,10 @@ impl VolumeClient {
                             let _ = early.send(());
                         }
                     }
-                    (allocated, others_in_flight)
+                    (allocated, others_in_flight, deferrable)
                 };
                 match allocated {
+                    Ok(lsn) if deferrable => return Ok(lsn),
                     Ok(lsn) => {
                         if !self.shared.sending.load(Ordering::Acquire) {
                             // While other commits are in flight, more writers
@@ -495,7 +514,8 @@ impl VolumeClient {
                         }
                         return Ok(lsn);
                     }
-                    Err(AllocationError::LimitReached { .. }) => {}
+                    // Deferred records may be what holds VDL back.
+                    Err(AllocationError::LimitReached { .. }) => self.send_deferred(),
                     Err(AllocationError::PageLsnUnknown { page }) => {
                         // Lazy redo: the page's last LSN comes with one read.
                         let read = self.read_page(page).await?;
@@ -510,8 +530,21 @@ impl VolumeClient {
         }
     }
 
-    /// Waits until VDL reaches `lsn`.
+    /// Waits until VDL reaches `lsn`, sending deferred records first. While
+    /// earlier records are still in flight, it yields once before sending,
+    /// so other writers' transactions can queue theirs to share the send
+    /// (group commit).
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
+        let (unsent, in_flight) = {
+            let core = self.shared.core.lock();
+            (core.unsent_bytes() > 0, core.sent_in_flight())
+        };
+        if unsent {
+            if in_flight {
+                tokio::task::yield_now().await;
+            }
+            self.send_deferred();
+        }
         let (sender, receiver) = oneshot::channel();
         if self.shared.core.lock().wait_durable(lsn, sender).is_some() {
             return Ok(());
@@ -533,7 +566,7 @@ impl VolumeClient {
         if core.is_fenced() { VolumeError::Fenced { epoch: core.epoch() } } else { VolumeError::Closed }
     }
 
-    /// Whether a newer writer sealed the volume (see [`crate::volume::seal`]).
+    /// Whether a newer writer sealed the volume (see [`crate::volume::recovery`]).
     pub fn is_fenced(&self) -> bool {
         self.shared.core.lock().is_fenced()
     }

@@ -216,6 +216,10 @@ pub struct WriterCore<W> {
     page_last_lsn: IdHashMap<PageId, Lsn>,
     encode_buffer: BytesMut,
     retained_bytes: usize,
+    /// Bytes of records allocated and not yet handed to [`Self::flush`].
+    unsent_bytes: usize,
+    /// The highest LSN [`Self::flush`] has handed out for sending.
+    highest_sent: Lsn,
     commit_waiters: BTreeMap<Lsn, Vec<W>>,
     /// Active read points and how many readers hold each.
     read_points: BTreeMap<Lsn, usize>,
@@ -254,6 +258,8 @@ impl<W> WriterCore<W> {
             page_last_lsn: IdHashMap::default(),
             encode_buffer: BytesMut::new(),
             retained_bytes: 0,
+            unsent_bytes: 0,
+            highest_sent: Lsn::ZERO,
             commit_waiters: BTreeMap::new(),
             read_points: BTreeMap::new(),
             read_latency: HashMap::new(),
@@ -341,6 +347,12 @@ impl<W> WriterCore<W> {
         self.fenced
     }
 
+    /// Whether records already sent are still on their way to durability
+    /// (deferred records not yet sent do not count).
+    pub fn sent_in_flight(&self) -> bool {
+        self.highest_sent > self.tracker.volume_durable_lsn()
+    }
+
     /// Whether every allocated LSN is durable (nothing is in flight).
     pub fn all_durable(&self) -> bool {
         self.tracker.highest_allocated() == self.tracker.volume_durable_lsn()
@@ -362,6 +374,12 @@ impl<W> WriterCore<W> {
     /// Bytes of records kept for retransmission.
     pub fn retained_bytes(&self) -> usize {
         self.retained_bytes
+    }
+
+    /// Bytes of records allocated but not yet sent ([`Self::flush`] sends
+    /// them).
+    pub fn unsent_bytes(&self) -> usize {
+        self.unsent_bytes
     }
 
     /// Every segment as the writer sees it.
@@ -434,6 +452,7 @@ impl<W> WriterCore<W> {
             let encoded = self.encode_buffer.split().freeze();
             log.last_lsn = lsn;
             log.history.push_back(lsn);
+            self.unsent_bytes += encoded.len();
             log.unsent.push((lsn, encoded));
             self.tracker.record_allocated(lsn, pg, consistency_point);
         }
@@ -495,6 +514,8 @@ impl<W> WriterCore<W> {
             let membership_epoch = self.geometry.membership(pg).epoch;
             let log = &mut self.pgs[pg_index];
             for (lsn, encoded) in log.unsent.drain(..) {
+                self.highest_sent = self.highest_sent.max(lsn);
+                self.unsent_bytes -= encoded.len();
                 self.retained_bytes += encoded.len();
                 log.retained.push_back((lsn, encoded));
             }
@@ -949,6 +970,28 @@ mod tests {
         let pg1 = decode_append(&frames.iter().find(|out| out.frame != frames[0].frame).expect("pg 1").frame);
         let links: Vec<_> = pg1.records.iter().map(|r| (r.lsn.0, r.prev_segment_lsn.0, r.prev_page_lsn.0)).collect();
         assert_eq!(links, vec![(2, 0, 0), (5, 2, 2)]);
+    }
+
+    #[test]
+    fn unsent_records_are_counted_until_flushed_and_in_flight_until_durable() {
+        let mut writer: WriterCore<u32> = WriterCore::new(geometry(1), Epoch::INITIAL, 100);
+        connect_all(&mut writer, 0);
+        writer.allocate(&[write(0, 1), write(1, 2)]).expect("room");
+        let unsent = writer.unsent_bytes();
+        assert!(unsent > 0, "allocated records wait unsent");
+        assert!(!writer.sent_in_flight(), "nothing was sent yet");
+        writer.allocate(&[write(2, 3)]).expect("room");
+        assert!(writer.unsent_bytes() > unsent);
+        let frames = writer.flush(0);
+        assert_eq!(frames.len(), 6);
+        assert_eq!(writer.unsent_bytes(), 0, "flush takes every unsent record");
+        assert!(writer.sent_in_flight());
+        for replica in 0..4 {
+            writer.acknowledged(PgId(0), ReplicaIndex(replica), Lsn(3), 10);
+        }
+        assert!(!writer.sent_in_flight(), "VDL reached everything sent");
+        writer.allocate(&[write(0, 4)]).expect("room");
+        assert!(!writer.sent_in_flight(), "a record allocated but unsent is not in flight");
     }
 
     #[test]
