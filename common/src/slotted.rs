@@ -343,12 +343,19 @@ impl SlotOp {
     /// Applies the op to `page`, refusing one that does not fit; a refused
     /// op leaves the page unchanged.
     pub fn apply(&self, page: &mut [u8]) -> Result<(), SlotError> {
-        if let SlotOp::Format { header, cells } = self {
-            return format(page, header, cells);
+        if !matches!(self, SlotOp::Format { .. }) {
+            check(page)?;
         }
-        check(page)?;
+        self.apply_to_checked(page)
+    }
+
+    /// [`Self::apply`] to a page that passes [`check`] (any page, for a
+    /// format). Every op leaves a checked page passing `check` (a refused
+    /// one leaves it unchanged), so a chain of ops on one page needs only
+    /// the first check (`common::redo::ChainApplier`).
+    pub fn apply_to_checked(&self, page: &mut [u8]) -> Result<(), SlotError> {
         match self {
-            SlotOp::Format { .. } => unreachable!("handled above"),
+            SlotOp::Format { header, cells } => format(page, header, cells),
             SlotOp::Insert { slot, cell } => insert(page, *slot as usize, cell),
             SlotOp::Delete { slot } => delete(page, *slot as usize),
             SlotOp::Replace { slot, cell } => {

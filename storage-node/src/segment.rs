@@ -53,7 +53,7 @@ use common::message::{
     AppendAck, AppendRequest, ErrorCode, ErrorResponse, FetchRecordsRequest, HydrateBatch, HydrateCursor,
     HydrateRequest, Message, RecordBatch, SegmentStatus, Truncation, VersionImage,
 };
-use common::redo::RedoRecord;
+use common::redo::{ChainApplier, RedoRecord};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Who waits for an acknowledgement (the driver's connection id).
@@ -1629,6 +1629,7 @@ impl SegmentCore {
             None => (Lsn::ZERO, vec![0u8; self.config.page_bytes]),
         };
         let mut applied = base_lsn;
+        let mut applier = ChainApplier::default();
         for held in chain.records_between(base_lsn, read_point) {
             let record = held.decode()?;
             if record.prev_page_lsn != applied {
@@ -1637,7 +1638,7 @@ impl SegmentCore {
                     record.lsn, record.prev_page_lsn
                 ));
             }
-            record.op.apply(&mut image).map_err(|error| error.to_string())?;
+            applier.apply(&record.op, &mut image).map_err(|error| error.to_string())?;
             applied = record.lsn;
         }
         Ok((applied, Bytes::from(image)))
