@@ -342,25 +342,33 @@ mod tests {
 
     /// Large writes at any offset go `O_DIRECT` for their aligned middle and
     /// buffered for their partial pages, between small buffered writes that
-    /// share those pages; the log reads back byte for byte as written.
+    /// share those pages; the log reads back byte for byte as written. The
+    /// same holds where `O_DIRECT` is refused and every write is buffered.
     #[test]
     fn direct_and_buffered_writes_leave_exactly_their_bytes() {
-        let directory = tempfile::tempdir().unwrap();
-        let files = LogFiles::open(directory.path(), 16 * 1024 * 1024).unwrap();
-        let mut staging = DirectStaging::default();
-        let mut model = Vec::new();
-        let lengths = [100, 3 * DIRECT_WRITE_BYTES_MIN + 777, 5, DIRECT_WRITE_BYTES_MIN + 2 * DIRECT_ALIGN, 4000];
-        for (index, length) in lengths.into_iter().enumerate() {
-            let bytes: Vec<u8> = (0..length).map(|at| (at * 7 + index) as u8 | 1).collect();
-            files.write(1, model.len() as u64, &bytes, &mut staging).unwrap().sync_data().unwrap();
-            model.extend_from_slice(&bytes);
-        }
-        let (number, read) = files.read_all().unwrap().remove(0);
-        assert_eq!(number, 1);
-        assert!(read[..model.len()] == model[..], "the log differs from what was written");
-        assert!(read[model.len()..].iter().all(|&byte| byte == 0), "past the writes the file is still zeros");
-        if files.direct_supported.load(Ordering::Relaxed) {
-            assert!(files.direct_bytes() >= 4 * DIRECT_WRITE_BYTES_MIN as u64, "the large writes went O_DIRECT");
+        for direct_refused in [false, true] {
+            let directory = tempfile::tempdir().unwrap();
+            let files = LogFiles::open(directory.path(), 16 * 1024 * 1024).unwrap();
+            if direct_refused {
+                files.direct_supported.store(false, Ordering::Relaxed);
+            }
+            let mut staging = DirectStaging::default();
+            let mut model = Vec::new();
+            let lengths = [100, 3 * DIRECT_WRITE_BYTES_MIN + 777, 5, DIRECT_WRITE_BYTES_MIN + 2 * DIRECT_ALIGN, 4000];
+            for (index, length) in lengths.into_iter().enumerate() {
+                let bytes: Vec<u8> = (0..length).map(|at| (at * 7 + index) as u8 | 1).collect();
+                files.write(1, model.len() as u64, &bytes, &mut staging).unwrap().sync_data().unwrap();
+                model.extend_from_slice(&bytes);
+            }
+            let (number, read) = files.read_all().unwrap().remove(0);
+            assert_eq!(number, 1);
+            assert!(read[..model.len()] == model[..], "the log differs from what was written");
+            assert!(read[model.len()..].iter().all(|&byte| byte == 0), "past the writes the file is still zeros");
+            if direct_refused {
+                assert_eq!(files.direct_bytes(), 0, "nothing goes O_DIRECT once it is refused");
+            } else if files.direct_supported.load(Ordering::Relaxed) {
+                assert!(files.direct_bytes() >= 4 * DIRECT_WRITE_BYTES_MIN as u64, "the large writes went O_DIRECT");
+            }
         }
     }
 
