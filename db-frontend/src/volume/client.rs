@@ -543,7 +543,7 @@ impl VolumeClient {
             if in_flight {
                 tokio::task::yield_now().await;
             }
-            self.send_deferred();
+            send_queued(&self.shared);
         }
         let (sender, receiver) = oneshot::channel();
         if self.shared.core.lock().wait_durable(lsn, sender).is_some() {

@@ -40,7 +40,7 @@ pub struct LogFiles {
     /// Cleared when the file system refuses `O_DIRECT`: every write is then
     /// buffered.
     direct_supported: AtomicBool,
-    /// Bytes written with `O_DIRECT`, for tests and reports.
+    /// Bytes written with `O_DIRECT` (read by the tests).
     direct_bytes: AtomicU64,
 }
 
