@@ -291,6 +291,15 @@ async fn transactions_roll_back_fail_and_commit_across_connections() {
         let row = second.query_one("SELECT id FROM t WHERE id = $1", &[&11i32]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), 11);
 
+        // A block holds the store only from its first statement that needs
+        // it: a BEGIN alone holds nobody up.
+        first.batch_execute("BEGIN").await.unwrap();
+        let alone = tokio::time::timeout(Duration::from_secs(5), second.batch_execute("INSERT INTO t VALUES (20)"));
+        alone.await.expect("not held up by an empty block").unwrap();
+        assert_eq!(simple_rows(&first, "SELECT count(*) FROM t").await, vec![text(&["2"])]);
+        first.batch_execute("ROLLBACK").await.unwrap();
+        second.batch_execute("DELETE FROM t WHERE id = 20").await.unwrap();
+
         // A connection that goes away mid-block is rolled back, and frees
         // the store for the others.
         first.batch_execute("BEGIN; INSERT INTO t VALUES (99)").await.unwrap();
@@ -459,7 +468,12 @@ async fn a_storage_failure_is_58030_and_storeless_statements_still_answer() {
         client.batch_execute("CREATE TABLE t (id INT PRIMARY KEY)").await.unwrap();
         store.broken.store(true, Ordering::Relaxed);
         assert_eq!(simple_code(&client, "SELECT * FROM t").await, "58030");
-        assert_eq!(simple_code(&client, "BEGIN").await, "58030");
+        // BEGIN needs no storage; the block's first statement that does
+        // fails with 58030 and fails the block.
+        client.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(simple_code(&client, "SELECT * FROM t").await, "58030");
+        assert_eq!(simple_code(&client, "SELECT * FROM t").await, "25P02");
+        client.batch_execute("ROLLBACK").await.unwrap();
         assert_eq!(simple_rows(&client, "SELECT 1").await, vec![text(&["1"])]);
         store.broken.store(false, Ordering::Relaxed);
         assert_eq!(simple_rows(&client, "SELECT count(*) FROM t").await, vec![text(&["0"])]);

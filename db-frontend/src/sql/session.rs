@@ -4,16 +4,19 @@
 //!
 //! Outside a block, each statement runs in its own [`KvTxn`]: committed
 //! when it succeeds, rolled back when it fails, so every statement is
-//! atomic. `BEGIN` opens one `KvTxn` that every statement up to `COMMIT`
-//! shares. An error inside the block rolls that `KvTxn` back at once
+//! atomic. Inside `BEGIN` ... `COMMIT`, one `KvTxn`, begun at the block's
+//! first statement that needs the store, is shared by every statement up
+//! to `COMMIT`. An error inside the block rolls that `KvTxn` back at once
 //! (releasing the store for other sessions) and leaves the block
 //! *failed*, as in PostgreSQL: later statements get `25P02` until
 //! `ROLLBACK`, and `COMMIT` of a failed block reports `ROLLBACK`.
 //!
 //! The store runs one transaction at a time (single writer; see
-//! [`super::kv`]), so schedules are serial and serializable: a session
-//! inside `BEGIN` holds the store until it ends the block, and other
-//! sessions wait in `KvStore::begin`. Statements that need no store
+//! [`super::kv`]), so schedules are serial and serializable: a block's
+//! `KvTxn` begins with its first statement that needs the store (`BEGIN`
+//! itself takes nothing, as PostgreSQL takes a serializable snapshot only
+//! at the first statement), it holds the store until the block ends, and
+//! other sessions wait in `KvStore::begin`. Statements that need no store
 //! (`SET`, `SHOW`, `SELECT 1`) never wait.
 //!
 //! A session dropped with a block open rolls it back (dropping a `KvTxn`
@@ -210,9 +213,17 @@ impl<S: KvStore> Session<S> {
         if self.state == TransactionState::Failed {
             return Err(in_failed_block());
         }
-        let result = match self.txn.as_mut() {
-            Some(txn) => run_in(txn, statement, params).await,
-            None => self.run_alone(statement, params).await,
+        let result = match (self.state, self.txn.as_mut()) {
+            (_, Some(txn)) => run_in(txn, statement, params).await,
+            // A block's transaction starts at its first statement that
+            // needs the store (PostgreSQL takes a serializable snapshot
+            // there too), so the store's transaction is not held from
+            // BEGIN across the client's next round trip.
+            (TransactionState::InBlock, None) if !plan::is_storeless(statement) => match self.store.begin().await {
+                Ok(txn) => run_in(self.txn.insert(txn), statement, params).await,
+                Err(error) => Err(error.into()),
+            },
+            _ => self.run_alone(statement, params).await,
         };
         if result.is_err() {
             self.fail_block().await;
@@ -295,7 +306,8 @@ impl<S: KvStore> Session<S> {
             TransactionState::InBlock => Ok(Outcome::Begin),
             TransactionState::Failed => Err(in_failed_block()),
             TransactionState::Idle => {
-                self.txn = Some(self.store.begin().await?);
+                // The store's transaction begins with the first statement
+                // that needs it (`execute`).
                 self.state = TransactionState::InBlock;
                 Ok(Outcome::Begin)
             }
