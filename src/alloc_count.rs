@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 /// mimalloc plus an optional live-bytes counter. mimalloc rather than
 /// glibc malloc: the nodes, the writer and the SQL engine allocate and free
 /// many small buffers per record, and glibc spent about 8% of the CPU of a
-/// one-row-commit load on it (`lab bench replica-lag`: 8,700-9,000 commits/s
-/// with glibc, 9,300-9,700 with mimalloc, in the same hour).
+/// one-row-commit load on it (`lab bench replica-lag`: 8,736-9,041 commits/s
+/// with glibc, 9,341-9,714 with mimalloc, in the same hour).
 #[derive(Debug)]
 pub struct CountingAllocator;
 

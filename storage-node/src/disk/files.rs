@@ -311,11 +311,6 @@ impl LogFiles {
         }
     }
 
-    /// Bytes written so far with `O_DIRECT`.
-    pub fn direct_bytes(&self) -> u64 {
-        self.direct_bytes.load(Ordering::Relaxed)
-    }
-
     pub fn zero(&self, file: u64, offset: u64, length: u64) -> io::Result<()> {
         let handle = self.file(file)?;
         let zeros = vec![0u8; length.min(ZERO_CHUNK_BYTES as u64) as usize];
@@ -365,9 +360,12 @@ mod tests {
             assert!(read[..model.len()] == model[..], "the log differs from what was written");
             assert!(read[model.len()..].iter().all(|&byte| byte == 0), "past the writes the file is still zeros");
             if direct_refused {
-                assert_eq!(files.direct_bytes(), 0, "nothing goes O_DIRECT once it is refused");
+                assert_eq!(files.direct_bytes.load(Ordering::Relaxed), 0, "nothing goes O_DIRECT once it is refused");
             } else if files.direct_supported.load(Ordering::Relaxed) {
-                assert!(files.direct_bytes() >= 4 * DIRECT_WRITE_BYTES_MIN as u64, "the large writes went O_DIRECT");
+                assert!(
+                    files.direct_bytes.load(Ordering::Relaxed) >= 4 * DIRECT_WRITE_BYTES_MIN as u64,
+                    "the large writes went O_DIRECT"
+                );
             }
         }
     }
